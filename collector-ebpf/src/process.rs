@@ -1,0 +1,170 @@
+//! Process lifecycle hooks: which processes are VMMs, from their exec to their last thread's
+//! exit.
+//!
+//! `sched_process_exec` claims a process the moment it execs an executable whose `comm` matches a
+//! matcher, before userspace has seen it, so nothing the VMM does in its first microseconds is
+//! missed; the event carries the path and command line so userspace can name the instance even if
+//! the process is already gone. `sched_process_exit` forgets the process when its last thread
+//! exits and reports the exit status.
+//!
+//! The untracked path (every other exec and exit on the host) is one map lookup.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes,
+        generated::{bpf_get_current_task, bpf_ktime_get_boot_ns, bpf_probe_read_user},
+    },
+    macros::btf_tracepoint,
+    maps::lpm_trie::Key,
+    programs::BtfTracePointContext,
+};
+use collector_common::{
+    COMM_LEN, EXEC_ARGV_LEN, ExecEvent, ExitEvent, ProcessEventHeader, TrackedProcess, drop_kind,
+    process_event_kind,
+};
+
+use crate::{
+    kernel::read_at,
+    maps::{EXEC_MATCHERS, OFFSETS, PROCESS_EVENTS, TRACKED_PROCESSES, count_drop},
+};
+
+/// `sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_sched_process_exec(&ctx);
+    0
+}
+
+fn try_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let comm = bpf_get_current_comm().map_err(i64::from)?;
+    let key = Key::new((COMM_LEN * 8) as u32, comm);
+    let Some(matched) = EXEC_MATCHERS.get(&key) else {
+        // A followed process that execs something no matcher claims is no longer a VMM.
+        if TRACKED_PROCESSES.get_ptr(&tgid).is_some() {
+            let _ = TRACKED_PROCESSES.remove(&tgid);
+            send_untrack(tgid);
+        }
+        return Ok(());
+    };
+    let matcher_id = matched.matcher_id;
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let tracked = TrackedProcess {
+        matcher_id,
+        flags: 0,
+        start_boot_ns: now,
+    };
+    if TRACKED_PROCESSES.insert(&tgid, &tracked, 0).is_err() {
+        count_drop(drop_kind::TRACKED_MAP_FULL);
+        return Ok(());
+    }
+
+    let Some(mut entry) = PROCESS_EVENTS.reserve::<ExecEvent>(0) else {
+        count_drop(drop_kind::EXEC_EVENT_RESERVE);
+        return Ok(());
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points at an exclusive reservation of size_of::<ExecEvent>() bytes; every
+    // field is written before submit (the byte arrays through helpers that fill or zero them).
+    unsafe {
+        (*event).header = ProcessEventHeader {
+            kind: process_event_kind::EXEC,
+            tgid,
+            boot_ns: now,
+        };
+        (*event).matcher_id = matcher_id;
+        (*event).pid = pid_tgid as u32;
+        (*event).comm = comm;
+        (*event).argv_len = 0;
+        (*event).argv_truncated = 0;
+        (*event).filename[0] = 0;
+
+        let offsets = OFFSETS.load();
+        let bprm: *const u8 = ctx.arg(2);
+        if let Ok(filename) = read_at::<*const u8>(bprm, offsets.binprm_filename) {
+            let _ = bpf_probe_read_kernel_str_bytes(filename, &mut (*event).filename);
+        }
+
+        let task = bpf_get_current_task() as *const u8;
+        if let Ok(mm) = read_at::<*const u8>(task, offsets.task_mm) {
+            let start = read_at::<u64>(mm, offsets.mm_arg_start).unwrap_or(0);
+            let end = read_at::<u64>(mm, offsets.mm_arg_end).unwrap_or(0);
+            let mut len = end.saturating_sub(start);
+            if len > EXEC_ARGV_LEN as u64 {
+                len = EXEC_ARGV_LEN as u64;
+                (*event).argv_truncated = 1;
+            }
+            if len > 0
+                && bpf_probe_read_user(
+                    (*event).argv.as_mut_ptr().cast(),
+                    len as u32,
+                    start as *const _,
+                ) == 0
+            {
+                (*event).argv_len = len as u32;
+            }
+        }
+    }
+    entry.submit(0);
+    Ok(())
+}
+
+/// `sched_process_exit(struct task_struct *p[, bool group_dead])`: runs in the exiting task.
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
+    let _ = try_sched_process_exit();
+    0
+}
+
+fn try_sched_process_exit() -> Result<(), i64> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(tracked) = TRACKED_PROCESSES.get_ptr(&tgid) else {
+        return Ok(());
+    };
+    // SAFETY: pointer from a successful lookup.
+    let matcher_id = unsafe { (*tracked).matcher_id };
+    let offsets = OFFSETS.load();
+    // SAFETY: plain helper call; the current task is valid while it runs.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let signal = read_at::<*const u8>(task, offsets.task_signal)?;
+    // `live` was decremented earlier in do_exit(): zero means this is the group's last thread.
+    let live = read_at::<i32>(signal, offsets.signal_live)?;
+    if live != 0 {
+        return Ok(());
+    }
+    let _ = TRACKED_PROCESSES.remove(&tgid);
+
+    let event = ExitEvent {
+        header: ProcessEventHeader {
+            kind: process_event_kind::EXIT,
+            tgid,
+            // SAFETY: plain helper call.
+            boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        },
+        exit_code: read_at::<u32>(task, offsets.task_exit_code).unwrap_or(0),
+        group_exit_code: read_at::<u32>(signal, offsets.signal_group_exit_code).unwrap_or(0),
+        signal_flags: read_at::<u32>(signal, offsets.signal_flags).unwrap_or(0),
+        matcher_id,
+    };
+    if PROCESS_EVENTS.output(&event, 0).is_err() {
+        count_drop(drop_kind::EXIT_EVENT_RESERVE);
+    }
+    Ok(())
+}
+
+fn send_untrack(tgid: u32) {
+    let event = ExitEvent {
+        header: ProcessEventHeader {
+            kind: process_event_kind::UNTRACK,
+            tgid,
+            // SAFETY: plain helper call.
+            boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        },
+        ..ExitEvent::default()
+    };
+    if PROCESS_EVENTS.output(&event, 0).is_err() {
+        count_drop(drop_kind::EXIT_EVENT_RESERVE);
+    }
+}

@@ -1,0 +1,41 @@
+//! A minimal HTTP/1.1 client for the CLI's calls to a running collector.
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// GETs `path` from the collector at `addr` and returns the body of a 2xx answer.
+pub async fn get(addr: &str, path: &str) -> anyhow::Result<Bytes> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("cannot reach a collector at {addr} (is `collector run` up?)"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("HTTP handshake")?;
+    tokio::spawn(connection);
+    let request = Request::get(path)
+        .header(hyper::header::HOST, addr)
+        .body(Empty::<Bytes>::new())
+        .context("building request")?;
+    let response = sender
+        .send_request(request)
+        .await
+        .with_context(|| format!("GET {path}"))?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .context("reading response")?
+        .to_bytes();
+    if !status.is_success() {
+        bail!(
+            "GET {path}: {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        );
+    }
+    Ok(body)
+}

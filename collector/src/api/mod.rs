@@ -1,0 +1,13 @@
+//! The HTTP API and the CLI's client for it.
+//!
+//! Routes:
+//! - `GET /metrics`: OpenMetrics exposition.
+//! - `GET /healthz`: 200 while the process serves.
+//! - `GET /readyz`: 200 once every probe is attached and the start-up scan is done, else 503;
+//!   the body lists the probes either way.
+//! - `GET /v1/instances`: JSON array of the instances on this host.
+//! - `GET /v1/instances/{uuid}`: one instance, 404 if unknown.
+
+pub mod client;
+pub mod server;
+pub mod views;

@@ -1,0 +1,205 @@
+//! The collector's configuration file (TOML). Every field is optional; the defaults work on a
+//! bare host. Unknown fields are errors, so a typo never silently does nothing.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+/// Default address of the HTTP server (`/metrics`, `/healthz`, `/readyz`, `/v1`).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9478";
+/// Default folder of per-instance logs.
+pub const DEFAULT_LOG_DIR: &str = "/var/log/compute-collector";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the HTTP server listens on.
+    pub listen: SocketAddr,
+    /// Folder of per-instance log and event files.
+    pub log_dir: PathBuf,
+    /// Names of built-in matchers to turn off (`firecracker`, `qemu`, `cloud-hypervisor`).
+    pub disable_builtin_matchers: Vec<String>,
+    /// Extra matchers, tried after the built-ins.
+    #[serde(rename = "matcher")]
+    pub matchers: Vec<MatcherConfig>,
+    /// Sizes of the kernel side's maps and buffers.
+    pub kernel: KernelConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            log_dir: PathBuf::from(DEFAULT_LOG_DIR),
+            disable_builtin_matchers: Vec::new(),
+            matchers: Vec::new(),
+            kernel: KernelConfig::default(),
+        }
+    }
+}
+
+/// A matcher for a hypervisor the built-ins do not know.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatcherConfig {
+    /// Unique name of the matcher.
+    pub name: String,
+    /// Value of the `hypervisor` label (default: the name).
+    pub hypervisor: Option<String>,
+    /// Glob over the executable's path (with a `/`) or base name (without). Its base name must
+    /// start with a literal prefix: the kernel matches that at exec.
+    pub executable: String,
+    /// Regex over the command line (arguments joined by spaces); its first group is the id.
+    pub instance_id: String,
+    /// Regex over thread names that picks the vCPU threads; its first group is the vCPU index.
+    pub vcpu_thread: String,
+    /// Per-instance folder, with `{id}` for the instance id.
+    pub instance_dir: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KernelConfig {
+    /// Bytes of the process lifecycle ring buffer (a power of two, at least one page).
+    pub process_events_ring_bytes: u32,
+    /// Most processes the kernel follows at once.
+    pub max_tracked_processes: u32,
+}
+
+impl Default for KernelConfig {
+    fn default() -> Self {
+        Self {
+            process_events_ring_bytes: 256 * 1024,
+            max_tracked_processes: collector_common::DEFAULT_MAX_TRACKED_PROCESSES,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}:{line}:{column}: {message}")]
+    Parse {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("config {path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl Config {
+    /// Reads and checks the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks `text`, naming `origin` in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|err| {
+            let offset = err.span().map_or(0, |s| s.start);
+            let before = &text[..offset.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            ConfigError::Parse {
+                path: origin.to_owned(),
+                line,
+                column,
+                message: err.message().to_owned(),
+            }
+        })?;
+        config.check().map_err(|message| ConfigError::Invalid {
+            path: origin.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let ring = self.kernel.process_events_ring_bytes;
+        if !ring.is_power_of_two() || ring < 4096 {
+            return Err(format!(
+                "kernel.process_events_ring_bytes = {ring}: must be a power of two of at least 4096"
+            ));
+        }
+        if self.kernel.max_tracked_processes == 0 {
+            return Err("kernel.max_tracked_processes must be at least 1".into());
+        }
+        for name in &self.disable_builtin_matchers {
+            if !["firecracker", "qemu", "cloud-hypervisor"].contains(&name.as_str()) {
+                return Err(format!(
+                    "disable_builtin_matchers: no built-in matcher named {name:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("", "t.toml").unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert!(c.matchers.is_empty());
+    }
+
+    #[test]
+    fn full_file() {
+        let c = Config::parse(
+            r#"
+listen = "0.0.0.0:9999"
+log_dir = "/tmp/logs"
+disable_builtin_matchers = ["qemu"]
+
+[kernel]
+process_events_ring_bytes = 1048576
+
+[[matcher]]
+name = "crosvm"
+executable = "crosvm"
+instance_id = '--name (\S+)'
+vcpu_thread = '^crosvm_vcpu(\d+)$'
+"#,
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9999);
+        assert_eq!(c.matchers[0].name, "crosvm");
+        assert_eq!(c.kernel.process_events_ring_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn errors_name_file_and_line() {
+        let err = Config::parse("\nlisten = \"x\"\n", "/etc/c.toml").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("config /etc/c.toml:2:10: invalid"),
+            "{err}"
+        );
+        let err = Config::parse("\n\nbogus = 1\n", "/etc/c.toml").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("config /etc/c.toml:3:1: unknown field"),
+            "{err}"
+        );
+        let err = Config::parse("[kernel]\nprocess_events_ring_bytes = 1000\n", "c").unwrap_err();
+        assert!(err.to_string().contains("power of two"), "{err}");
+    }
+}

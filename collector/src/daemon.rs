@@ -1,0 +1,141 @@
+//! `collector run`: wires the data path together and runs it until a signal.
+//!
+//! kernel programs -> process-event reader -> discovery -> registry -> sinks (metrics) -> HTTP.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use tokio::{net::TcpListener, signal::unix::SignalKind};
+use tracing::{error, info};
+
+use crate::{
+    api::server::{self, AppState},
+    config::Config,
+    discovery::{Discovery, matchers::Matcher},
+    ebpf::{loader, process_events::ProcessEventReader},
+    registry,
+    sinks::metrics::InstanceMetrics,
+    telemetry::{KernelHealth, SelfMetrics},
+};
+
+/// Options of `collector run` that override the config file.
+#[derive(Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub log_dir: Option<PathBuf>,
+}
+
+/// The matchers in force: built-ins not turned off, then the config file's.
+pub fn matchers(config: &Config) -> anyhow::Result<Vec<Matcher>> {
+    let mut matchers: Vec<Matcher> = Matcher::builtins()
+        .into_iter()
+        .filter(|m| !config.disable_builtin_matchers.contains(&m.name))
+        .collect();
+    for custom in &config.matchers {
+        matchers.push(Matcher::from_config(custom)?);
+    }
+    Ok(matchers)
+}
+
+pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()> {
+    if let Some(listen) = overrides.listen {
+        config.listen = listen;
+    }
+    if let Some(log_dir) = overrides.log_dir {
+        config.log_dir = log_dir;
+    }
+    let matchers = Arc::new(matchers(&config)?);
+
+    // Bind first: a taken address is the cheapest mistake to report.
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let listen = listener.local_addr()?;
+
+    let self_metrics = SelfMetrics::default();
+    let probes = Arc::new(RwLock::new(Vec::new()));
+    let drops = Arc::new(RwLock::new(None));
+    let (registry_tx, snapshot) = registry::spawn();
+    let mut metrics = Registry::default();
+    self_metrics.register(&mut metrics);
+    metrics.register_collector(Box::new(KernelHealth {
+        probes: probes.clone(),
+        drops: drops.clone(),
+    }));
+    metrics.register_collector(Box::new(InstanceMetrics {
+        snapshot: snapshot.clone(),
+    }));
+
+    let started = Arc::new(AtomicBool::new(false));
+    let state = AppState {
+        metrics: Arc::new(metrics),
+        snapshot,
+        probes: probes.clone(),
+        started: started.clone(),
+        matchers: matchers.clone(),
+    };
+
+    let kernel = loader::load(&config.kernel, &matchers)?;
+    *probes.write().expect("probe lock") = kernel.probes.clone();
+    *drops.write().expect("drops lock") = Some(kernel.drops.clone());
+    let attached = kernel.probes.iter().filter(|p| p.attached).count();
+    let ebpf = kernel.ebpf; // Keeps the programs attached until the end of `run`.
+
+    let mut reader = ProcessEventReader::new(kernel.process_events, self_metrics.clone())?;
+    let mut discovery = Discovery::new(
+        matchers.to_vec(),
+        kernel.tracked_processes,
+        registry_tx,
+        self_metrics,
+    );
+    let discovery_task = tokio::spawn(async move {
+        discovery.scan().await;
+        started.store(true, Ordering::Release);
+        loop {
+            match reader.next_batch().await {
+                Ok(batch) => {
+                    for event in batch {
+                        discovery.handle_event(event).await;
+                    }
+                }
+                Err(err) => {
+                    error!(error = %err, "process-event reader failed");
+                    return;
+                }
+            }
+        }
+    });
+
+    info!(
+        listen = %listen,
+        probes_attached = attached,
+        probes_total = loader::PROBES.len(),
+        matchers = matchers.len(),
+        "collector running"
+    );
+    axum::serve(listener, server::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("HTTP server")?;
+    discovery_task.abort();
+    drop(ebpf);
+    info!("collector stopped; probes detached");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => info!(signal = "SIGTERM", "shutting down"),
+        _ = int.recv() => info!(signal = "SIGINT", "shutting down"),
+    }
+}

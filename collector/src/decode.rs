@@ -1,0 +1,236 @@
+//! Decoding of ring-buffer records into typed events. Pure functions over bytes: no I/O, so
+//! every malformed input is a table test away.
+
+use collector_common::{
+    COMM_LEN, EXEC_ARGV_LEN, EXEC_FILENAME_LEN, ExecEvent, ExitEvent, ProcessEventHeader,
+    process_event_kind,
+};
+
+use crate::discovery::matchers::split_cmdline;
+
+/// A process event, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProcessEvent {
+    Exec(ProcessExec),
+    Exit(ProcessExit),
+    /// A followed process exec'd something no matcher claims.
+    Untrack {
+        tgid: u32,
+        boot_ns: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessExec {
+    pub tgid: u32,
+    pub boot_ns: u64,
+    pub matcher_id: u32,
+    pub comm: String,
+    /// Path given to exec.
+    pub filename: String,
+    /// Arguments, argv[0] first.
+    pub args: Vec<String>,
+    /// The command line was longer than the kernel copied.
+    pub args_truncated: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessExit {
+    pub tgid: u32,
+    pub boot_ns: u64,
+    pub matcher_id: u32,
+    /// `task_struct.exit_code` of the group's last thread (a wait status).
+    pub exit_code: u32,
+    /// `signal_struct.group_exit_code`.
+    pub group_exit_code: u32,
+    /// `signal_struct.flags`.
+    pub signal_flags: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {len} bytes is shorter than its {kind} layout ({need} bytes)")]
+    Short {
+        kind: &'static str,
+        len: usize,
+        need: usize,
+    },
+    #[error("unknown record kind {0}")]
+    UnknownKind(u32),
+}
+
+impl DecodeError {
+    /// Bounded label value for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Short { .. } => "short_record",
+            Self::UnknownKind(_) => "unknown_kind",
+        }
+    }
+}
+
+/// Reads a `T` from the front of `bytes` (ring records are only 8-byte aligned by the kernel and
+/// we do not rely on it).
+fn read<T: Copy>(bytes: &[u8], kind: &'static str) -> Result<T, DecodeError> {
+    let need = size_of::<T>();
+    if bytes.len() < need {
+        return Err(DecodeError::Short {
+            kind,
+            len: bytes.len(),
+            need,
+        });
+    }
+    // SAFETY: length checked; T is a plain-old-data ABI type (integers and byte arrays only).
+    Ok(unsafe { bytes.as_ptr().cast::<T>().read_unaligned() })
+}
+
+/// Decodes one record of the process-events ring buffer.
+pub fn process_event(bytes: &[u8]) -> Result<ProcessEvent, DecodeError> {
+    let header: ProcessEventHeader = read(bytes, "header")?;
+    match header.kind {
+        process_event_kind::EXEC => {
+            let ev: ExecEvent = read(bytes, "exec")?;
+            let argv_len = (ev.argv_len as usize).min(EXEC_ARGV_LEN);
+            Ok(ProcessEvent::Exec(ProcessExec {
+                tgid: header.tgid,
+                boot_ns: header.boot_ns,
+                matcher_id: ev.matcher_id,
+                comm: c_string(&ev.comm[..COMM_LEN]),
+                filename: c_string(&ev.filename[..EXEC_FILENAME_LEN]),
+                args: split_cmdline(&ev.argv[..argv_len]),
+                args_truncated: ev.argv_truncated != 0,
+            }))
+        }
+        process_event_kind::EXIT => {
+            let ev: ExitEvent = read(bytes, "exit")?;
+            Ok(ProcessEvent::Exit(ProcessExit {
+                tgid: header.tgid,
+                boot_ns: header.boot_ns,
+                matcher_id: ev.matcher_id,
+                exit_code: ev.exit_code,
+                group_exit_code: ev.group_exit_code,
+                signal_flags: ev.signal_flags,
+            }))
+        }
+        process_event_kind::UNTRACK => Ok(ProcessEvent::Untrack {
+            tgid: header.tgid,
+            boot_ns: header.boot_ns,
+        }),
+        other => Err(DecodeError::UnknownKind(other)),
+    }
+}
+
+/// The text before the first NUL, invalid UTF-8 replaced.
+fn c_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn as_bytes<T>(v: &T) -> Vec<u8> {
+        // SAFETY: reading the bytes of a plain ABI struct.
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+    }
+
+    fn exec_event(argv: &[u8]) -> ExecEvent {
+        let mut ev = ExecEvent {
+            header: ProcessEventHeader {
+                kind: process_event_kind::EXEC,
+                tgid: 42,
+                boot_ns: 7,
+            },
+            matcher_id: 1,
+            argv_len: argv.len() as u32,
+            argv_truncated: 0,
+            pid: 42,
+            comm: [0; COMM_LEN],
+            filename: [0; EXEC_FILENAME_LEN],
+            argv: [0; EXEC_ARGV_LEN],
+        };
+        ev.comm[..11].copy_from_slice(b"firecracker");
+        ev.filename[..20].copy_from_slice(b"/usr/bin/firecracker");
+        ev.argv[..argv.len()].copy_from_slice(argv);
+        ev
+    }
+
+    #[test]
+    fn exec_round_trip() {
+        let bytes = as_bytes(&exec_event(b"firecracker\0--uuid\0abc\0"));
+        let ProcessEvent::Exec(exec) = process_event(&bytes).unwrap() else {
+            panic!()
+        };
+        assert_eq!(exec.tgid, 42);
+        assert_eq!(exec.comm, "firecracker");
+        assert_eq!(exec.filename, "/usr/bin/firecracker");
+        assert_eq!(exec.args, ["firecracker", "--uuid", "abc"]);
+        assert!(!exec.args_truncated);
+    }
+
+    #[test]
+    fn exec_with_lying_length_is_clamped() {
+        let mut ev = exec_event(b"a\0");
+        ev.argv_len = u32::MAX;
+        let ProcessEvent::Exec(exec) = process_event(&as_bytes(&ev)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(exec.args[0], "a");
+    }
+
+    #[test]
+    fn exit_and_untrack() {
+        let ev = ExitEvent {
+            header: ProcessEventHeader {
+                kind: process_event_kind::EXIT,
+                tgid: 9,
+                boot_ns: 1,
+            },
+            exit_code: 3 << 8,
+            group_exit_code: 3 << 8,
+            signal_flags: 4,
+            matcher_id: 2,
+        };
+        let decoded = process_event(&as_bytes(&ev)).unwrap();
+        assert!(matches!(
+            decoded,
+            ProcessEvent::Exit(ProcessExit {
+                tgid: 9,
+                exit_code: 768,
+                ..
+            })
+        ));
+        let mut untrack = ev;
+        untrack.header.kind = process_event_kind::UNTRACK;
+        assert_eq!(
+            process_event(&as_bytes(&untrack)).unwrap(),
+            ProcessEvent::Untrack {
+                tgid: 9,
+                boot_ns: 1
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_records() {
+        assert_eq!(
+            process_event(&[1, 2, 3]).unwrap_err().reason(),
+            "short_record"
+        );
+        let mut header = as_bytes(&ProcessEventHeader {
+            kind: 99,
+            tgid: 1,
+            boot_ns: 0,
+        });
+        assert_eq!(
+            process_event(&header).unwrap_err(),
+            DecodeError::UnknownKind(99)
+        );
+        header[0] = process_event_kind::EXEC as u8;
+        assert!(matches!(
+            process_event(&header),
+            Err(DecodeError::Short { kind: "exec", .. })
+        ));
+    }
+}

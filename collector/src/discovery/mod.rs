@@ -1,0 +1,221 @@
+//! Discovery: which processes are hypervisors, and which instance each runs.
+//!
+//! Two sources feed it: the kernel's exec and exit events (live) and one scan of `/proc` at
+//! start-up (instances already running). For each candidate it matches the executable and command
+//! line against the matchers, tells the kernel to keep or drop the process (the kernel's
+//! `TRACKED_PROCESSES` map) and sends the registry what changed.
+
+pub mod matchers;
+pub mod proc_scan;
+
+use aya::maps::{HashMap, MapData};
+use collector_common::{TRACKED_CONFIRMED, TRACKED_DISCOVERED, TrackedProcess};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::{
+    clock,
+    decode::{ProcessEvent, ProcessExec},
+    registry::{Instance, Origin, RegistryUpdate},
+    telemetry::SelfMetrics,
+};
+use matchers::Matcher;
+
+/// Longest instance id accepted as is.
+pub const MAX_INSTANCE_ID_LEN: usize = 128;
+
+/// Why a matched process got a made-up instance id (a bounded label value).
+fn id_problem(id: Option<&str>) -> Option<&'static str> {
+    match id {
+        None => Some("no_instance_id"),
+        Some(id) if id.len() > MAX_INSTANCE_ID_LEN => Some("instance_id_too_long"),
+        Some(id) if id.chars().any(char::is_control) => Some("instance_id_control_chars"),
+        Some(_) => None,
+    }
+}
+
+pub struct Discovery {
+    matchers: Vec<Matcher>,
+    tracked: HashMap<MapData, u32, TrackedProcess>,
+    registry: mpsc::Sender<RegistryUpdate>,
+    metrics: SelfMetrics,
+}
+
+impl Discovery {
+    pub fn new(
+        matchers: Vec<Matcher>,
+        tracked: HashMap<MapData, u32, TrackedProcess>,
+        registry: mpsc::Sender<RegistryUpdate>,
+        metrics: SelfMetrics,
+    ) -> Self {
+        Self {
+            matchers,
+            tracked,
+            registry,
+            metrics,
+        }
+    }
+
+    /// Names the instance of a process running `executable` with `args`, if a matcher claims it.
+    pub fn identify(&self, executable: &str, args: &[String], pid: u32) -> Option<(usize, String)> {
+        let (index, matcher) = self
+            .matchers
+            .iter()
+            .enumerate()
+            .find(|(_, m)| m.matches_executable(executable))?;
+        let id = matcher.instance_id(args);
+        let id = match id_problem(id.as_deref()) {
+            None => id.expect("checked"),
+            Some(reason) => {
+                warn!(
+                    pid,
+                    matcher = matcher.name,
+                    reason,
+                    instance_id = id.as_deref().map(|s| s.escape_debug().to_string()),
+                    "hypervisor process without a usable instance id; naming it by pid"
+                );
+                self.metrics.discovery_problem(reason);
+                format!("unidentified-pid-{pid}")
+            }
+        };
+        Some((index, id))
+    }
+
+    /// Handles one event of the process-events ring.
+    pub async fn handle_event(&mut self, event: ProcessEvent) {
+        match event {
+            ProcessEvent::Exec(exec) => self.on_exec(exec).await,
+            ProcessEvent::Exit(exit) => {
+                debug!(
+                    pid = exit.tgid,
+                    exit_code = exit.exit_code,
+                    "tracked process exited"
+                );
+                self.send(RegistryUpdate::Remove { pid: exit.tgid }).await;
+            }
+            ProcessEvent::Untrack { tgid, .. } => {
+                self.send(RegistryUpdate::Remove { pid: tgid }).await;
+            }
+        }
+    }
+
+    async fn on_exec(&mut self, exec: ProcessExec) {
+        let pid = exec.tgid;
+        let Some((index, instance_uuid)) = self.identify(&exec.filename, &exec.args, pid) else {
+            // The kernel's comm prefix matched but the full executable does not: let it go.
+            debug!(
+                pid,
+                executable = exec.filename,
+                "exec claimed by comm prefix only; dropped"
+            );
+            let _ = self.tracked.remove(&pid);
+            self.send(RegistryUpdate::Remove { pid }).await;
+            return;
+        };
+        self.confirm(pid, index, exec.boot_ns, 0);
+        let matcher = &self.matchers[index];
+        let instance = Instance {
+            instance_dir: matcher.instance_dir_for(&instance_uuid),
+            instance_uuid,
+            hypervisor: matcher.hypervisor.clone(),
+            matcher: matcher.name.clone(),
+            pid,
+            start_time: clock::boot_ns_to_system_time(exec.boot_ns),
+            seen_boot_ns: exec.boot_ns,
+            origin: Origin::Exec,
+            executable: exec.filename,
+        };
+        info!(
+            instance_uuid = instance.instance_uuid,
+            hypervisor = instance.hypervisor,
+            pid,
+            origin = "exec",
+            "instance found"
+        );
+        self.send(RegistryUpdate::Add(instance)).await;
+    }
+
+    /// Marks `pid` confirmed in the kernel map (inserting it for processes found by the scan).
+    fn confirm(&mut self, pid: u32, matcher_id: usize, start_boot_ns: u64, extra_flags: u32) {
+        let value = TrackedProcess {
+            matcher_id: matcher_id as u32,
+            flags: TRACKED_CONFIRMED | extra_flags,
+            start_boot_ns,
+        };
+        if let Err(error) = self.tracked.insert(&pid, &value, 0) {
+            warn!(pid, %error, "cannot record tracked process in the kernel map");
+            self.metrics.discovery_problem("tracked_map_insert");
+        }
+    }
+
+    /// Scans `/proc` once for hypervisors already running.
+    pub async fn scan(&mut self) {
+        let found = proc_scan::scan(|exe, args, pid| self.identify(exe, args, pid));
+        for process in found {
+            let proc_scan::Found {
+                pid,
+                matcher,
+                instance_uuid,
+                start_time,
+                seen_boot_ns,
+                executable,
+            } = process;
+            self.confirm(pid, matcher, seen_boot_ns, TRACKED_DISCOVERED);
+            // The process may have exited between the scan and the insert: then no exit event
+            // will ever come for it, so undo.
+            if !proc_scan::still_running(pid, start_time) {
+                let _ = self.tracked.remove(&pid);
+                continue;
+            }
+            let m = &self.matchers[matcher];
+            info!(
+                instance_uuid,
+                hypervisor = m.hypervisor,
+                pid,
+                origin = "discovered",
+                "instance found"
+            );
+            let instance = Instance {
+                instance_dir: m.instance_dir_for(&instance_uuid),
+                instance_uuid,
+                hypervisor: m.hypervisor.clone(),
+                matcher: m.name.clone(),
+                pid,
+                start_time: start_time.wall,
+                seen_boot_ns,
+                origin: Origin::Discovered,
+                executable,
+            };
+            self.send(RegistryUpdate::Add(instance)).await;
+        }
+    }
+
+    async fn send(&self, update: RegistryUpdate) {
+        // The registry lives as long as the daemon; a closed channel means shutdown.
+        let _ = self.registry.send(update).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn odd_ids() {
+        assert_eq!(
+            id_problem(Some("7d2b1a38-8f5c-4a4e-9d7e-2f0b6c1d9e11")),
+            None
+        );
+        assert_eq!(
+            id_problem(Some("../../etc")),
+            None,
+            "paths are sanitised by the sinks"
+        );
+        assert_eq!(id_problem(None), Some("no_instance_id"));
+        assert_eq!(
+            id_problem(Some(&"x".repeat(200))),
+            Some("instance_id_too_long")
+        );
+        assert_eq!(id_problem(Some("a\nb")), Some("instance_id_control_chars"));
+    }
+}

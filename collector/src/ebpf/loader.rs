@@ -1,0 +1,205 @@
+//! Loads the embedded kernel object, fills its settings and attaches each program.
+//!
+//! A program that cannot attach (a kernel lacking that hook) disables only its own feature: the
+//! failure is logged once, shown by `collector_probe_attached{probe}` = 0, and the rest runs.
+
+use std::{path::Path, sync::Arc};
+
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::BtfTracePoint,
+};
+use collector_common::{CommKey, ExecMatch, TrackedProcess};
+use tracing::{info, warn};
+
+use super::btf_offsets::{self, OffsetError, VMLINUX_BTF};
+use crate::{config::KernelConfig, discovery::matchers::Matcher};
+
+/// The kernel object built by `build.rs` from `collector-ebpf`.
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/collector-ebpf"));
+
+/// A hook the collector attaches, by its `probe` label value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeSpec {
+    /// Program name in the object (the Rust function's name).
+    pub program: &'static str,
+    /// The BTF tracepoint it attaches to.
+    pub tracepoint: &'static str,
+    /// What stops working without it.
+    pub feature: &'static str,
+}
+
+/// Every probe, in attach order.
+pub const PROBES: &[ProbeSpec] = &[
+    ProbeSpec {
+        program: "sched_process_exec",
+        tracepoint: "sched_process_exec",
+        feature: "discovery of new hypervisor processes",
+    },
+    ProbeSpec {
+        program: "sched_process_exit",
+        tracepoint: "sched_process_exit",
+        feature: "instance exit",
+    },
+];
+
+/// What became of a probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeState {
+    pub probe: &'static str,
+    pub attached: bool,
+    /// Why it is not attached.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "the collector needs root, or CAP_BPF and CAP_PERFMON, to load its kernel programs \
+         (this process has effective capabilities {0:#x})"
+    )]
+    NotPrivileged(u64),
+    #[error(transparent)]
+    Offsets(#[from] OffsetError),
+    #[error("cannot read kernel BTF for attaching: {0}")]
+    Btf(#[from] aya::BtfError),
+    #[error("the kernel refused the collector's programs: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("kernel map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("kernel map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// The loaded programs and the maps userspace works with.
+pub struct Kernel {
+    /// Owns the programs and their links: dropping it detaches everything.
+    pub ebpf: Ebpf,
+    pub probes: Vec<ProbeState>,
+    pub tracked_processes: HashMap<MapData, u32, TrackedProcess>,
+    pub process_events: RingBuf<MapData>,
+    pub drops: Arc<PerCpuArray<MapData, u64>>,
+}
+
+const CAP_SYS_ADMIN: u64 = 21;
+const CAP_PERFMON: u64 = 38;
+const CAP_BPF: u64 = 39;
+
+/// Effective capabilities of this process, from `/proc/self/status`.
+fn effective_capabilities() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Loads and attaches everything. Errors only for what makes the collector useless (no
+/// privileges, no BTF, the object refused); a single probe failing is recorded in
+/// [`Kernel::probes`] instead.
+pub fn load(config: &KernelConfig, matchers: &[Matcher]) -> Result<Kernel, LoadError> {
+    let caps = effective_capabilities();
+    let has = |cap: u64| caps & (1 << cap) != 0;
+    if !(has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))) {
+        return Err(LoadError::NotPrivileged(caps));
+    }
+    let offsets = btf_offsets::kernel_offsets(Path::new(VMLINUX_BTF))?;
+    let btf = Btf::from_sys_fs()?;
+
+    let mut ebpf = EbpfLoader::new()
+        .btf(&btf)
+        .override_global("OFFSETS", &offsets, true)
+        .map_max_entries("TRACKED_PROCESSES", config.max_tracked_processes)
+        .map_max_entries("PROCESS_EVENTS", config.process_events_ring_bytes)
+        .load(EBPF_OBJECT)
+        .map_err(LoadError::Load)?;
+
+    let mut exec_matchers: LpmTrie<_, CommKey, ExecMatch> = take_map(&mut ebpf, "EXEC_MATCHERS")?;
+    for (matcher_id, matcher) in matchers.iter().enumerate() {
+        let prefix = matcher
+            .comm_prefix()
+            .expect("matchers are checked when built");
+        let key = Key::new((prefix.len * 8) as u32, prefix.bytes);
+        let value = ExecMatch {
+            matcher_id: matcher_id as u32,
+        };
+        exec_matchers
+            .insert(&key, &value, 0)
+            .map_err(|source| LoadError::Map {
+                name: "EXEC_MATCHERS",
+                source,
+            })?;
+    }
+
+    let probes = PROBES
+        .iter()
+        .map(|spec| attach(&mut ebpf, &btf, spec))
+        .collect();
+    Ok(Kernel {
+        tracked_processes: take_map(&mut ebpf, "TRACKED_PROCESSES")?,
+        process_events: take_map(&mut ebpf, "PROCESS_EVENTS")?,
+        drops: Arc::new(take_map(&mut ebpf, "DROPS")?),
+        probes,
+        ebpf,
+    })
+}
+
+fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
+    M::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
+fn attach(ebpf: &mut Ebpf, btf: &Btf, spec: &ProbeSpec) -> ProbeState {
+    let result = (|| -> Result<(), String> {
+        let program: &mut BtfTracePoint = ebpf
+            .program_mut(spec.program)
+            .ok_or("program missing from the object")?
+            .try_into()
+            .map_err(|e| format!("{e}"))?;
+        program
+            .load(spec.tracepoint, btf)
+            .map_err(|e| format!("load: {e}"))?;
+        program.attach().map_err(|e| format!("attach: {e}"))?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            info!(
+                probe = spec.program,
+                tracepoint = spec.tracepoint,
+                "probe attached"
+            );
+            ProbeState {
+                probe: spec.program,
+                attached: true,
+                error: None,
+            }
+        }
+        Err(error) => {
+            warn!(
+                probe = spec.program,
+                tracepoint = spec.tracepoint,
+                disabled = spec.feature,
+                %error,
+                "probe not attached; its feature is off, the rest keeps running"
+            );
+            ProbeState {
+                probe: spec.program,
+                attached: false,
+                error: Some(error),
+            }
+        }
+    }
+}

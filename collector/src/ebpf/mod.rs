@@ -1,0 +1,6 @@
+//! The kernel side, seen from userspace: loading and attaching the programs, the BTF offsets
+//! they need, and readers of what they produce.
+
+pub mod btf_offsets;
+pub mod loader;
+pub mod process_events;

@@ -1,0 +1,3 @@
+//! Where instance telemetry leaves the collector.
+
+pub mod metrics;

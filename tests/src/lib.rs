@@ -1,0 +1,251 @@
+//! Test harness: start the real `collector` binary, spawn stand-in hypervisors, query the API.
+//!
+//! These tests need root (or CAP_BPF + CAP_PERFMON): they load programs into the running kernel.
+//! Without that they fail with a clear message; nothing skips.
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// A binary of the workspace: `$<VAR>` if set, else in this test's target folder.
+fn workspace_bin(name: &str, var: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(var) {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test>-<hash>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let bin = profile_dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo xtask test` does), or set {var}",
+        bin.display()
+    );
+    bin
+}
+
+/// The collector binary.
+pub fn collector_bin() -> PathBuf {
+    workspace_bin("collector", "COLLECTOR_BIN")
+}
+
+/// Panics unless this process may load BPF programs.
+pub fn require_bpf() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let caps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let sys_admin = caps & (1 << 21) != 0;
+    let bpf_perfmon = caps & (1 << 39) != 0 && caps & (1 << 38) != 0;
+    assert!(
+        sys_admin || bpf_perfmon,
+        "these tests load eBPF programs into the running kernel: run them as root \
+         (effective capabilities here: {caps:#x})"
+    );
+}
+
+/// A free TCP port on loopback (bound then released; the collector binds it right after).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` every 10 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A running collector, killed when dropped.
+pub struct Collector {
+    child: Child,
+    pub addr: String,
+    pub log_dir: tempfile::TempDir,
+    stderr_path: PathBuf,
+}
+
+impl Collector {
+    /// Starts the collector with `extra` arguments and waits until `/readyz` answers 200.
+    pub fn start(extra: &[&str]) -> Self {
+        require_bpf();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let log_dir = tempfile::tempdir().expect("log dir");
+        let stderr_path = log_dir.path().join("collector.stderr");
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let child = Command::new(collector_bin())
+            .args(["run", "--listen", &addr, "--log-dir"])
+            .arg(log_dir.path())
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn collector");
+        let mut collector = Self {
+            child,
+            addr,
+            log_dir,
+            stderr_path,
+        };
+        let ready = wait_for(Duration::from_secs(30), || {
+            if let Ok(Some(status)) = collector.child.try_wait() {
+                panic!(
+                    "collector exited ({status}) before ready:\n{}",
+                    collector.stderr()
+                );
+            }
+            (collector.get_status("/readyz") == Some(200)).then_some(())
+        });
+        assert!(
+            ready.is_some(),
+            "collector not ready in 30 s:\n{}",
+            collector.stderr()
+        );
+        collector
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn get_status(&self, path: &str) -> Option<u16> {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build()
+            .new_agent();
+        agent
+            .get(self.url(path))
+            .call()
+            .ok()
+            .map(|r| r.status().as_u16())
+    }
+
+    pub fn get_text(&self, path: &str) -> String {
+        ureq::get(self.url(path))
+            .call()
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+            .body_mut()
+            .read_to_string()
+            .expect("body")
+    }
+
+    pub fn get_json(&self, path: &str) -> Value {
+        serde_json::from_str(&self.get_text(path)).expect("JSON body")
+    }
+
+    /// The instance with `uuid` in `/v1/instances`, if listed.
+    pub fn instance(&self, uuid: &str) -> Option<Value> {
+        let list = self.get_json("/v1/instances");
+        list.as_array()?
+            .iter()
+            .find(|i| i["instance_uuid"] == uuid)
+            .cloned()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().expect("wait collector")
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The stand-in hypervisor binary, copied under the executable names tests use.
+fn standin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("collector-standins-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("standin dir");
+        dir
+    })
+}
+
+/// Path of the stand-in named `exe` (created on first use).
+pub fn standin_path(exe: &str) -> PathBuf {
+    let path = standin_dir().join(exe);
+    if !path.exists() {
+        let tmp = path.with_extension("tmp");
+        std::fs::copy(workspace_bin("standin-vmm", "STANDIN_VMM_BIN"), &tmp).expect("copy standin");
+        std::fs::rename(&tmp, &path).expect("rename standin");
+    }
+    path
+}
+
+/// A running stand-in hypervisor, killed when dropped.
+pub struct Standin {
+    pub child: Child,
+}
+
+impl Standin {
+    /// Starts the stand-in as `exe` with the VMM's command line `args` and `STANDIN_*` `env`.
+    pub fn spawn(exe: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let child = Command::new(standin_path(exe))
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn standin");
+        Self { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Standin {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A fresh instance id, unique within and across test runs.
+pub fn new_uuid(tag: &str) -> String {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{tag}-{}-{n}-{nanos:08x}", std::process::id())
+}

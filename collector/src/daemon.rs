@@ -23,7 +23,7 @@ use crate::{
     ebpf::{loader, process_events::ProcessEventReader},
     registry,
     sinks::metrics::InstanceMetrics,
-    telemetry::{KernelHealth, SelfMetrics},
+    telemetry::{self, KernelHealth, SelfMetrics},
 };
 
 /// Options of `collector run` that override the config file.
@@ -62,7 +62,7 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
 
     let self_metrics = SelfMetrics::default();
     let probes = Arc::new(RwLock::new(Vec::new()));
-    let drops = Arc::new(RwLock::new(None));
+    let drops = telemetry::SharedDrops::default();
     let (registry_tx, snapshot) = registry::spawn();
     let mut metrics = Registry::default();
     self_metrics.register(&mut metrics);
@@ -85,7 +85,7 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
 
     let kernel = loader::load(&config.kernel, &matchers)?;
     *probes.write().expect("probe lock") = kernel.probes.clone();
-    *drops.write().expect("drops lock") = Some(kernel.drops.clone());
+    let _ = drops.set(kernel.drops);
     let attached = kernel.probes.iter().filter(|p| p.attached).count();
     let ebpf = kernel.ebpf; // Keeps the programs attached until the end of `run`.
 

@@ -44,6 +44,15 @@ fn vcpu_names(instance: &Value) -> Vec<String> {
     names
 }
 
+/// A hypervisor's command line and what the collector must make of it.
+struct Case<'a> {
+    exe: &'a str,
+    args: Vec<&'a str>,
+    uuid: &'a str,
+    hypervisor: &'a str,
+    vcpus: Vec<&'a str>,
+}
+
 /// Each built-in matcher: started after the collector, found by the exec probe with its id,
 /// hypervisor and vCPU threads, then gone at exit.
 #[test]
@@ -53,10 +62,10 @@ fn hypervisors_are_found_at_exec_and_gone_at_exit() {
     let qemu_id = new_uuid("qemu");
     let ch_id = new_uuid("ch");
     let ch_socket = format!("/run/vc/vm/{ch_id}/clh-api.sock");
-    let cases: Vec<(&str, Vec<&str>, &str, &str, Vec<&str>)> = vec![
-        (
-            "firecracker",
-            vec![
+    let cases = [
+        Case {
+            exe: "firecracker",
+            args: vec![
                 "--db-path",
                 "/var/lib/ukp/data/platform",
                 "--ukp-sock",
@@ -70,13 +79,13 @@ fn hypervisors_are_found_at_exec_and_gone_at_exit() {
                 "vmm.json",
                 "--boot-timer",
             ],
-            &fc_id,
-            "firecracker",
-            vec!["fc_vcpu 0", "fc_vcpu 1"],
-        ),
-        (
-            "qemu-system-x86_64",
-            vec![
+            uuid: &fc_id,
+            hypervisor: "firecracker",
+            vcpus: vec!["fc_vcpu 0", "fc_vcpu 1"],
+        },
+        Case {
+            exe: "qemu-system-x86_64",
+            args: vec![
                 "-name",
                 "guest=web,debug-threads=on",
                 "-uuid",
@@ -86,19 +95,26 @@ fn hypervisors_are_found_at_exec_and_gone_at_exit() {
                 "-smp",
                 "2",
             ],
-            &qemu_id,
-            "qemu",
-            vec!["CPU 0/TCG", "CPU 1/TCG"],
-        ),
-        (
-            "cloud-hypervisor",
-            vec!["--api-socket", &ch_socket, "--event-monitor", "fd=3"],
-            &ch_id,
-            "cloud-hypervisor",
-            vec!["vcpu0", "vcpu1"],
-        ),
+            uuid: &qemu_id,
+            hypervisor: "qemu",
+            vcpus: vec!["CPU 0/TCG", "CPU 1/TCG"],
+        },
+        Case {
+            exe: "cloud-hypervisor",
+            args: vec!["--api-socket", &ch_socket, "--event-monitor", "fd=3"],
+            uuid: &ch_id,
+            hypervisor: "cloud-hypervisor",
+            vcpus: vec!["vcpu0", "vcpu1"],
+        },
     ];
-    for (exe, args, uuid, hypervisor, vcpus) in cases {
+    for Case {
+        exe,
+        args,
+        uuid,
+        hypervisor,
+        vcpus,
+    } in cases
+    {
         let mut vmm = Standin::spawn(exe, &args, &[]);
         let instance = wait_listed(&collector, uuid);
         assert_eq!(instance["hypervisor"], hypervisor, "{instance}");

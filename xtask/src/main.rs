@@ -1,1 +1,56 @@
-fn main() {}
+//! `cargo xtask <task>`: the project's build, run and test entry points.
+//!
+//! Every task bootstraps what it needs first (pinned toolchains, bpf-linker), so each works on a
+//! fresh machine with nothing installed by hand.
+
+mod build;
+mod run;
+mod test;
+mod toolchain;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, run and test the compute telemetry collector")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the pinned toolchains and bpf-linker if missing, then build the kernel programs
+    /// and the collector that embeds them.
+    BuildEbpf {
+        /// Build in release mode.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build everything (bootstrap included) and run the collector; arguments after `--` go to
+    /// `collector run`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The full test suite, as CI runs it: format, lints, unit and privileged integration tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let result = match Cli::parse().task {
+        Task::BuildEbpf { release } => build::build(release).map(|_| ()),
+        Task::Run { args } => run::run(&args),
+        Task::Test { args } => test::test(&args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -34,6 +34,11 @@ fn id_problem(id: Option<&str>) -> Option<&'static str> {
     }
 }
 
+/// `dir`, if it is a folder on this host.
+fn existing_dir(dir: Option<String>) -> Option<String> {
+    dir.filter(|d| std::path::Path::new(d).is_dir())
+}
+
 pub struct Discovery {
     matchers: Vec<Matcher>,
     tracked: HashMap<MapData, u32, TrackedProcess>,
@@ -115,7 +120,7 @@ impl Discovery {
         self.confirm(pid, index, exec.boot_ns, 0);
         let matcher = &self.matchers[index];
         let instance = Instance {
-            instance_dir: matcher.instance_dir_for(&instance_uuid),
+            instance_dir: existing_dir(matcher.instance_dir_for(&instance_uuid)),
             instance_uuid,
             hypervisor: matcher.hypervisor.clone(),
             matcher: matcher.name.clone(),
@@ -176,7 +181,7 @@ impl Discovery {
                 "instance found"
             );
             let instance = Instance {
-                instance_dir: m.instance_dir_for(&instance_uuid),
+                instance_dir: existing_dir(m.instance_dir_for(&instance_uuid)),
                 instance_uuid,
                 hypervisor: m.hypervisor.clone(),
                 matcher: m.name.clone(),

@@ -3,7 +3,7 @@
 //! A program that cannot attach (a kernel lacking that hook) disables only its own feature: the
 //! failure is logged once, shown by `collector_probe_attached{probe}` = 0, and the rest runs.
 
-use std::{path::Path, sync::Arc};
+use std::path::Path;
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
@@ -84,7 +84,7 @@ pub struct Kernel {
     pub probes: Vec<ProbeState>,
     pub tracked_processes: HashMap<MapData, u32, TrackedProcess>,
     pub process_events: RingBuf<MapData>,
-    pub drops: Arc<PerCpuArray<MapData, u64>>,
+    pub drops: PerCpuArray<MapData, u64>,
 }
 
 const CAP_SYS_ADMIN: u64 = 21;
@@ -147,7 +147,7 @@ pub fn load(config: &KernelConfig, matchers: &[Matcher]) -> Result<Kernel, LoadE
     Ok(Kernel {
         tracked_processes: take_map(&mut ebpf, "TRACKED_PROCESSES")?,
         process_events: take_map(&mut ebpf, "PROCESS_EVENTS")?,
-        drops: Arc::new(take_map(&mut ebpf, "DROPS")?),
+        drops: take_map(&mut ebpf, "DROPS")?,
         probes,
         ebpf,
     })

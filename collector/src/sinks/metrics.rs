@@ -33,7 +33,6 @@ impl Collector for InstanceMetrics {
             ];
             ConstGauge::new(1).encode(family.encode_family(&labels)?)?;
         }
-        drop(family);
 
         let mut family = encoder.encode_descriptor(
             "compute_instance_start_time_seconds",
@@ -49,7 +48,6 @@ impl Collector for InstanceMetrics {
             ConstGauge::new(seconds)
                 .encode(family.encode_family(&[("instance_uuid", i.instance_uuid.as_str())])?)?;
         }
-        drop(family);
 
         let family = encoder.encode_descriptor(
             "collector_instances",

@@ -5,7 +5,7 @@
 
 pub mod logging;
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use aya::maps::{MapData, PerCpuArray};
 use collector_common::drop_kind;
@@ -70,10 +70,13 @@ impl SelfMetrics {
 /// Probe state, as set once the programs are attached.
 pub type SharedProbes = Arc<RwLock<Vec<ProbeState>>>;
 
+/// The kernel's drop counters (`DROPS`), set once the programs are loaded.
+pub type SharedDrops = Arc<OnceLock<PerCpuArray<MapData, u64>>>;
+
 /// Reads the kernel side's health at scrape time: probe state and the kernel's drop counters.
 pub struct KernelHealth {
     pub probes: SharedProbes,
-    pub drops: Arc<RwLock<Option<Arc<PerCpuArray<MapData, u64>>>>>,
+    pub drops: SharedDrops,
 }
 
 /// Kernel drop counters exported as `collector_ebpf_events_lost_total{ring, event}`.
@@ -103,9 +106,8 @@ impl Collector for KernelHealth {
             ConstGauge::new(i64::from(probe.attached))
                 .encode(family.encode_family(&vec![("probe", probe.probe)])?)?;
         }
-        drop(family);
 
-        let Some(drops) = self.drops.read().expect("drops lock").clone() else {
+        let Some(drops) = self.drops.get() else {
             return Ok(());
         };
         let sum = |kind: u32| drops.get(&kind, 0).map_or(0, |v| v.iter().sum::<u64>());
@@ -119,7 +121,6 @@ impl Collector for KernelHealth {
             prometheus_client::metrics::counter::ConstCounter::new(sum(*kind))
                 .encode(family.encode_family(&vec![("ring", *ring), ("event", *event)])?)?;
         }
-        drop(family);
         let mut family = encoder.encode_descriptor(
             "collector_ebpf_tracked_map_full",
             "Hypervisor execs the kernel could not follow because its process map was full.",

@@ -44,6 +44,21 @@ pub struct KernelOffsets {
     pub mm_arg_end: u32,
     /// `linux_binprm.filename` (pointer to the path given to exec)
     pub binprm_filename: u32,
+    /// `signal_struct.oom_score_adj` (`short`)
+    pub signal_oom_score_adj: u32,
+    /// `mm_struct.total_vm` (pages)
+    pub mm_total_vm: u32,
+    /// The `count` of `mm_struct.rss_stat[MM_ANONPAGES]` (pages; `percpu_counter.count` since
+    /// 6.2, `atomic_long_t` before: both a signed 64-bit value read as the kernel's own
+    /// `get_mm_counter()` does, without folding per-CPU deltas).
+    pub mm_rss_anon: u32,
+    /// The `count` of `mm_struct.rss_stat[MM_FILEPAGES]`
+    pub mm_rss_file: u32,
+    /// The `count` of `mm_struct.rss_stat[MM_SHMEMPAGES]`
+    pub mm_rss_shmem: u32,
+    /// 1 when `mark_victim`'s first argument is the victim's `task_struct *` (kernels >= 6.8),
+    /// 0 when it is only its pid (older kernels: no memory counters then).
+    pub mark_victim_has_task: u32,
     /// Zero; keeps the size a multiple of 8.
     pub _pad: u32,
 }
@@ -80,6 +95,8 @@ pub struct TrackedProcess {
 pub const TRACKED_CONFIRMED: u32 = 1;
 /// [`TrackedProcess::flags`]: found by the start-up scan of `/proc`, not seen exec'ing.
 pub const TRACKED_DISCOVERED: u32 = 2;
+/// [`TrackedProcess::flags`]: the kernel's OOM killer chose this process as its victim.
+pub const TRACKED_OOM_VICTIM: u32 = 4;
 
 /// Kinds of record on the process-events ring buffer. Each record starts with a
 /// [`ProcessEventHeader`] whose `kind` is one of these.
@@ -91,6 +108,8 @@ pub mod process_event_kind {
     /// [`super::ExitEvent`] (fields other than the header unset): a tracked process exec'd a
     /// program no matcher claims; it is no longer followed.
     pub const UNTRACK: u32 = 3;
+    /// [`super::OomEvent`]: the OOM killer chose a tracked process as its victim.
+    pub const OOM_VICTIM: u32 = 4;
 }
 
 /// Common header of every process event.
@@ -140,8 +159,29 @@ pub struct ExitEvent {
     pub group_exit_code: u32,
     /// `signal_struct.flags` (tells a group exit from a last-thread exit).
     pub signal_flags: u32,
-    /// Matcher that claimed the process.
-    pub matcher_id: u32,
+    /// [`TrackedProcess::flags`] at exit ([`TRACKED_OOM_VICTIM`] tells an OOM kill).
+    pub tracked_flags: u32,
+}
+
+/// The OOM killer chose a tracked process (`oom:mark_victim`). The counters are what the kernel's
+/// own tracepoint and its "Out of memory: Killed process" line report, in pages.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OomEvent {
+    pub header: ProcessEventHeader,
+    /// Thread id of the victim task (the tracepoint's pid).
+    pub pid: u32,
+    /// 1 when the counters below were read from the victim (see
+    /// [`KernelOffsets::mark_victim_has_task`]).
+    pub has_counters: u32,
+    pub total_vm_pages: u64,
+    pub anon_rss_pages: u64,
+    pub file_rss_pages: u64,
+    pub shmem_rss_pages: u64,
+    /// The victim's `oom_score_adj` (-1000..=1000).
+    pub oom_score_adj: i32,
+    /// Zero.
+    pub _pad: u32,
 }
 
 /// Indexes of the kernel's drop counters (`DROPS`, a per-CPU array). Every place where the kernel
@@ -153,6 +193,8 @@ pub mod drop_kind {
     pub const EXIT_EVENT_RESERVE: u32 = 1;
     /// A matching exec could not be followed: the tracked-process map was full.
     pub const TRACKED_MAP_FULL: u32 = 2;
+    /// An OOM-victim event found the process-events ring buffer full.
+    pub const OOM_EVENT_RESERVE: u32 = 3;
     /// Number of kinds (size of the `DROPS` array).
     pub const COUNT: u32 = 8;
 }
@@ -169,13 +211,15 @@ mod user {
     unsafe impl aya::Pod for super::TrackedProcess {}
     unsafe impl aya::Pod for super::ProcessEventHeader {}
     unsafe impl aya::Pod for super::ExitEvent {}
+    unsafe impl aya::Pod for super::OomEvent {}
 }
 
 // No implicit padding: each size is the sum of its fields.
-const _: () = assert!(size_of::<KernelOffsets>() == 12 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 18 * 4);
 const _: () = assert!(size_of::<ExecMatch>() == 4);
 const _: () = assert!(size_of::<TrackedProcess>() == 16);
 const _: () = assert!(size_of::<ProcessEventHeader>() == 16);
 const _: () =
     assert!(size_of::<ExecEvent>() == 16 + 4 * 4 + COMM_LEN + EXEC_FILENAME_LEN + EXEC_ARGV_LEN);
 const _: () = assert!(size_of::<ExitEvent>() == 16 + 4 * 4);
+const _: () = assert!(size_of::<OomEvent>() == 16 + 2 * 4 + 4 * 8 + 2 * 4);

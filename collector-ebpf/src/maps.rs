@@ -23,6 +23,12 @@ pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     mm_arg_start: 0,
     mm_arg_end: 0,
     binprm_filename: 0,
+    signal_oom_score_adj: 0,
+    mm_total_vm: 0,
+    mm_rss_anon: 0,
+    mm_rss_file: 0,
+    mm_rss_shmem: 0,
+    mark_victim_has_task: 0,
     _pad: 0,
 });
 

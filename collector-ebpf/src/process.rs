@@ -19,8 +19,8 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use collector_common::{
-    COMM_LEN, EXEC_ARGV_LEN, ExecEvent, ExitEvent, ProcessEventHeader, TrackedProcess, drop_kind,
-    process_event_kind,
+    COMM_LEN, EXEC_ARGV_LEN, ExecEvent, ExitEvent, OomEvent, ProcessEventHeader,
+    TRACKED_OOM_VICTIM, TrackedProcess, drop_kind, process_event_kind,
 };
 
 use crate::{
@@ -124,7 +124,7 @@ fn try_sched_process_exit() -> Result<(), i64> {
         return Ok(());
     };
     // SAFETY: pointer from a successful lookup.
-    let matcher_id = unsafe { (*tracked).matcher_id };
+    let tracked_flags = unsafe { (*tracked).flags };
     let offsets = OFFSETS.load();
     // SAFETY: plain helper call; the current task is valid while it runs.
     let task = unsafe { bpf_get_current_task() } as *const u8;
@@ -146,7 +146,7 @@ fn try_sched_process_exit() -> Result<(), i64> {
         exit_code: read_at::<u32>(task, offsets.task_exit_code).unwrap_or(0),
         group_exit_code: read_at::<u32>(signal, offsets.signal_group_exit_code).unwrap_or(0),
         signal_flags: read_at::<u32>(signal, offsets.signal_flags).unwrap_or(0),
-        matcher_id,
+        tracked_flags,
     };
     if PROCESS_EVENTS.output(&event, 0).is_err() {
         count_drop(drop_kind::EXIT_EVENT_RESERVE);
@@ -167,4 +167,62 @@ fn send_untrack(tgid: u32) {
     if PROCESS_EVENTS.output(&event, 0).is_err() {
         count_drop(drop_kind::EXIT_EVENT_RESERVE);
     }
+}
+
+/// `mark_victim(struct task_struct *task, uid_t uid)` (>= 6.8) or `mark_victim(int pid)`: the OOM
+/// killer chose its victim and has sent it SIGKILL. Runs in the task that hit the OOM, so the
+/// victim comes from the argument, never from "current".
+#[btf_tracepoint(function = "mark_victim")]
+pub fn mark_victim(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_mark_victim(&ctx);
+    0
+}
+
+fn try_mark_victim(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    let offsets = OFFSETS.load();
+    let (task, pid, tgid) = if offsets.mark_victim_has_task != 0 {
+        let task: *const u8 = ctx.arg(0);
+        let pid = read_at::<u32>(task, offsets.task_pid)?;
+        (task, pid, read_at::<u32>(task, offsets.task_tgid)?)
+    } else {
+        // Older kernels pass the victim's pid only. The OOM killer picks processes by their
+        // leader, so pid is the tgid unless the leader had already released its memory.
+        let pid: i32 = ctx.arg(0);
+        (core::ptr::null(), pid as u32, pid as u32)
+    };
+    let Some(tracked) = TRACKED_PROCESSES.get_ptr_mut(&tgid) else {
+        return Ok(());
+    };
+    // SAFETY: pointer from a successful lookup; a racing update of the flags word by userspace
+    // (confirm) at worst loses this bit, and the OOM event below still carries the news.
+    unsafe { (*tracked).flags |= TRACKED_OOM_VICTIM };
+
+    let mut event = OomEvent {
+        header: ProcessEventHeader {
+            kind: process_event_kind::OOM_VICTIM,
+            tgid,
+            // SAFETY: plain helper call.
+            boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        },
+        pid,
+        ..OomEvent::default()
+    };
+    if !task.is_null()
+        && let Ok(mm) = read_at::<*const u8>(task, offsets.task_mm)
+        && !mm.is_null()
+    {
+        let pages = |offset: u32| read_at::<i64>(mm, offset).map_or(0, |v| v.max(0) as u64);
+        event.has_counters = 1;
+        event.total_vm_pages = read_at::<u64>(mm, offsets.mm_total_vm).unwrap_or(0);
+        event.anon_rss_pages = pages(offsets.mm_rss_anon);
+        event.file_rss_pages = pages(offsets.mm_rss_file);
+        event.shmem_rss_pages = pages(offsets.mm_rss_shmem);
+        if let Ok(signal) = read_at::<*const u8>(task, offsets.task_signal) {
+            event.oom_score_adj = i32::from(read_at::<i16>(signal, offsets.signal_oom_score_adj)?);
+        }
+    }
+    if PROCESS_EVENTS.output(&event, 0).is_err() {
+        count_drop(drop_kind::OOM_EVENT_RESERVE);
+    }
+    Ok(())
 }

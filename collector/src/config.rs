@@ -27,6 +27,8 @@ pub struct Config {
     pub matchers: Vec<MatcherConfig>,
     /// Sizes of the kernel side's maps and buffers.
     pub kernel: KernelConfig,
+    /// Retention of lifecycle events.
+    pub events: EventsConfig,
 }
 
 impl Default for Config {
@@ -37,6 +39,35 @@ impl Default for Config {
             disable_builtin_matchers: Vec::new(),
             matchers: Vec::new(),
             kernel: KernelConfig::default(),
+            events: EventsConfig::default(),
+        }
+    }
+}
+
+/// How long and how many lifecycle events stay queryable, and their per-instance files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Seconds an exited instance's events stay queryable.
+    pub retention_seconds: u64,
+    /// Most events kept per instance (oldest dropped first).
+    pub max_per_instance: usize,
+    /// Most instances whose events are kept (those that ended longest ago dropped first).
+    pub max_instances: usize,
+    /// Size at which `<log_dir>/<instance>/events.log` is rotated.
+    pub file_max_bytes: u64,
+    /// Rotated files kept (`events.log.1` ... `events.log.N`).
+    pub file_keep: u32,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            retention_seconds: 24 * 3600,
+            max_per_instance: 256,
+            max_instances: 10_000,
+            file_max_bytes: 1 << 20,
+            file_keep: 2,
         }
     }
 }
@@ -134,6 +165,11 @@ impl Config {
             return Err(format!(
                 "kernel.process_events_ring_bytes = {ring}: must be a power of two of at least 4096"
             ));
+        }
+        if self.events.max_per_instance == 0 || self.events.max_instances == 0 {
+            return Err(
+                "events.max_per_instance and events.max_instances must be at least 1".into(),
+            );
         }
         if self.kernel.max_tracked_processes == 0 {
             return Err("kernel.max_tracked_processes must be at least 1".into());

@@ -22,7 +22,7 @@ use crate::{
     discovery::{Discovery, matchers::Matcher},
     ebpf::{loader, process_events::ProcessEventReader},
     registry,
-    sinks::metrics::InstanceMetrics,
+    sinks::{events::EventSink, metrics::InstanceMetrics},
     telemetry::{self, KernelHealth, SelfMetrics},
 };
 
@@ -63,8 +63,15 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
     let self_metrics = SelfMetrics::default();
     let probes = Arc::new(RwLock::new(Vec::new()));
     let drops = telemetry::SharedDrops::default();
-    let (registry_tx, snapshot) = registry::spawn();
     let mut metrics = Registry::default();
+    let hypervisors: Vec<String> = matchers.iter().map(|m| m.hypervisor.clone()).collect();
+    let events = EventSink::start(
+        config.events.clone(),
+        config.log_dir.clone(),
+        &hypervisors,
+        &mut metrics,
+    );
+    let (registry_tx, snapshot) = registry::spawn(events.clone());
     self_metrics.register(&mut metrics);
     metrics.register_collector(Box::new(KernelHealth {
         probes: probes.clone(),
@@ -81,6 +88,7 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
         probes: probes.clone(),
         started: started.clone(),
         matchers: matchers.clone(),
+        events,
     };
 
     let kernel = loader::load(&config.kernel, &matchers)?;

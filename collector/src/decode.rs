@@ -2,7 +2,7 @@
 //! every malformed input is a table test away.
 
 use collector_common::{
-    COMM_LEN, EXEC_ARGV_LEN, EXEC_FILENAME_LEN, ExecEvent, ExitEvent, ProcessEventHeader,
+    COMM_LEN, EXEC_ARGV_LEN, EXEC_FILENAME_LEN, ExecEvent, ExitEvent, OomEvent, ProcessEventHeader,
     process_event_kind,
 };
 
@@ -18,6 +18,7 @@ pub enum ProcessEvent {
         tgid: u32,
         boot_ns: u64,
     },
+    OomVictim(OomVictim),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,13 +39,53 @@ pub struct ProcessExec {
 pub struct ProcessExit {
     pub tgid: u32,
     pub boot_ns: u64,
-    pub matcher_id: u32,
+    /// The kernel map's flags for the process at exit (`TRACKED_OOM_VICTIM`, ...).
+    pub tracked_flags: u32,
     /// `task_struct.exit_code` of the group's last thread (a wait status).
     pub exit_code: u32,
     /// `signal_struct.group_exit_code`.
     pub group_exit_code: u32,
     /// `signal_struct.flags`.
     pub signal_flags: u32,
+}
+
+/// `SIGNAL_GROUP_EXIT` in `signal_struct.flags` (include/linux/sched/signal.h, stable since 2.6).
+const SIGNAL_GROUP_EXIT: u32 = 0x4;
+
+impl ProcessExit {
+    /// The wait status a parent would see: the group's exit status after `exit_group()` or a
+    /// fatal signal, else the last thread's own.
+    pub fn wait_status(&self) -> u32 {
+        if self.signal_flags & SIGNAL_GROUP_EXIT != 0 {
+            self.group_exit_code
+        } else {
+            self.exit_code
+        }
+    }
+
+    /// Whether the OOM killer had chosen this process.
+    pub fn oom_victim(&self) -> bool {
+        self.tracked_flags & collector_common::TRACKED_OOM_VICTIM != 0
+    }
+}
+
+/// The OOM killer chose a tracked process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OomVictim {
+    pub tgid: u32,
+    pub pid: u32,
+    pub boot_ns: u64,
+    /// Memory counters, in bytes, when the kernel passes the victim to the tracepoint.
+    pub counters: Option<OomCounters>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct OomCounters {
+    pub total_vm_bytes: u64,
+    pub anon_rss_bytes: u64,
+    pub file_rss_bytes: u64,
+    pub shmem_rss_bytes: u64,
+    pub oom_score_adj: i32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -106,7 +147,7 @@ pub fn process_event(bytes: &[u8]) -> Result<ProcessEvent, DecodeError> {
             Ok(ProcessEvent::Exit(ProcessExit {
                 tgid: header.tgid,
                 boot_ns: header.boot_ns,
-                matcher_id: ev.matcher_id,
+                tracked_flags: ev.tracked_flags,
                 exit_code: ev.exit_code,
                 group_exit_code: ev.group_exit_code,
                 signal_flags: ev.signal_flags,
@@ -116,8 +157,31 @@ pub fn process_event(bytes: &[u8]) -> Result<ProcessEvent, DecodeError> {
             tgid: header.tgid,
             boot_ns: header.boot_ns,
         }),
+        process_event_kind::OOM_VICTIM => {
+            let ev: OomEvent = read(bytes, "oom")?;
+            let page = page_size();
+            Ok(ProcessEvent::OomVictim(OomVictim {
+                tgid: header.tgid,
+                pid: ev.pid,
+                boot_ns: header.boot_ns,
+                counters: (ev.has_counters != 0).then(|| OomCounters {
+                    total_vm_bytes: ev.total_vm_pages.saturating_mul(page),
+                    anon_rss_bytes: ev.anon_rss_pages.saturating_mul(page),
+                    file_rss_bytes: ev.file_rss_pages.saturating_mul(page),
+                    shmem_rss_bytes: ev.shmem_rss_pages.saturating_mul(page),
+                    oom_score_adj: ev.oom_score_adj,
+                }),
+            }))
+        }
         other => Err(DecodeError::UnknownKind(other)),
     }
+}
+
+/// Bytes per page (the unit of the kernel's memory counters).
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if size > 0 { size as u64 } else { 4096 }
 }
 
 /// The text before the first NUL, invalid UTF-8 replaced.
@@ -190,7 +254,7 @@ mod tests {
             exit_code: 3 << 8,
             group_exit_code: 3 << 8,
             signal_flags: 4,
-            matcher_id: 2,
+            tracked_flags: 0,
         };
         let decoded = process_event(&as_bytes(&ev)).unwrap();
         assert!(matches!(
@@ -210,6 +274,58 @@ mod tests {
                 boot_ns: 1
             }
         );
+    }
+
+    #[test]
+    fn wait_status_prefers_the_group_exit() {
+        let exit = |exit_code, group_exit_code, signal_flags| ProcessExit {
+            tgid: 1,
+            boot_ns: 0,
+            tracked_flags: 0,
+            exit_code,
+            group_exit_code,
+            signal_flags,
+        };
+        assert_eq!(exit(3 << 8, 0, 0).wait_status(), 3 << 8);
+        assert_eq!(
+            exit(9, 11 | 0x80, SIGNAL_GROUP_EXIT).wait_status(),
+            11 | 0x80
+        );
+    }
+
+    #[test]
+    fn oom_victim_counters_in_bytes() {
+        let ev = OomEvent {
+            header: ProcessEventHeader {
+                kind: process_event_kind::OOM_VICTIM,
+                tgid: 5,
+                boot_ns: 2,
+            },
+            pid: 6,
+            has_counters: 1,
+            total_vm_pages: 10,
+            anon_rss_pages: 3,
+            file_rss_pages: 2,
+            shmem_rss_pages: 1,
+            oom_score_adj: -500,
+            _pad: 0,
+        };
+        let ProcessEvent::OomVictim(oom) = process_event(&as_bytes(&ev)).unwrap() else {
+            panic!()
+        };
+        let page = page_size();
+        let counters = oom.counters.unwrap();
+        assert_eq!((oom.tgid, oom.pid), (5, 6));
+        assert_eq!(counters.anon_rss_bytes, 3 * page);
+        assert_eq!(counters.oom_score_adj, -500);
+        let no_task = OomEvent {
+            has_counters: 0,
+            ..ev
+        };
+        let ProcessEvent::OomVictim(oom) = process_event(&as_bytes(&no_task)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(oom.counters, None);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `collector`: the daemon and its CLI.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{io::Write, net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -44,6 +44,21 @@ enum Command {
         #[arg(long, default_value = DEFAULT_LISTEN)]
         addr: String,
         /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show instance lifecycle events (start, stop, crash, oom_kill) from a running collector.
+    Events {
+        /// Address of the running collector.
+        #[arg(long, default_value = DEFAULT_LISTEN)]
+        addr: String,
+        /// Keep running and print new events as they happen.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only this instance's events.
+        #[arg(long)]
+        instance: Option<String>,
+        /// Print the NDJSON records as they come.
         #[arg(long)]
         json: bool,
     },
@@ -92,7 +107,89 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", instances_table(&instances));
             Ok(())
         }),
+        Command::Events {
+            addr,
+            follow,
+            instance,
+            json,
+        } => runtime.block_on(async {
+            let mut path = format!("/v1/events?follow={follow}");
+            if let Some(instance) = &instance {
+                path.push_str("&instance=");
+                path.push_str(&percent_encode(instance));
+            }
+            let mut stdout = std::io::stdout().lock();
+            client::get_lines(&addr, &path, |line| {
+                let text = if json {
+                    String::from_utf8_lossy(line).into_owned()
+                } else {
+                    event_line(line)
+                };
+                // A closed pipe (`| head`) ends the command; nothing to report.
+                let _ = writeln!(stdout, "{text}");
+                let _ = stdout.flush();
+            })
+            .await
+        }),
     }
+}
+
+/// Percent-encodes a query value.
+fn percent_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// One readable line for an event record: time, instance, hypervisor, event, then details.
+fn event_line(record: &[u8]) -> String {
+    let Ok(event) = serde_json::from_slice::<serde_json::Value>(record) else {
+        return String::from_utf8_lossy(record).into_owned();
+    };
+    if let Some(missed) = event.get("lagged") {
+        return format!("(missed {missed} events: this reader was too slow)");
+    }
+    let field = |name: &str| event.get(name).filter(|v| !v.is_null());
+    let text = |name: &str| {
+        field(name)
+            .and_then(|v| v.as_str())
+            .unwrap_or("-")
+            .to_owned()
+    };
+    let mut line = format!(
+        "{}  {}  {}  {:<10} reason={}",
+        text("ts"),
+        text("instance_uuid").escape_debug(),
+        text("hypervisor"),
+        text("event"),
+        text("reason"),
+    );
+    if let Some(code) = field("exit_code") {
+        line.push_str(&format!(" exit_code={code}"));
+    }
+    if let Some(name) = field("signal_name").and_then(|v| v.as_str()) {
+        line.push_str(&format!(" signal={name}"));
+    }
+    if event
+        .get("core_dumped")
+        .and_then(serde_json::Value::as_bool)
+        == Some(true)
+    {
+        line.push_str(" core_dumped");
+    }
+    if let Some(uptime) = field("uptime_seconds").and_then(serde_json::Value::as_f64) {
+        line.push_str(&format!(" uptime={uptime:.3}s"));
+    }
+    if let Some(oom) = field("oom") {
+        line.push_str(&format!(" oom={oom}"));
+    }
+    line
 }
 
 fn instances_table(instances: &[InstanceView]) -> String {

@@ -89,9 +89,21 @@ pub struct Collector {
 impl Collector {
     /// Starts the collector with `extra` arguments and waits until `/readyz` answers 200.
     pub fn start(extra: &[&str]) -> Self {
+        Self::start_in(tempfile::tempdir().expect("log dir"), extra)
+    }
+
+    /// Starts the collector with the config file `toml` (written into its log folder).
+    pub fn start_with_config(toml: &str) -> Self {
+        let log_dir = tempfile::tempdir().expect("log dir");
+        let config = log_dir.path().join("collector.toml");
+        std::fs::write(&config, toml).expect("write config");
+        Self::start_in(log_dir, &["--config", config.to_str().unwrap()])
+    }
+
+    /// Starts the collector using `log_dir` (kept across restarts by the caller).
+    pub fn start_in(log_dir: tempfile::TempDir, extra: &[&str]) -> Self {
         require_bpf();
         let addr = format!("127.0.0.1:{}", free_port());
-        let log_dir = tempfile::tempdir().expect("log dir");
         let stderr_path = log_dir.path().join("collector.stderr");
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
         let child = Command::new(collector_bin())
@@ -170,9 +182,42 @@ impl Collector {
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         self.child.wait().expect("wait collector")
+    }
+
+    /// Stops the collector (SIGTERM) and hands back its log folder, e.g. for a restart.
+    pub fn stop_keep_dir(mut self) -> tempfile::TempDir {
+        self.terminate();
+        let placeholder = tempfile::tempdir().expect("placeholder dir");
+        std::mem::replace(&mut self.log_dir, placeholder)
+    }
+
+    /// The lifecycle events of `uuid` (`/v1/instances/{uuid}/events`), if it has any.
+    pub fn events_of(&self, uuid: &str) -> Option<Vec<Value>> {
+        if self.get_status(&format!("/v1/instances/{uuid}/events")) != Some(200) {
+            return None;
+        }
+        let text = self.get_text(&format!("/v1/instances/{uuid}/events"));
+        Some(
+            text.lines()
+                .map(|l| serde_json::from_str(l).expect("NDJSON line"))
+                .collect(),
+        )
+    }
+
+    /// The value of the sample `series` (name and labels exactly as exposed), 0 if absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        let metrics = self.get_text("/metrics");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
     }
 }
 
@@ -210,6 +255,18 @@ pub struct Standin {
 }
 
 impl Standin {
+    /// Sends `signal` to the stand-in and reaps it.
+    pub fn signal(&mut self, signal: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the stand-in to end by itself.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().expect("wait standin")
+    }
+
     /// Starts the stand-in as `exe` with the VMM's command line `args` and `STANDIN_*` `env`.
     pub fn spawn(exe: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let child = Command::new(standin_path(exe))

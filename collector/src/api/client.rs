@@ -39,3 +39,50 @@ pub async fn get(addr: &str, path: &str) -> anyhow::Result<Bytes> {
     }
     Ok(body)
 }
+
+/// GETs `path` and calls `on_line` with each line of the (streamed) body as it arrives.
+pub async fn get_lines(
+    addr: &str,
+    path: &str,
+    mut on_line: impl FnMut(&[u8]),
+) -> anyhow::Result<()> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("cannot reach a collector at {addr} (is `collector run` up?)"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("HTTP handshake")?;
+    tokio::spawn(connection);
+    let request = Request::get(path)
+        .header(hyper::header::HOST, addr)
+        .body(Empty::<Bytes>::new())
+        .context("building request")?;
+    let response = sender
+        .send_request(request)
+        .await
+        .with_context(|| format!("GET {path}"))?;
+    let status = response.status();
+    let mut body = response.into_body();
+    if !status.is_success() {
+        let text = body.collect().await.context("reading response")?.to_bytes();
+        bail!(
+            "GET {path}: {status}: {}",
+            String::from_utf8_lossy(&text).trim()
+        );
+    }
+    let mut pending = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.context("reading response")?.into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            on_line(&pending[..end]);
+            pending.drain(..=end);
+        }
+    }
+    if !pending.is_empty() {
+        on_line(&pending);
+    }
+    Ok(())
+}

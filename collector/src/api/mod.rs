@@ -7,6 +7,10 @@
 //!   the body lists the probes either way.
 //! - `GET /v1/instances`: JSON array of the instances on this host.
 //! - `GET /v1/instances/{uuid}`: one instance, 404 if unknown.
+//! - `GET /v1/instances/{uuid}/events`: the instance's lifecycle events (NDJSON, oldest first),
+//!   kept after it exits; 404 if none.
+//! - `GET /v1/events[?follow=true][&instance=UUID]`: all retained lifecycle events, then (with
+//!   `follow`) new ones as they happen (NDJSON stream).
 
 pub mod client;
 pub mod server;

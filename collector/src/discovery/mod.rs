@@ -6,7 +6,10 @@
 //! `TRACKED_PROCESSES` map) and sends the registry what changed.
 
 pub mod matchers;
+pub mod memcg;
 pub mod proc_scan;
+
+use std::collections::HashMap as StdHashMap;
 
 use aya::maps::{HashMap, MapData};
 use collector_common::{TRACKED_CONFIRMED, TRACKED_DISCOVERED, TrackedProcess};
@@ -15,8 +18,8 @@ use tracing::{debug, info, warn};
 
 use crate::{
     clock,
-    decode::{ProcessEvent, ProcessExec},
-    registry::{Instance, Origin, RegistryUpdate},
+    decode::{OomVictim, ProcessEvent, ProcessExec},
+    registry::{Instance, Origin, RegistryUpdate, lifecycle::OomDetails},
     telemetry::SelfMetrics,
 };
 use matchers::Matcher;
@@ -44,6 +47,9 @@ pub struct Discovery {
     tracked: HashMap<MapData, u32, TrackedProcess>,
     registry: mpsc::Sender<RegistryUpdate>,
     metrics: SelfMetrics,
+    /// Memory cgroup of each instance, read while it runs (an OOM victim may be gone by the time
+    /// its event is read).
+    memcg: StdHashMap<u32, memcg::MemCgroup>,
 }
 
 impl Discovery {
@@ -58,6 +64,7 @@ impl Discovery {
             tracked,
             registry,
             metrics,
+            memcg: StdHashMap::new(),
         }
     }
 
@@ -93,15 +100,58 @@ impl Discovery {
             ProcessEvent::Exit(exit) => {
                 debug!(
                     pid = exit.tgid,
-                    exit_code = exit.exit_code,
+                    wait_status = exit.wait_status(),
                     "tracked process exited"
                 );
-                self.send(RegistryUpdate::Remove { pid: exit.tgid }).await;
+                self.memcg.remove(&exit.tgid);
+                self.send(RegistryUpdate::Exit {
+                    pid: exit.tgid,
+                    exit,
+                })
+                .await;
             }
-            ProcessEvent::Untrack { tgid, .. } => {
-                self.send(RegistryUpdate::Remove { pid: tgid }).await;
+            ProcessEvent::Untrack { tgid, boot_ns } => {
+                self.memcg.remove(&tgid);
+                self.send(RegistryUpdate::Untracked { pid: tgid, boot_ns })
+                    .await;
             }
+            ProcessEvent::OomVictim(oom) => self.on_oom_victim(oom).await,
         }
+    }
+
+    async fn on_oom_victim(&mut self, oom: OomVictim) {
+        // The VMM may have changed cgroups since it started: ask again while the victim (dying,
+        // not yet reaped) is still there, else use what was read while it ran.
+        if let Some(cg) = memcg::of_process(oom.tgid) {
+            self.memcg.insert(oom.tgid, cg);
+        }
+        let constraint = match self.memcg.get(&oom.tgid) {
+            Some(cg) => cg.oom_constraint(),
+            None => memcg::Constraint {
+                kind: "unknown",
+                path: None,
+                limit_bytes: None,
+            },
+        };
+        warn!(
+            pid = oom.tgid,
+            victim_pid = oom.pid,
+            constraint = constraint.kind,
+            memcg = constraint.path,
+            "the kernel's OOM killer chose a hypervisor process"
+        );
+        let details = OomDetails {
+            victim_pid: oom.pid,
+            counters: oom.counters,
+            constraint: constraint.kind,
+            memcg_path: constraint.path,
+            memcg_limit_bytes: constraint.limit_bytes,
+        };
+        self.send(RegistryUpdate::OomVictim {
+            pid: oom.tgid,
+            details,
+        })
+        .await;
     }
 
     async fn on_exec(&mut self, exec: ProcessExec) {
@@ -114,7 +164,8 @@ impl Discovery {
                 "exec claimed by comm prefix only; dropped"
             );
             let _ = self.tracked.remove(&pid);
-            self.send(RegistryUpdate::Remove { pid }).await;
+            self.memcg.remove(&pid);
+            self.send(RegistryUpdate::Forget { pid }).await;
             return;
         };
         self.confirm(pid, index, exec.boot_ns, 0);
@@ -126,10 +177,13 @@ impl Discovery {
             matcher: matcher.name.clone(),
             pid,
             start_time: clock::boot_ns_to_system_time(exec.boot_ns),
+            start_boot_ns: exec.boot_ns,
             seen_boot_ns: exec.boot_ns,
             origin: Origin::Exec,
             executable: exec.filename,
+            oom: None,
         };
+        self.remember_memcg(pid);
         info!(
             instance_uuid = instance.instance_uuid,
             hypervisor = instance.hypervisor,
@@ -138,6 +192,12 @@ impl Discovery {
             "instance found"
         );
         self.send(RegistryUpdate::Add(instance)).await;
+    }
+
+    fn remember_memcg(&mut self, pid: u32) {
+        if let Some(cg) = memcg::of_process(pid) {
+            self.memcg.insert(pid, cg);
+        }
     }
 
     /// Marks `pid` confirmed in the kernel map (inserting it for processes found by the scan).
@@ -187,10 +247,13 @@ impl Discovery {
                 matcher: m.name.clone(),
                 pid,
                 start_time: start_time.wall,
+                start_boot_ns: start_time.boot_ns,
                 seen_boot_ns,
                 origin: Origin::Discovered,
                 executable,
+                oom: None,
             };
+            self.remember_memcg(pid);
             self.send(RegistryUpdate::Add(instance)).await;
         }
     }

@@ -8,6 +8,8 @@ use crate::{clock, discovery::matchers::split_cmdline};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StartTime {
     pub ticks: u64,
+    /// The same instant on `CLOCK_BOOTTIME`.
+    pub boot_ns: u64,
     pub wall: SystemTime,
 }
 
@@ -35,6 +37,7 @@ pub fn start_time(pid: u32) -> Option<StartTime> {
     let boot_ns = ticks * (1_000_000_000 / clock::clock_ticks_per_second());
     Some(StartTime {
         ticks,
+        boot_ns,
         wall: clock::boot_ns_to_system_time(boot_ns),
     })
 }

@@ -32,6 +32,10 @@ pub enum OffsetError {
         strukt: &'static str,
         field: &'static str,
     },
+    #[error("kernel BTF has no enumerator {0}")]
+    NoEnumerator(&'static str),
+    #[error("kernel BTF has no tracepoint {0}")]
+    NoTracepoint(String),
     #[error("kernel BTF: {0}")]
     Btf(#[from] btf_rs::Error),
 }
@@ -46,6 +50,7 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, OffsetError> {
         source,
     })?;
     let field = |strukt, field| field_offset(&btf, strukt, field);
+    let rss = rss_counter_offsets(&btf)?;
     Ok(KernelOffsets {
         task_pid: field("task_struct", "pid")?,
         task_tgid: field("task_struct", "tgid")?,
@@ -58,8 +63,118 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, OffsetError> {
         mm_arg_start: field("mm_struct", "arg_start")?,
         mm_arg_end: field("mm_struct", "arg_end")?,
         binprm_filename: field("linux_binprm", "filename")?,
+        signal_oom_score_adj: field("signal_struct", "oom_score_adj")?,
+        mm_total_vm: field("mm_struct", "total_vm")?,
+        mm_rss_anon: rss.anon,
+        mm_rss_file: rss.file,
+        mm_rss_shmem: rss.shmem,
+        mark_victim_has_task: u32::from(tracepoint_arg_is_pointer(&btf, "mark_victim", 0)?),
         _pad: 0,
     })
+}
+
+/// Offsets of the RSS counters' values in `mm_struct`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RssOffsets {
+    pub anon: u32,
+    pub file: u32,
+    pub shmem: u32,
+}
+
+/// `mm_struct.rss_stat` is `struct percpu_counter rss_stat[NR_MM_COUNTERS]` since 6.2 and
+/// `struct mm_rss_stat { atomic_long_t count[NR_MM_COUNTERS]; }` before; the counter indexes
+/// come from the kernel's own `MM_*PAGES` enum.
+fn rss_counter_offsets(btf: &Btf) -> Result<RssOffsets, OffsetError> {
+    let mm = find_struct(btf, "mm_struct")?;
+    let (member_bits, member) = find_member(btf, &mm, "rss_stat")?.ok_or(OffsetError::NoField {
+        strukt: "mm_struct",
+        field: "rss_stat",
+    })?;
+    let base = member_bits / 8;
+    // (offset of counter 0's value, distance between counters)
+    let (first, stride) = match btf.resolve_chained_type(&member)? {
+        Type::Array(array) => {
+            let Type::Struct(counter) = btf.resolve_chained_type(&array)? else {
+                return Err(OffsetError::NoStruct("percpu_counter"));
+            };
+            let count = find_member_bits(btf, &counter, "count")?.ok_or(OffsetError::NoField {
+                strukt: "percpu_counter",
+                field: "count",
+            })?;
+            (count / 8, counter.size() as u32)
+        }
+        Type::Struct(stat) => {
+            let count = find_member_bits(btf, &stat, "count")?.ok_or(OffsetError::NoField {
+                strukt: "mm_rss_stat",
+                field: "count",
+            })?;
+            (count / 8, 8)
+        }
+        _ => return Err(OffsetError::NoStruct("mm_rss_stat")),
+    };
+    let index = |name: &'static str| enum_value(btf, name).map(|v| base + first + v * stride);
+    Ok(RssOffsets {
+        anon: index("MM_ANONPAGES")?,
+        file: index("MM_FILEPAGES")?,
+        shmem: index("MM_SHMEMPAGES")?,
+    })
+}
+
+/// The value of the enumerator `name` in any enum of the kernel.
+fn enum_value(btf: &Btf, name: &'static str) -> Result<u32, OffsetError> {
+    // Type ids are dense from 1; the first id that does not resolve is the end.
+    for id in 1.. {
+        let Ok(ty) = btf.resolve_type_by_id(id) else {
+            break;
+        };
+        if let Type::Enum(e) = ty {
+            for member in &e.members {
+                if btf.resolve_name(member).is_ok_and(|n| n == name) {
+                    return Ok(member.val());
+                }
+            }
+        }
+    }
+    Err(OffsetError::NoEnumerator(name))
+}
+
+/// Whether argument `index` of the BTF tracepoint `name` is a pointer (its signature changed
+/// across kernels for some tracepoints, e.g. `mark_victim` took a pid before 6.8).
+pub fn tracepoint_arg_is_pointer(btf: &Btf, name: &str, index: usize) -> Result<bool, OffsetError> {
+    let typedef = format!("btf_trace_{name}");
+    let ty = btf
+        .resolve_types_by_name(&typedef)
+        .ok()
+        .and_then(|types| types.into_iter().next())
+        .ok_or_else(|| OffsetError::NoTracepoint(name.to_owned()))?;
+    let Type::Typedef(typedef) = ty else {
+        return Err(OffsetError::NoTracepoint(name.to_owned()));
+    };
+    let Type::Ptr(ptr) = btf.resolve_chained_type(&typedef)? else {
+        return Err(OffsetError::NoTracepoint(name.to_owned()));
+    };
+    let Type::FuncProto(proto) = btf.resolve_chained_type(&ptr)? else {
+        return Err(OffsetError::NoTracepoint(name.to_owned()));
+    };
+    // Parameter 0 is the tracepoint's private data; the tracepoint's own arguments follow.
+    let param = proto
+        .parameters
+        .get(index + 1)
+        .ok_or_else(|| OffsetError::NoTracepoint(name.to_owned()))?;
+    Ok(matches!(btf.resolve_chained_type(param)?, Type::Ptr(_)))
+}
+
+fn find_struct(btf: &Btf, strukt: &'static str) -> Result<btf_rs::Struct, OffsetError> {
+    let candidates = btf
+        .resolve_types_by_name(strukt)
+        .map_err(|_| OffsetError::NoStruct(strukt))?;
+    candidates
+        .into_iter()
+        .find_map(|ty| match ty {
+            Type::Struct(s) => Some(s),
+            _ => None,
+        })
+        .ok_or(OffsetError::NoStruct(strukt))
 }
 
 /// Byte offset of `field` in `struct strukt`.
@@ -68,18 +183,9 @@ pub fn field_offset(
     strukt: &'static str,
     field: &'static str,
 ) -> Result<u32, OffsetError> {
-    let candidates = btf
-        .resolve_types_by_name(strukt)
-        .map_err(|_| OffsetError::NoStruct(strukt))?;
-    let found = candidates.iter().find_map(|ty| match ty {
-        Type::Struct(s) => Some(s),
-        _ => None,
-    });
-    let Some(found) = found else {
-        return Err(OffsetError::NoStruct(strukt));
-    };
+    let found = find_struct(btf, strukt)?;
     let bits =
-        find_member_bits(btf, found, field)?.ok_or(OffsetError::NoField { strukt, field })?;
+        find_member_bits(btf, &found, field)?.ok_or(OffsetError::NoField { strukt, field })?;
     Ok(bits / 8)
 }
 
@@ -89,18 +195,28 @@ fn find_member_bits(
     strukt: &btf_rs::Struct,
     field: &str,
 ) -> Result<Option<u32>, OffsetError> {
+    Ok(find_member(btf, strukt, field)?.map(|(bits, _)| bits))
+}
+
+/// Bit offset and description of `field` in `strukt`, looking through anonymous struct and
+/// union members (randomized layouts, `mm_struct`'s inner struct).
+fn find_member(
+    btf: &Btf,
+    strukt: &btf_rs::Struct,
+    field: &str,
+) -> Result<Option<(u32, btf_rs::Member)>, OffsetError> {
     for member in &strukt.members {
         let name = btf.resolve_name(member).unwrap_or_default();
         if name == field {
-            return Ok(Some(member.bit_offset()));
+            return Ok(Some((member.bit_offset(), member.clone())));
         }
         if name.is_empty() {
             let inner = match btf.resolve_chained_type(member)? {
                 Type::Struct(s) | Type::Union(s) => s,
                 _ => continue,
             };
-            if let Some(bits) = find_member_bits(btf, &inner, field)? {
-                return Ok(Some(member.bit_offset() + bits));
+            if let Some((bits, found)) = find_member(btf, &inner, field)? {
+                return Ok(Some((member.bit_offset() + bits, found)));
             }
         }
     }

@@ -43,6 +43,11 @@ pub const PROBES: &[ProbeSpec] = &[
         tracepoint: "sched_process_exit",
         feature: "instance exit",
     },
+    ProbeSpec {
+        program: "mark_victim",
+        tracepoint: "mark_victim",
+        feature: "OOM kill attribution (OOM kills then read as stop/killed)",
+    },
 ];
 
 /// What became of a probe.

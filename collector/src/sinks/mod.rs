@@ -1,3 +1,5 @@
 //! Where instance telemetry leaves the collector.
 
+pub mod events;
+pub mod files;
 pub mod metrics;

@@ -83,6 +83,7 @@ pub struct KernelHealth {
 const LOST_EVENTS: &[(u32, &str, &str)] = &[
     (drop_kind::EXEC_EVENT_RESERVE, "process", "exec"),
     (drop_kind::EXIT_EVENT_RESERVE, "process", "exit"),
+    (drop_kind::OOM_EVENT_RESERVE, "process", "oom"),
 ];
 
 impl std::fmt::Debug for KernelHealth {

@@ -8,6 +8,11 @@
 //! - `STANDIN_EXIT_CODE` (default 0): exit status when it ends by itself.
 //! - `STANDIN_THREAD_EXIT`: one extra thread that exits right away (a VMM thread ending is not
 //!   an instance ending).
+//! - `STANDIN_CRASH` (`segv` or `abort`): when `STANDIN_RUN_MS` is up, die by that signal
+//!   instead of exiting.
+//! - `STANDIN_CORE_DIR`: work in this folder with no core-size limit, so a crash dumps core there.
+//! - `STANDIN_CGROUP`: join this cgroup (its folder) first thing.
+//! - `STANDIN_ALLOC_MB`: then allocate and touch this many MiB, one page at a time.
 
 use std::{
     env,
@@ -37,7 +42,53 @@ fn park_forever() -> ! {
     }
 }
 
+/// Crash the way `STANDIN_CRASH` says.
+fn crash(how: &str) -> ! {
+    let signal = match how {
+        "abort" => libc::SIGABRT,
+        _ => libc::SIGSEGV,
+    };
+    // SAFETY: restoring the default action (Rust's runtime handles SIGSEGV for its stack
+    // guard) and raising a signal whose default action ends the process.
+    unsafe {
+        libc::signal(signal, libc::SIG_DFL);
+        libc::raise(signal);
+    }
+    unreachable!("signal {signal} did not end the process");
+}
+
+fn setup_process() {
+    if let Some(dir) = env::var_os("STANDIN_CORE_DIR") {
+        env::set_current_dir(&dir).expect("STANDIN_CORE_DIR");
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: valid rlimit pointer.
+        unsafe { libc::setrlimit(libc::RLIMIT_CORE, &unlimited) };
+    } else {
+        let none = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: valid rlimit pointer.
+        unsafe { libc::setrlimit(libc::RLIMIT_CORE, &none) };
+    }
+    if let Some(cgroup) = env::var_os("STANDIN_CGROUP") {
+        let procs = std::path::Path::new(&cgroup).join("cgroup.procs");
+        std::fs::write(&procs, "0").expect("join STANDIN_CGROUP");
+    }
+    if let Some(mb) = var::<usize>("STANDIN_ALLOC_MB") {
+        let mut pages: Vec<Vec<u8>> = Vec::new();
+        for _ in 0..mb * 256 {
+            pages.push(vec![1u8; 4096]);
+        }
+        std::mem::forget(pages);
+    }
+}
+
 fn main() {
+    setup_process();
     let argv0 = env::args().next().unwrap_or_default();
     let vcpus: u32 = var("STANDIN_VCPUS").unwrap_or(2);
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
@@ -67,6 +118,9 @@ fn main() {
     match var::<u64>("STANDIN_RUN_MS") {
         Some(ms) => {
             thread::sleep(Duration::from_millis(ms));
+            if let Ok(how) = env::var("STANDIN_CRASH") {
+                crash(&how);
+            }
             std::process::exit(var("STANDIN_EXIT_CODE").unwrap_or(0));
         }
         None => park_forever(),

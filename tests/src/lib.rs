@@ -240,6 +240,12 @@ fn standin_dir() -> &'static Path {
 
 /// Path of the stand-in named `exe` (created on first use).
 pub fn standin_path(exe: &str) -> PathBuf {
+    // Tests run in parallel threads: one copies while the others wait, so no thread executes a
+    // file another is still writing (ETXTBSY).
+    static CREATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = CREATING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let path = standin_dir().join(exe);
     if !path.exists() {
         let tmp = path.with_extension("tmp");

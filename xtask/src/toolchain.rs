@@ -2,7 +2,7 @@
 //!
 //! - Host: stable [`HOST_TOOLCHAIN`] (aya 0.16 needs rustc >= 1.98).
 //! - Kernel programs: [`EBPF_TOOLCHAIN`] with `rust-src` (they are built with `-Z build-std=core`
-//!   for `bpfel-unknown-none`).
+//!   for `bpfel-unknown-none`) and clippy (they are linted for that target too).
 //! - [`BPF_LINKER_VERSION`] of bpf-linker, built from crates.io against the nightly's *own*
 //!   libLLVM, so the linker and rustc agree on LLVM bitcode. It is kept per nightly under
 //!   `$CARGO_HOME/collector-tools/`.
@@ -88,8 +88,9 @@ pub fn ensure_toolchains() -> anyhow::Result<()> {
     ensure_toolchain(HOST_TOOLCHAIN, &["clippy", "rustfmt"], |root| {
         root.join("bin/cargo-clippy").exists() && root.join("bin/rustfmt").exists()
     })?;
-    ensure_toolchain(EBPF_TOOLCHAIN, &["rust-src"], |root| {
+    ensure_toolchain(EBPF_TOOLCHAIN, &["rust-src", "clippy"], |root| {
         root.join("lib/rustlib/src/rust/library/core").exists()
+            && root.join("bin/cargo-clippy").exists()
     })
 }
 
@@ -180,8 +181,13 @@ pub fn path_with(dir: &Path) -> std::ffi::OsString {
 
 /// A `cargo +<host toolchain>` command with bpf-linker on PATH, run from the workspace root.
 pub fn cargo(linker_dir: &Path) -> Command {
+    cargo_with(HOST_TOOLCHAIN, linker_dir)
+}
+
+/// A `cargo +<toolchain>` command with bpf-linker on PATH, run from the workspace root.
+pub fn cargo_with(toolchain: &str, linker_dir: &Path) -> Command {
     let mut cmd = Command::new("cargo");
-    cmd.arg(format!("+{HOST_TOOLCHAIN}"))
+    cmd.arg(format!("+{toolchain}"))
         .env("PATH", path_with(linker_dir))
         .current_dir(workspace_root());
     cmd

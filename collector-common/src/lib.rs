@@ -59,8 +59,17 @@ pub struct KernelOffsets {
     /// 1 when `mark_victim`'s first argument is the victim's `task_struct *` (kernels >= 6.8),
     /// 0 when it is only its pid (older kernels: no memory counters then).
     pub mark_victim_has_task: u32,
-    /// Zero; keeps the size a multiple of 8.
-    pub _pad: u32,
+    /// `task_struct.cgroups` (pointer to `css_set`)
+    pub task_cgroups: u32,
+    /// `css_set.subsys[memory_cgrp_id]` (pointer to the memory `cgroup_subsys_state`), or 0
+    /// when the kernel has no memory controller.
+    pub css_set_memory_subsys: u32,
+    /// `cgroup_subsys_state.cgroup`
+    pub css_cgroup: u32,
+    /// `cgroup.kn` (pointer to `kernfs_node`)
+    pub cgroup_kn: u32,
+    /// `kernfs_node.id` (the cgroup folder's inode number)
+    pub kernfs_node_id: u32,
 }
 
 /// Key of the exec matcher trie: a task's `comm` after exec (the executable's base name, cut to
@@ -182,6 +191,8 @@ pub struct OomEvent {
     pub oom_score_adj: i32,
     /// Zero.
     pub _pad: u32,
+    /// Inode number of the victim's memory cgroup folder (0 when unknown).
+    pub memcg_id: u64,
 }
 
 /// Indexes of the kernel's drop counters (`DROPS`, a per-CPU array). Every place where the kernel
@@ -215,11 +226,11 @@ mod user {
 }
 
 // No implicit padding: each size is the sum of its fields.
-const _: () = assert!(size_of::<KernelOffsets>() == 18 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 22 * 4);
 const _: () = assert!(size_of::<ExecMatch>() == 4);
 const _: () = assert!(size_of::<TrackedProcess>() == 16);
 const _: () = assert!(size_of::<ProcessEventHeader>() == 16);
 const _: () =
     assert!(size_of::<ExecEvent>() == 16 + 4 * 4 + COMM_LEN + EXEC_FILENAME_LEN + EXEC_ARGV_LEN);
 const _: () = assert!(size_of::<ExitEvent>() == 16 + 4 * 4);
-const _: () = assert!(size_of::<OomEvent>() == 16 + 2 * 4 + 4 * 8 + 2 * 4);
+const _: () = assert!(size_of::<OomEvent>() == 16 + 2 * 4 + 4 * 8 + 2 * 4 + 8);

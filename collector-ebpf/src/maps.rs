@@ -29,7 +29,11 @@ pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     mm_rss_file: 0,
     mm_rss_shmem: 0,
     mark_victim_has_task: 0,
-    _pad: 0,
+    task_cgroups: 0,
+    css_set_memory_subsys: 0,
+    css_cgroup: 0,
+    cgroup_kn: 0,
+    kernfs_node_id: 0,
 });
 
 /// `comm` prefixes of the executables the matchers claim (see [`CommKey`]).

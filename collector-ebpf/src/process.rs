@@ -217,6 +217,7 @@ fn try_mark_victim(ctx: &BtfTracePointContext) -> Result<(), i64> {
         event.anon_rss_pages = pages(offsets.mm_rss_anon);
         event.file_rss_pages = pages(offsets.mm_rss_file);
         event.shmem_rss_pages = pages(offsets.mm_rss_shmem);
+        event.memcg_id = memcg_id(task, &offsets).unwrap_or(0);
         if let Ok(signal) = read_at::<*const u8>(task, offsets.task_signal) {
             event.oom_score_adj = i32::from(read_at::<i16>(signal, offsets.signal_oom_score_adj)?);
         }
@@ -225,4 +226,16 @@ fn try_mark_victim(ctx: &BtfTracePointContext) -> Result<(), i64> {
         count_drop(drop_kind::OOM_EVENT_RESERVE);
     }
     Ok(())
+}
+
+/// Inode number of `task`'s memory cgroup: task->cgroups->subsys[memory]->cgroup->kn->id.
+fn memcg_id(task: *const u8, offsets: &collector_common::KernelOffsets) -> Result<u64, i64> {
+    if offsets.css_set_memory_subsys == 0 {
+        return Ok(0);
+    }
+    let css_set = read_at::<*const u8>(task, offsets.task_cgroups)?;
+    let css = read_at::<*const u8>(css_set, offsets.css_set_memory_subsys)?;
+    let cgroup = read_at::<*const u8>(css, offsets.css_cgroup)?;
+    let kn = read_at::<*const u8>(cgroup, offsets.cgroup_kn)?;
+    read_at::<u64>(kn, offsets.kernfs_node_id)
 }

@@ -75,6 +75,8 @@ pub struct OomVictim {
     pub tgid: u32,
     pub pid: u32,
     pub boot_ns: u64,
+    /// Inode number of the victim's memory cgroup folder, 0 when unknown.
+    pub memcg_id: u64,
     /// Memory counters, in bytes, when the kernel passes the victim to the tracepoint.
     pub counters: Option<OomCounters>,
 }
@@ -164,6 +166,7 @@ pub fn process_event(bytes: &[u8]) -> Result<ProcessEvent, DecodeError> {
                 tgid: header.tgid,
                 pid: ev.pid,
                 boot_ns: header.boot_ns,
+                memcg_id: ev.memcg_id,
                 counters: (ev.has_counters != 0).then(|| OomCounters {
                     total_vm_bytes: ev.total_vm_pages.saturating_mul(page),
                     anon_rss_bytes: ev.anon_rss_pages.saturating_mul(page),
@@ -309,13 +312,14 @@ mod tests {
             shmem_rss_pages: 1,
             oom_score_adj: -500,
             _pad: 0,
+            memcg_id: 77,
         };
         let ProcessEvent::OomVictim(oom) = process_event(&as_bytes(&ev)).unwrap() else {
             panic!()
         };
         let page = page_size();
         let counters = oom.counters.unwrap();
-        assert_eq!((oom.tgid, oom.pid), (5, 6));
+        assert_eq!((oom.tgid, oom.pid, oom.memcg_id), (5, 6, 77));
         assert_eq!(counters.anon_rss_bytes, 3 * page);
         assert_eq!(counters.oom_score_adj, -500);
         let no_task = OomEvent {

@@ -27,6 +27,44 @@ pub struct Constraint {
 /// Limits at or above this are "no limit" (v1 reports PAGE_COUNTER_MAX in bytes).
 const UNLIMITED: u64 = 1 << 62;
 
+/// The memory cgroup whose folder has inode number `ino` (what the kernel program reads from
+/// the OOM victim: `kernfs_node.id`), in the hierarchy that holds the memory controller.
+pub fn by_inode(ino: u64) -> Option<MemCgroup> {
+    use std::os::unix::fs::MetadataExt;
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let (mount, v2) = match mounts(&mountinfo) {
+        (Some(v1), _) => (v1, false),
+        (None, Some(v2)) => (v2, true),
+        (None, None) => return None,
+    };
+    // Depth-first over the cgroup folders; a node has a few thousand at most.
+    let mut stack = vec![mount.clone()];
+    while let Some(dir) = stack.pop() {
+        if fs::metadata(&dir).is_ok_and(|m| m.ino() == ino) {
+            let relative = dir
+                .strip_prefix(&mount)
+                .ok()?
+                .to_string_lossy()
+                .into_owned();
+            return Some(MemCgroup {
+                path: format!("/{relative}"),
+                mount,
+                v2,
+            });
+        }
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        stack.extend(
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path()),
+        );
+    }
+    None
+}
+
 /// The memory cgroup of `pid`: its v1 `memory` hierarchy if mounted, else the v2 one.
 pub fn of_process(pid: u32) -> Option<MemCgroup> {
     let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
@@ -188,8 +226,15 @@ mod tests {
 
     #[test]
     fn own_process_has_a_memory_cgroup() {
+        use std::os::unix::fs::MetadataExt;
         let cg = of_process(std::process::id()).expect("memory cgroup of the test process");
         assert!(cg.path.starts_with('/'), "{cg:?}");
         assert_ne!(cg.oom_constraint().kind, "unknown", "{cg:?}");
+        // The same cgroup, found from its folder's inode number as the kernel reports it.
+        let ino = fs::metadata(cg.mount.join(cg.path.trim_start_matches('/')))
+            .unwrap()
+            .ino();
+        assert_eq!(by_inode(ino), Some(cg));
+        assert_eq!(by_inode(u64::MAX), None);
     }
 }

@@ -120,12 +120,12 @@ impl Discovery {
     }
 
     async fn on_oom_victim(&mut self, oom: OomVictim) {
-        // The VMM may have changed cgroups since it started: ask again while the victim (dying,
-        // not yet reaped) is still there, else use what was read while it ran.
-        if let Some(cg) = memcg::of_process(oom.tgid) {
-            self.memcg.insert(oom.tgid, cg);
-        }
-        let constraint = match self.memcg.get(&oom.tgid) {
+        // The kernel read the victim's memory cgroup at the OOM; what was read from /proc while
+        // the VMM ran is the fallback (kernels without the victim's task in the tracepoint).
+        let from_kernel = (oom.memcg_id != 0)
+            .then(|| memcg::by_inode(oom.memcg_id))
+            .flatten();
+        let constraint = match from_kernel.as_ref().or(self.memcg.get(&oom.tgid)) {
             Some(cg) => cg.oom_constraint(),
             None => memcg::Constraint {
                 kind: "unknown",

@@ -69,7 +69,14 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, OffsetError> {
         mm_rss_file: rss.file,
         mm_rss_shmem: rss.shmem,
         mark_victim_has_task: u32::from(tracepoint_arg_is_pointer(&btf, "mark_victim", 0)?),
-        _pad: 0,
+        task_cgroups: field("task_struct", "cgroups")?,
+        // No memory controller (CONFIG_MEMCG off): the OOM event then names no cgroup.
+        css_set_memory_subsys: enum_value(&btf, "memory_cgrp_id")
+            .map(|id| field("css_set", "subsys").map(|subsys| subsys + id * 8))
+            .unwrap_or(Ok(0))?,
+        css_cgroup: field("cgroup_subsys_state", "cgroup")?,
+        cgroup_kn: field("cgroup", "kn")?,
+        kernfs_node_id: field("kernfs_node", "id")?,
     })
 }
 

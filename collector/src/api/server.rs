@@ -101,10 +101,7 @@ fn view(instance: &Instance, matchers: &[Matcher]) -> InstanceView {
         hypervisor: instance.hypervisor.clone(),
         pid: instance.pid,
         start_time: clock::rfc3339(instance.start_time),
-        origin: serde_json::to_value(instance.origin)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default(),
+        origin: instance.origin.as_str().to_owned(),
         executable: instance.executable.clone(),
         vcpu_threads,
         instance_dir: instance.instance_dir.clone(),

@@ -42,6 +42,20 @@ fn existing_dir(dir: Option<String>) -> Option<String> {
     dir.filter(|d| std::path::Path::new(d).is_dir())
 }
 
+/// A process a matcher claimed, about to become an instance.
+#[derive(Debug)]
+pub struct Claim {
+    pub pid: u32,
+    pub matcher: usize,
+    pub instance_uuid: String,
+    pub origin: Origin,
+    pub start_time: std::time::SystemTime,
+    pub start_boot_ns: u64,
+    /// `CLOCK_BOOTTIME` of the exec, or just before the scan read the command line.
+    pub seen_boot_ns: u64,
+    pub executable: String,
+}
+
 pub struct Discovery {
     matchers: Vec<Matcher>,
     tracked: HashMap<MapData, u32, TrackedProcess>,
@@ -169,28 +183,43 @@ impl Discovery {
             return;
         };
         self.confirm(pid, index, exec.boot_ns, 0);
-        let matcher = &self.matchers[index];
-        let instance = Instance {
-            instance_dir: existing_dir(matcher.instance_dir_for(&instance_uuid)),
-            instance_uuid,
-            hypervisor: matcher.hypervisor.clone(),
-            matcher: matcher.name.clone(),
+        self.add(Claim {
             pid,
+            matcher: index,
+            instance_uuid,
+            origin: Origin::Exec,
             start_time: clock::boot_ns_to_system_time(exec.boot_ns),
             start_boot_ns: exec.boot_ns,
             seen_boot_ns: exec.boot_ns,
-            origin: Origin::Exec,
             executable: exec.filename,
-            oom: None,
-        };
-        self.remember_memcg(pid);
+        })
+        .await;
+    }
+
+    /// Makes a claimed process an instance: remembers its cgroup, logs it, tells the registry.
+    async fn add(&mut self, claim: Claim) {
+        let matcher = &self.matchers[claim.matcher];
         info!(
-            instance_uuid = instance.instance_uuid,
-            hypervisor = instance.hypervisor,
-            pid,
-            origin = "exec",
+            instance_uuid = claim.instance_uuid,
+            hypervisor = matcher.hypervisor,
+            pid = claim.pid,
+            origin = claim.origin.as_str(),
             "instance found"
         );
+        let instance = Instance {
+            instance_dir: existing_dir(matcher.instance_dir_for(&claim.instance_uuid)),
+            instance_uuid: claim.instance_uuid,
+            hypervisor: matcher.hypervisor.clone(),
+            matcher: matcher.name.clone(),
+            pid: claim.pid,
+            start_time: claim.start_time,
+            start_boot_ns: claim.start_boot_ns,
+            seen_boot_ns: claim.seen_boot_ns,
+            origin: claim.origin,
+            executable: claim.executable,
+            oom: None,
+        };
+        self.remember_memcg(claim.pid);
         self.send(RegistryUpdate::Add(instance)).await;
     }
 
@@ -216,45 +245,16 @@ impl Discovery {
     /// Scans `/proc` once for hypervisors already running.
     pub async fn scan(&mut self) {
         let found = proc_scan::scan(|exe, args, pid| self.identify(exe, args, pid));
-        for process in found {
-            let proc_scan::Found {
-                pid,
-                matcher,
-                instance_uuid,
-                start_time,
-                seen_boot_ns,
-                executable,
-            } = process;
-            self.confirm(pid, matcher, seen_boot_ns, TRACKED_DISCOVERED);
+        for proc_scan::Found { claim, start } in found {
+            let pid = claim.pid;
+            self.confirm(pid, claim.matcher, claim.seen_boot_ns, TRACKED_DISCOVERED);
             // The process may have exited between the scan and the insert: then no exit event
             // will ever come for it, so undo.
-            if !proc_scan::still_running(pid, start_time) {
+            if !proc_scan::still_running(pid, start) {
                 let _ = self.tracked.remove(&pid);
                 continue;
             }
-            let m = &self.matchers[matcher];
-            info!(
-                instance_uuid,
-                hypervisor = m.hypervisor,
-                pid,
-                origin = "discovered",
-                "instance found"
-            );
-            let instance = Instance {
-                instance_dir: existing_dir(m.instance_dir_for(&instance_uuid)),
-                instance_uuid,
-                hypervisor: m.hypervisor.clone(),
-                matcher: m.name.clone(),
-                pid,
-                start_time: start_time.wall,
-                start_boot_ns: start_time.boot_ns,
-                seen_boot_ns,
-                origin: Origin::Discovered,
-                executable,
-                oom: None,
-            };
-            self.remember_memcg(pid);
-            self.send(RegistryUpdate::Add(instance)).await;
+            self.add(claim).await;
         }
     }
 

@@ -2,7 +2,8 @@
 
 use std::{fs, time::SystemTime};
 
-use crate::{clock, discovery::matchers::split_cmdline};
+use super::{Claim, matchers::split_cmdline};
+use crate::{clock, registry::Origin};
 
 /// When a process started, as `/proc/PID/stat` tells it (clock ticks since boot).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,16 +14,11 @@ pub struct StartTime {
     pub wall: SystemTime,
 }
 
-/// A running process a matcher claimed.
+/// A running process a matcher claimed, and when it started (to tell a reused pid).
 #[derive(Debug)]
 pub struct Found {
-    pub pid: u32,
-    pub matcher: usize,
-    pub instance_uuid: String,
-    pub start_time: StartTime,
-    /// `CLOCK_BOOTTIME` just before its command line was read.
-    pub seen_boot_ns: u64,
-    pub executable: String,
+    pub claim: Claim,
+    pub start: StartTime,
 }
 
 /// Field 22 of `/proc/PID/stat` (the command in field 2 may hold spaces and parentheses).
@@ -80,13 +76,19 @@ pub fn scan(
         };
         let args = split_cmdline(&cmdline);
         if let Some((matcher, instance_uuid)) = identify(&executable, &args, pid) {
-            found.push(Found {
+            let claim = Claim {
                 pid,
                 matcher,
                 instance_uuid,
-                start_time,
+                origin: Origin::Discovered,
+                start_time: start_time.wall,
+                start_boot_ns: start_time.boot_ns,
                 seen_boot_ns,
                 executable,
+            };
+            found.push(Found {
+                claim,
+                start: start_time,
             });
         }
     }

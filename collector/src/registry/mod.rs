@@ -26,6 +26,15 @@ pub enum Origin {
     Discovered,
 }
 
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Exec => "exec",
+            Self::Discovered => "discovered",
+        }
+    }
+}
+
 /// One instance: a VMM process and the instance it runs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Instance {

@@ -23,6 +23,10 @@ pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     mm_arg_start: 0,
     mm_arg_end: 0,
     binprm_filename: 0,
+    task_state: 0,
+    task_state_size: 0,
+    task_sum_exec_runtime: 0,
+    task_comm: 0,
     _pad: 0,
 });
 

@@ -5,6 +5,7 @@
 //! line against the matchers, tells the kernel to keep or drop the process (the kernel's
 //! `TRACKED_PROCESSES` map) and sends the registry what changed.
 
+pub mod allocation;
 pub mod matchers;
 pub mod proc_scan;
 
@@ -16,6 +17,7 @@ use tracing::{debug, info, warn};
 use crate::{
     clock,
     decode::{ProcessEvent, ProcessExec},
+    ebpf::sched::SharedSched,
     registry::{Instance, Origin, RegistryUpdate},
     telemetry::SelfMetrics,
 };
@@ -44,6 +46,8 @@ pub struct Discovery {
     tracked: HashMap<MapData, u32, TrackedProcess>,
     registry: mpsc::Sender<RegistryUpdate>,
     metrics: SelfMetrics,
+    /// The kernel's scheduling maps, when the programs are loaded.
+    sched: Option<SharedSched>,
 }
 
 impl Discovery {
@@ -58,7 +62,15 @@ impl Discovery {
             tracked,
             registry,
             metrics,
+            sched: None,
         }
+    }
+
+    /// Keeps the kernel's scheduling maps in step with the instances found and lost.
+    #[must_use]
+    pub fn with_sched(mut self, sched: SharedSched) -> Self {
+        self.sched = Some(sched);
+        self
     }
 
     /// Names the instance of a process running `executable` with `args`, if a matcher claims it.
@@ -96,9 +108,13 @@ impl Discovery {
                     exit_code = exit.exit_code,
                     "tracked process exited"
                 );
+                // The kernel removed it; a confirmation read after the exit may have put it back.
+                let _ = self.tracked.remove(&exit.tgid);
+                self.forget_sched(exit.tgid, false);
                 self.send(RegistryUpdate::Remove { pid: exit.tgid }).await;
             }
             ProcessEvent::Untrack { tgid, .. } => {
+                self.forget_sched(tgid, true);
                 self.send(RegistryUpdate::Remove { pid: tgid }).await;
             }
         }
@@ -114,13 +130,22 @@ impl Discovery {
                 "exec claimed by comm prefix only; dropped"
             );
             let _ = self.tracked.remove(&pid);
+            self.forget_sched(pid, true);
             self.send(RegistryUpdate::Remove { pid }).await;
             return;
         };
         self.confirm(pid, index, exec.boot_ns, 0);
+        self.follow_threads(pid, index);
         let matcher = &self.matchers[index];
+        let instance_dir = existing_dir(matcher.instance_dir_for(&instance_uuid));
         let instance = Instance {
-            instance_dir: existing_dir(matcher.instance_dir_for(&instance_uuid)),
+            allocation: allocation::read(
+                matcher.builtin_hypervisor(),
+                &exec.args,
+                pid,
+                instance_dir.as_deref(),
+            ),
+            instance_dir,
             instance_uuid,
             hypervisor: matcher.hypervisor.clone(),
             matcher: matcher.name.clone(),
@@ -164,8 +189,10 @@ impl Discovery {
                 start_time,
                 seen_boot_ns,
                 executable,
+                args,
             } = process;
             self.confirm(pid, matcher, seen_boot_ns, TRACKED_DISCOVERED);
+            self.follow_threads(pid, matcher);
             // The process may have exited between the scan and the insert: then no exit event
             // will ever come for it, so undo.
             if !proc_scan::still_running(pid, start_time) {
@@ -173,6 +200,7 @@ impl Discovery {
                 continue;
             }
             let m = &self.matchers[matcher];
+            let instance_dir = existing_dir(m.instance_dir_for(&instance_uuid));
             info!(
                 instance_uuid,
                 hypervisor = m.hypervisor,
@@ -181,7 +209,13 @@ impl Discovery {
                 "instance found"
             );
             let instance = Instance {
-                instance_dir: existing_dir(m.instance_dir_for(&instance_uuid)),
+                allocation: allocation::read(
+                    m.builtin_hypervisor(),
+                    &args,
+                    pid,
+                    instance_dir.as_deref(),
+                ),
+                instance_dir,
                 instance_uuid,
                 hypervisor: m.hypervisor.clone(),
                 matcher: m.name.clone(),
@@ -192,6 +226,33 @@ impl Discovery {
                 executable,
             };
             self.send(RegistryUpdate::Add(instance)).await;
+        }
+    }
+
+    /// Follows the running threads of `pid` in the kernel's scheduling maps, classified by the
+    /// matcher's full vCPU pattern (the kernel classifies threads named later).
+    fn follow_threads(&self, pid: u32, matcher: usize) {
+        let Some(sched) = &self.sched else {
+            return;
+        };
+        let m = &self.matchers[matcher];
+        let threads: Vec<(u32, bool)> = proc_scan::threads(pid)
+            .into_iter()
+            .map(|(tid, name)| (tid, m.is_vcpu_thread(&name)))
+            .collect();
+        if let Err(error) = sched
+            .lock()
+            .expect("sched lock")
+            .follow_threads(pid, &threads)
+        {
+            warn!(pid, %error, "cannot follow the threads of an instance in the kernel");
+            self.metrics.discovery_problem("thread_map_insert");
+        }
+    }
+
+    fn forget_sched(&self, pid: u32, threads: bool) {
+        if let Some(sched) = &self.sched {
+            sched.lock().expect("sched lock").forget(pid, threads);
         }
     }
 

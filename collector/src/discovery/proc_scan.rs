@@ -21,6 +21,8 @@ pub struct Found {
     /// `CLOCK_BOOTTIME` just before its command line was read.
     pub seen_boot_ns: u64,
     pub executable: String,
+    /// Command line, argv[0] first.
+    pub args: Vec<String>,
 }
 
 /// Field 22 of `/proc/PID/stat` (the command in field 2 may hold spaces and parentheses).
@@ -84,6 +86,7 @@ pub fn scan(
                 start_time,
                 seen_boot_ns,
                 executable,
+                args,
             });
         }
     }

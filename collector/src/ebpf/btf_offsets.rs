@@ -46,6 +46,7 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, OffsetError> {
         source,
     })?;
     let field = |strukt, field| field_offset(&btf, strukt, field);
+    let task_state = task_state(&btf)?;
     Ok(KernelOffsets {
         task_pid: field("task_struct", "pid")?,
         task_tgid: field("task_struct", "tgid")?,
@@ -58,8 +59,53 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, OffsetError> {
         mm_arg_start: field("mm_struct", "arg_start")?,
         mm_arg_end: field("mm_struct", "arg_end")?,
         binprm_filename: field("linux_binprm", "filename")?,
+        task_state: task_state.0,
+        task_state_size: task_state.1,
+        task_sum_exec_runtime: field("task_struct", "se")?
+            + field("sched_entity", "sum_exec_runtime")?,
+        task_comm: field("task_struct", "comm")?,
         _pad: 0,
     })
+}
+
+/// Offset and size of the task's run state: `unsigned int __state` since 5.14, `long state`
+/// before.
+fn task_state(btf: &Btf) -> Result<(u32, u32), OffsetError> {
+    let (field, offset) = match field_offset(btf, "task_struct", "__state") {
+        Ok(offset) => ("__state", offset),
+        Err(OffsetError::NoField { .. }) => ("state", field_offset(btf, "task_struct", "state")?),
+        Err(err) => return Err(err),
+    };
+    Ok((offset, field_size(btf, "task_struct", field)?))
+}
+
+/// Size in bytes of the integer `field` of `struct strukt` (through typedefs and qualifiers).
+fn field_size(btf: &Btf, strukt: &'static str, field: &'static str) -> Result<u32, OffsetError> {
+    let no_field = OffsetError::NoField { strukt, field };
+    let found = btf
+        .resolve_types_by_name(strukt)
+        .map_err(|_| OffsetError::NoStruct(strukt))?
+        .into_iter()
+        .find_map(|ty| match ty {
+            Type::Struct(s) => Some(s),
+            _ => None,
+        })
+        .ok_or(OffsetError::NoStruct(strukt))?;
+    let member = found
+        .members
+        .iter()
+        .find(|m| btf.resolve_name(*m).is_ok_and(|n| n == field))
+        .ok_or(no_field)?;
+    let mut ty = btf.resolve_chained_type(member)?;
+    loop {
+        ty = match ty {
+            Type::Int(int) => return Ok(int.size() as u32),
+            Type::Typedef(t) => btf.resolve_chained_type(&t)?,
+            Type::Volatile(t) => btf.resolve_chained_type(&t)?,
+            Type::Const(t) => btf.resolve_chained_type(&t)?,
+            _ => return Err(OffsetError::NoField { strukt, field }),
+        };
+    }
 }
 
 /// Byte offset of `field` in `struct strukt`.
@@ -134,6 +180,13 @@ mod tests {
             offsets.task_signal > 0 && offsets.task_mm > 0,
             "{offsets:?}"
         );
+        // 6.x: `unsigned int __state`, the first field after `thread_info` (when it is inside).
+        assert_eq!(offsets.task_state_size, 4, "{offsets:?}");
+        assert!(
+            offsets.task_sum_exec_runtime > offsets.task_state,
+            "{offsets:?}"
+        );
+        assert!(offsets.task_comm > offsets.task_tgid, "{offsets:?}");
     }
 
     #[test]

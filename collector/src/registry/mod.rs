@@ -10,6 +10,8 @@ use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
+use crate::discovery::allocation::Allocation;
+
 /// How the collector learned of an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -38,6 +40,8 @@ pub struct Instance {
     pub executable: String,
     /// Per-instance folder (console log, VMM config), when the runtime keeps one.
     pub instance_dir: Option<String>,
+    /// vCPUs and memory from the VMM's configuration.
+    pub allocation: Allocation,
 }
 
 /// A change to the registry.
@@ -124,6 +128,7 @@ mod tests {
             origin: Origin::Exec,
             executable: "/usr/bin/firecracker".into(),
             instance_dir: None,
+            allocation: Allocation::default(),
         }
     }
 

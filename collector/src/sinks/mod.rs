@@ -1,3 +1,4 @@
 //! Where instance telemetry leaves the collector.
 
 pub mod metrics;
+pub mod usage;

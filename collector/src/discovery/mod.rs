@@ -110,7 +110,7 @@ impl Discovery {
                 );
                 // The kernel removed it; a confirmation read after the exit may have put it back.
                 let _ = self.tracked.remove(&exit.tgid);
-                self.forget_sched(exit.tgid, false);
+                self.forget_sched(exit.tgid, true);
                 self.send(RegistryUpdate::Remove { pid: exit.tgid }).await;
             }
             ProcessEvent::Untrack { tgid, .. } => {

@@ -22,6 +22,18 @@ pub struct SchedMaps {
     stats: HashMap<MapData, SchedKey, SchedStats>,
 }
 
+/// Whether thread `tid` of `tgid` exists and has not started exiting (a zombie's or dying
+/// thread's last switch may already have passed).
+fn thread_alive(tgid: u32, tid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rfind(')')
+        .and_then(|end| stat[end + 1..].split_whitespace().next());
+    !matches!(state, None | Some("Z" | "X" | "x"))
+}
+
 impl std::fmt::Debug for SchedMaps {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SchedMaps").finish_non_exhaustive()
@@ -60,15 +72,15 @@ impl SchedMaps {
                 Err(e) => return Err(e),
             }
             // A thread that ended before the insert would never free its entry: undo.
-            if !std::path::Path::new(&format!("/proc/{tgid}/task/{tid}")).exists() {
+            if !thread_alive(tgid, tid) {
                 let _ = self.threads.remove(&tid);
             }
         }
         Ok(())
     }
 
-    /// Forgets process `tgid`: its aggregates, and with `threads` its thread entries (for a
-    /// process that lives on but is no longer followed; exited threads free their own).
+    /// Forgets process `tgid`: its aggregates, and with `threads` its thread entries (exited
+    /// threads free their own; this catches a thread that ended while userspace added it).
     pub fn forget(&mut self, tgid: u32, threads: bool) {
         for class in [thread_class::VMM, thread_class::VCPU] {
             let _ = self.stats.remove(&SchedKey { tgid, class });

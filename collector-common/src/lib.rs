@@ -291,6 +291,11 @@ mod sched_user {
     unsafe impl aya::Pod for super::VcpuCommKey {}
 }
 
+const _: () = assert!(size_of::<SchedThread>() == 24);
+const _: () = assert!(size_of::<SchedKey>() == 8);
+const _: () = assert!(size_of::<SchedStats>() == (SCHED_LATENCY_BUCKETS + 4) * 8);
+const _: () = assert!(size_of::<VcpuCommKey>() == 4 + COMM_LEN);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,8 +321,3 @@ mod tests {
         }
     }
 }
-
-const _: () = assert!(size_of::<SchedThread>() == 24);
-const _: () = assert!(size_of::<SchedKey>() == 8);
-const _: () = assert!(size_of::<SchedStats>() == (SCHED_LATENCY_BUCKETS + 4) * 8);
-const _: () = assert!(size_of::<VcpuCommKey>() == 4 + COMM_LEN);

@@ -134,9 +134,10 @@ fn busy_vcpus_match_the_kernels_schedstat() {
         wait_error * 100.0,
         run_error * 100.0
     );
-    // Four threads on one CPU for 3 s: most of the time each one waits.
+    // Four threads on one CPU for 3 s: most of the time each one waits (the CPU is shared
+    // with whatever else runs on the machine, so only a floor).
     assert!(
-        kernel_wait > 3.0 && kernel_run > 2.0,
+        kernel_wait > 1.0 && kernel_run > 0.5,
         "the load did not happen: {kernel_wait} s wait, {kernel_run} s run"
     );
     assert!(wait_error <= WITHIN, "run-queue wait off by {wait_error}");

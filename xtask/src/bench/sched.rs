@@ -24,7 +24,7 @@ use crate::{build, toolchain};
 #[derive(clap::Args)]
 pub struct Options {
     /// Rounds; each runs every mode once.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 7)]
     rounds: usize,
     /// hackbench groups (`-g`).
     #[arg(long, default_value_t = 2)]
@@ -105,6 +105,9 @@ struct Sample {
     load_seconds: f64,
     /// ns per run of each of [`PROGRAMS`], NaN when not there.
     ns_per_event: [f64; 4],
+    /// Time spent in those programs during the load, as a share of the machine's CPU time:
+    /// their direct cost, which the noise of a shared machine does not hide.
+    probe_share: f64,
 }
 
 struct Bench<'a> {
@@ -221,11 +224,15 @@ impl Bench<'_> {
         let load_seconds = self.load()?;
         let after = self.program_stats(collector.as_ref(), bpftrace.as_ref())?;
         let mut ns_per_event = [f64::NAN; 4];
+        let mut probe_ns = 0.0;
         for (i, ((t0, n0), (t1, n1))) in before.iter().zip(&after).enumerate() {
             if n1 > n0 {
                 ns_per_event[i] = (t1 - t0) / (n1 - n0);
             }
+            probe_ns += t1 - t0;
         }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let probe_share = probe_ns / (load_seconds * 1e9 * cpus);
         drop(standins);
         if let Some(child) = bpftrace.as_mut() {
             let _ = child.0.kill();
@@ -236,6 +243,7 @@ impl Bench<'_> {
         Ok(Sample {
             load_seconds,
             ns_per_event,
+            probe_share,
         })
     }
 
@@ -400,10 +408,13 @@ fn print_table(options: &Options, samples: &[Vec<Sample>]) {
         options.groups, options.loops, options.rounds
     );
     println!(
-        "| mode | load s | slowdown | {} |",
+        "| mode | load s | slowdown | probe CPU | {} |",
         PROGRAMS.map(|p| format!("{p} ns")).join(" | ")
     );
-    println!("| --- | --- | --- |{}", " --- |".repeat(PROGRAMS.len()));
+    println!(
+        "| --- | --- | --- | --- |{}",
+        " --- |".repeat(PROGRAMS.len())
+    );
     for (i, mode) in MODES.iter().enumerate() {
         let slow = slowdown(*mode).map_or("-".to_owned(), |s| format!("{s:+.1}%"));
         let costs: Vec<String> = (0..PROGRAMS.len())
@@ -416,8 +427,14 @@ fn print_table(options: &Options, samples: &[Vec<Sample>]) {
                 }
             })
             .collect();
+        let share = median(&samples[i].iter().map(|s| s.probe_share).collect::<Vec<_>>());
+        let share = if mode.baseline().is_some() {
+            format!("{:.2}%", share * 100.0)
+        } else {
+            "-".into()
+        };
         println!(
-            "| {} | {:.3} | {slow} | {} |",
+            "| {} | {:.3} | {slow} | {share} | {} |",
             mode.label(n),
             load(i),
             costs.join(" | ")

@@ -70,6 +70,14 @@ pub struct KernelOffsets {
     pub cgroup_kn: u32,
     /// `kernfs_node.id` (the cgroup folder's inode number)
     pub kernfs_node_id: u32,
+    /// `task_struct.__state` (`state` before 5.14)
+    pub task_state: u32,
+    /// Size of that field in bytes: 4 (`unsigned int __state`) or 8 (`long state`)
+    pub task_state_size: u32,
+    /// `task_struct.se.sum_exec_runtime` (ns of CPU time, as `/proc/PID/schedstat` shows it)
+    pub task_sum_exec_runtime: u32,
+    /// `task_struct.comm`
+    pub task_comm: u32,
 }
 
 /// Key of the exec matcher trie: a task's `comm` after exec (the executable's base name, cut to
@@ -226,7 +234,7 @@ mod user {
 }
 
 // No implicit padding: each size is the sum of its fields.
-const _: () = assert!(size_of::<KernelOffsets>() == 22 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 26 * 4);
 const _: () = assert!(size_of::<ExecMatch>() == 4);
 const _: () = assert!(size_of::<TrackedProcess>() == 16);
 const _: () = assert!(size_of::<ProcessEventHeader>() == 16);
@@ -234,3 +242,137 @@ const _: () =
     assert!(size_of::<ExecEvent>() == 16 + 4 * 4 + COMM_LEN + EXEC_FILENAME_LEN + EXEC_ARGV_LEN);
 const _: () = assert!(size_of::<ExitEvent>() == 16 + 4 * 4);
 const _: () = assert!(size_of::<OomEvent>() == 16 + 2 * 4 + 4 * 8 + 2 * 4 + 8);
+
+// ---------------------------------------------------------------------------------------------
+// Scheduling: run-queue latency, CPU time and context switches of the threads of followed
+// processes (kernel side: `collector-ebpf/src/sched.rs`; docs/scheduling.md).
+// ---------------------------------------------------------------------------------------------
+
+/// Classes of the threads of a VMM, the `thread` label of the scheduling metrics.
+pub mod thread_class {
+    /// Every thread of the VMM that is not a vCPU (API, I/O, device emulation, main thread).
+    pub const VMM: u32 = 0;
+    /// A thread whose name matches the matcher's vCPU pattern.
+    pub const VCPU: u32 = 1;
+    /// Number of classes.
+    pub const COUNT: u32 = 2;
+}
+
+/// Buckets of the run-queue latency histogram: bucket `i < SCHED_LATENCY_BUCKETS - 1` counts
+/// waits of at most 2^i microseconds (1 µs to 1.048576 s); the last one counts longer waits.
+pub const SCHED_LATENCY_BUCKETS: usize = 22;
+
+/// The histogram bucket of a run-queue wait of `ns` nanoseconds: the smallest `i` with
+/// `ns <= 2^i µs`, or the last bucket. Shared by the kernel (which counts) and userspace (which
+/// labels the buckets), so both agree on the bounds.
+#[inline(always)]
+pub fn latency_bucket(ns: u64) -> usize {
+    let last = SCHED_LATENCY_BUCKETS - 1;
+    // ns <= 2^i µs  <=>  ceil(ns / 1000) <= 2^i
+    let us = ns.div_ceil(1000);
+    if us <= 1 {
+        return 0;
+    }
+    let ceil_log2 = (64 - (us - 1).leading_zeros()) as usize;
+    if ceil_log2 < last { ceil_log2 } else { last }
+}
+
+/// Default capacity of the thread map (threads of followed processes, not processes).
+pub const DEFAULT_MAX_TRACKED_THREADS: u32 = 65536;
+
+/// [`SchedThread::runtime_ns`] before the thread's CPU time has been sampled once.
+pub const SCHED_RUNTIME_UNKNOWN: u64 = u64::MAX;
+
+/// A thread of a followed process (`SCHED_THREADS`, keyed by thread id). Its presence is what
+/// makes the scheduling programs look at the thread at all.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedThread {
+    /// Thread-group id: the process, hence the instance, it belongs to.
+    pub tgid: u32,
+    /// One of [`thread_class`].
+    pub class: u32,
+    /// `bpf_ktime_get_ns()` when it entered the run queue; 0 while not waiting for a CPU.
+    pub queued_ns: u64,
+    /// The task's `se.sum_exec_runtime` when last sampled (switch-out, or switch-in for the
+    /// first time); [`SCHED_RUNTIME_UNKNOWN`] before that.
+    pub runtime_ns: u64,
+}
+
+/// Key of the per-instance scheduling aggregates (`SCHED_STATS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SchedKey {
+    pub tgid: u32,
+    /// One of [`thread_class`].
+    pub class: u32,
+}
+
+/// Scheduling aggregates of one (process, thread class), updated by the kernel with atomic adds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedStats {
+    /// Run-queue waits per log2 bucket (see [`SCHED_LATENCY_BUCKETS`]), not cumulative.
+    pub latency_buckets: [u64; SCHED_LATENCY_BUCKETS],
+    /// Sum of the waits, ns.
+    pub latency_sum_ns: u64,
+    /// CPU time (`se.sum_exec_runtime` deltas), ns.
+    pub cpu_ns: u64,
+    /// Switches out of the CPU while blocking.
+    pub voluntary: u64,
+    /// Switches out while still runnable (preempted, yielded).
+    pub involuntary: u64,
+}
+
+/// Key of the vCPU thread-name trie (`SCHED_VCPU_COMMS`): a matcher and a thread `comm`.
+/// Entries are the literal prefixes of the matcher's vCPU pattern; the prefix length in bits
+/// always covers `matcher_id` whole.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuCommKey {
+    pub matcher_id: u32,
+    pub comm: CommKey,
+}
+
+/// Drop kind: a thread of a followed process could not be followed (thread map full).
+pub const DROP_SCHED_THREAD_MAP_FULL: u32 = drop_kind::COUNT - 1;
+
+#[cfg(feature = "user")]
+mod sched_user {
+    // SAFETY: as above: `#[repr(C)]`, `Copy`, integer fields only, no implicit padding.
+    unsafe impl aya::Pod for super::SchedThread {}
+    unsafe impl aya::Pod for super::SchedKey {}
+    unsafe impl aya::Pod for super::SchedStats {}
+    unsafe impl aya::Pod for super::VcpuCommKey {}
+}
+
+const _: () = assert!(size_of::<SchedThread>() == 24);
+const _: () = assert!(size_of::<SchedKey>() == 8);
+const _: () = assert!(size_of::<SchedStats>() == (SCHED_LATENCY_BUCKETS + 4) * 8);
+const _: () = assert!(size_of::<VcpuCommKey>() == 4 + COMM_LEN);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_are_powers_of_two_microseconds() {
+        let cases = [
+            (0, 0),
+            (1_000, 0),
+            (1_001, 1),
+            (2_000, 1),
+            (2_001, 2),
+            (4_000, 2),
+            (1_000_000, 10),
+            (1_024_000, 10),
+            (1_024_001, 11),
+            (1_048_576_000, 20),
+            (1_048_576_001, 21),
+            (u64::MAX, 21),
+        ];
+        for (ns, bucket) in cases {
+            assert_eq!(latency_bucket(ns), bucket, "{ns} ns");
+        }
+    }
+}

@@ -6,10 +6,13 @@
 //! collector from the running kernel's BTF.
 #![no_std]
 #![no_main]
+// Inline BPF assembly for atomic adds (see `sched::add`).
+#![feature(asm_experimental_arch)]
 
 mod kernel;
 mod maps;
 mod process;
+mod sched;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -34,6 +34,10 @@ pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     css_cgroup: 0,
     cgroup_kn: 0,
     kernfs_node_id: 0,
+    task_state: 0,
+    task_state_size: 0,
+    task_sum_exec_runtime: 0,
+    task_comm: 0,
 });
 
 /// `comm` prefixes of the executables the matchers claim (see [`CommKey`]).

@@ -44,6 +44,7 @@ fn try_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
         // A followed process that execs something no matcher claims is no longer a VMM.
         if TRACKED_PROCESSES.get_ptr(&tgid).is_some() {
             let _ = TRACKED_PROCESSES.remove(&tgid);
+            crate::sched::forget_process(tgid);
             send_untrack(tgid);
         }
         return Ok(());
@@ -60,6 +61,7 @@ fn try_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
         count_drop(drop_kind::TRACKED_MAP_FULL);
         return Ok(());
     }
+    crate::sched::follow_exec(tgid, pid_tgid as u32, matcher_id, comm);
 
     let Some(mut entry) = PROCESS_EVENTS.reserve::<ExecEvent>(0) else {
         count_drop(drop_kind::EXEC_EVENT_RESERVE);
@@ -119,12 +121,14 @@ pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_sched_process_exit() -> Result<(), i64> {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
     let Some(tracked) = TRACKED_PROCESSES.get_ptr(&tgid) else {
         return Ok(());
     };
     // SAFETY: pointer from a successful lookup.
     let tracked_flags = unsafe { (*tracked).flags };
+    crate::sched::follow_exit(pid_tgid as u32);
     let offsets = OFFSETS.load();
     // SAFETY: plain helper call; the current task is valid while it runs.
     let task = unsafe { bpf_get_current_task() } as *const u8;
@@ -135,6 +139,7 @@ fn try_sched_process_exit() -> Result<(), i64> {
         return Ok(());
     }
     let _ = TRACKED_PROCESSES.remove(&tgid);
+    crate::sched::forget_process(tgid);
 
     let event = ExitEvent {
         header: ProcessEventHeader {

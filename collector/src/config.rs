@@ -98,6 +98,8 @@ pub struct KernelConfig {
     pub process_events_ring_bytes: u32,
     /// Most processes the kernel follows at once.
     pub max_tracked_processes: u32,
+    /// Most threads of those processes the kernel follows at once (scheduling metrics).
+    pub max_tracked_threads: u32,
 }
 
 impl Default for KernelConfig {
@@ -105,6 +107,7 @@ impl Default for KernelConfig {
         Self {
             process_events_ring_bytes: 256 * 1024,
             max_tracked_processes: collector_common::DEFAULT_MAX_TRACKED_PROCESSES,
+            max_tracked_threads: collector_common::DEFAULT_MAX_TRACKED_THREADS,
         }
     }
 }
@@ -173,6 +176,9 @@ impl Config {
         }
         if self.kernel.max_tracked_processes == 0 {
             return Err("kernel.max_tracked_processes must be at least 1".into());
+        }
+        if self.kernel.max_tracked_threads == 0 {
+            return Err("kernel.max_tracked_threads must be at least 1".into());
         }
         for name in &self.disable_builtin_matchers {
             if !["firecracker", "qemu", "cloud-hypervisor"].contains(&name.as_str()) {

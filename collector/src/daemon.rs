@@ -6,7 +6,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{
-        Arc, RwLock,
+        Arc, Mutex, RwLock,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -22,8 +22,15 @@ use crate::{
     discovery::{Discovery, matchers::Matcher},
     ebpf::{loader, process_events::ProcessEventReader},
     registry,
-    sinks::{events::EventSink, metrics::InstanceMetrics},
-    telemetry::{self, KernelHealth, SelfMetrics},
+    sinks::{
+        events::EventSink,
+        metrics::InstanceMetrics,
+        usage::{SchedCell, UsageMetrics},
+    },
+    telemetry::{
+        self, KernelHealth, SelfMetrics,
+        ebpf_stats::{EbpfStats, SharedEbpf},
+    },
 };
 
 /// Options of `collector run` that override the config file.
@@ -80,6 +87,17 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
     metrics.register_collector(Box::new(InstanceMetrics {
         snapshot: snapshot.clone(),
     }));
+    let sched = SchedCell::default();
+    let ebpf = SharedEbpf::default();
+    metrics.register_collector(Box::new(UsageMetrics {
+        snapshot: snapshot.clone(),
+        sched: sched.clone(),
+    }));
+    metrics.register_collector(Box::new(EbpfStats {
+        ebpf: ebpf.clone(),
+        drops: drops.clone(),
+        sched: sched.clone(),
+    }));
 
     let started = Arc::new(AtomicBool::new(false));
     let state = AppState {
@@ -95,7 +113,11 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
     *probes.write().expect("probe lock") = kernel.probes.clone();
     let _ = drops.set(kernel.drops);
     let attached = kernel.probes.iter().filter(|p| p.attached).count();
-    let ebpf = kernel.ebpf; // Keeps the programs attached until the end of `run`.
+    // Keeps the programs attached until the end of `run`, and the BPF statistics on.
+    *ebpf.lock().expect("ebpf lock") = Some(kernel.ebpf);
+    let stats_enabled = kernel.stats_enabled;
+    let kernel_sched = Arc::new(Mutex::new(kernel.sched));
+    let _ = sched.set(kernel_sched.clone());
 
     let mut reader = ProcessEventReader::new(kernel.process_events, self_metrics.clone())?;
     let mut discovery = Discovery::new(
@@ -103,7 +125,8 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
         kernel.tracked_processes,
         registry_tx,
         self_metrics,
-    );
+    )
+    .with_sched(kernel_sched);
     let discovery_task = tokio::spawn(async move {
         discovery.scan().await;
         started.store(true, Ordering::Release);
@@ -134,7 +157,8 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
         .await
         .context("HTTP server")?;
     discovery_task.abort();
-    drop(ebpf);
+    drop(ebpf.lock().expect("ebpf lock").take());
+    drop(stats_enabled);
     info!("collector stopped; probes detached");
     Ok(())
 }

@@ -275,7 +275,13 @@ impl Standin {
 
     /// Starts the stand-in as `exe` with the VMM's command line `args` and `STANDIN_*` `env`.
     pub fn spawn(exe: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn_in(Path::new("."), exe, args, env)
+    }
+
+    /// [`Standin::spawn`] with `dir` as the working directory.
+    pub fn spawn_in(dir: &Path, exe: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let child = Command::new(standin_path(exe))
+            .current_dir(dir)
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -311,4 +317,13 @@ pub fn new_uuid(tag: &str) -> String {
         .unwrap()
         .subsec_nanos();
     format!("{tag}-{}-{n}-{nanos:08x}", std::process::id())
+}
+
+/// The value of the sample `series` (name and labels exactly as served, e.g.
+/// `compute_instance_vcpus{instance_uuid="x"}`) in an OpenMetrics exposition.
+pub fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }

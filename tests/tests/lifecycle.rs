@@ -165,7 +165,7 @@ fn oom_kill_in_a_memory_cgroup() {
         "lc-oom",
         &[
             ("STANDIN_CGROUP", cgroup.to_str().unwrap()),
-            ("STANDIN_ALLOC_MB", "256"),
+            ("STANDIN_TOUCH_MIB", "256"),
         ],
         None,
     );

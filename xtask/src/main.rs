@@ -3,6 +3,7 @@
 //! Every task bootstraps what it needs first (pinned toolchains, bpf-linker), so each works on a
 //! fresh machine with nothing installed by hand.
 
+mod bench;
 mod build;
 mod run;
 mod test;
@@ -38,6 +39,11 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Benchmarks (root): print a table of figures, assert nothing.
+    Bench {
+        #[command(subcommand)]
+        bench: bench::Bench,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -45,6 +51,7 @@ fn main() -> std::process::ExitCode {
         Task::BuildEbpf { release } => build::build(release).map(|_| ()),
         Task::Run { args } => run::run(&args),
         Task::Test { args } => test::test(&args),
+        Task::Bench { bench } => bench::bench(bench),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

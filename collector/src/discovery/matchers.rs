@@ -25,6 +25,14 @@ pub enum IdRule {
     Regex(Regex),
 }
 
+/// The hypervisors the built-in matchers know, whose configuration the collector can read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hypervisor {
+    Firecracker,
+    Qemu,
+    CloudHypervisor,
+}
+
 #[derive(Debug, Clone)]
 pub struct Matcher {
     /// Unique name, e.g. `firecracker`.
@@ -210,6 +218,58 @@ impl Matcher {
         )
     }
 
+    /// Which known hypervisor this matcher's processes are (built-in matchers only).
+    pub fn builtin_hypervisor(&self) -> Option<Hypervisor> {
+        match self.id {
+            IdRule::Firecracker => Some(Hypervisor::Firecracker),
+            IdRule::Qemu => Some(Hypervisor::Qemu),
+            IdRule::CloudHypervisor => Some(Hypervisor::CloudHypervisor),
+            IdRule::Regex(_) => None,
+        }
+    }
+
+    /// Whether a thread called `thread_name` is a vCPU thread.
+    pub fn is_vcpu_thread(&self, thread_name: &str) -> bool {
+        self.vcpu_thread.is_match(thread_name)
+    }
+
+    /// The thread-name prefixes the kernel uses to tell vCPU threads when they are named: every
+    /// name the vCPU pattern matches starts with one of them (cut to the kernel's 15 bytes).
+    /// Empty when the pattern is not anchored at the start or starts with no literal: then the
+    /// kernel counts every thread as `vmm`, and only threads running when the instance is found
+    /// are classified, by userspace.
+    pub fn vcpu_comm_prefixes(&self) -> Vec<Vec<u8>> {
+        use regex_syntax::hir::{
+            Look,
+            literal::{ExtractKind, Extractor},
+        };
+        let Ok(hir) = regex_syntax::parse(self.vcpu_thread.as_str()) else {
+            return Vec::new();
+        };
+        if !hir.properties().look_set_prefix().contains(Look::Start) {
+            return Vec::new();
+        }
+        // A class of more than one byte ends the literal: `fc_vcpu ?(\d+)` gives `fc_vcpu `
+        // and `fc_vcpu`, not one literal per digit.
+        let seq = Extractor::new()
+            .kind(ExtractKind::Prefix)
+            .limit_class(1)
+            .extract(&hir);
+        let Some(literals) = seq.literals() else {
+            return Vec::new();
+        };
+        let mut prefixes: Vec<Vec<u8>> = literals
+            .iter()
+            .map(|l| l.as_bytes()[..l.as_bytes().len().min(COMM_LEN - 1)].to_vec())
+            .collect();
+        if prefixes.iter().any(Vec::is_empty) {
+            return Vec::new();
+        }
+        prefixes.sort();
+        prefixes.dedup();
+        prefixes
+    }
+
     /// The per-instance folder for `id`, when the runtime keeps one.
     pub fn instance_dir_for(&self, id: &str) -> Option<String> {
         self.instance_dir.as_ref().map(|d| d.replace("{id}", id))
@@ -240,7 +300,7 @@ impl Matcher {
 }
 
 /// The value of the first of `flags` in `args`: `--flag value` or `--flag=value`.
-fn flag_value(args: &[String], flags: &[&str]) -> Option<String> {
+pub(crate) fn flag_value(args: &[String], flags: &[&str]) -> Option<String> {
     let mut iter = args.iter().skip(1);
     while let Some(arg) = iter.next() {
         for flag in flags {
@@ -363,6 +423,42 @@ mod tests {
         assert_eq!(builtin("qemu").vcpu_index("worker"), None);
         assert_eq!(builtin("cloud-hypervisor").vcpu_index("vcpu12"), Some(12));
         assert_eq!(builtin("cloud-hypervisor").vcpu_index("vmm"), None);
+    }
+
+    #[test]
+    fn vcpu_comm_prefixes_for_the_kernel() {
+        let prefixes = |m: &Matcher| -> Vec<String> {
+            m.vcpu_comm_prefixes()
+                .iter()
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .collect()
+        };
+        assert_eq!(prefixes(&builtin("firecracker")), ["fc_vcpu", "fc_vcpu "]);
+        assert_eq!(prefixes(&builtin("qemu")), ["CPU "]);
+        assert_eq!(prefixes(&builtin("cloud-hypervisor")), ["vcpu"]);
+        let custom = |vcpu: &str| {
+            Matcher::from_config(&MatcherConfig {
+                name: "x".into(),
+                hypervisor: None,
+                executable: "x".into(),
+                instance_id: "(.*)".into(),
+                vcpu_thread: vcpu.into(),
+                instance_dir: None,
+            })
+            .unwrap()
+        };
+        assert_eq!(
+            prefixes(&custom("^(?:vcpu|cpu)-(\\d+)$")),
+            ["cpu-", "vcpu-"]
+        );
+        assert_eq!(
+            prefixes(&custom("^a_very_long_vcpu_thread_name(\\d+)$")),
+            ["a_very_long_vcp"]
+        );
+        // Unanchored, or no literal start: the kernel cannot tell; userspace does at discovery.
+        assert!(prefixes(&custom("vcpu(\\d+)")).is_empty());
+        assert!(prefixes(&custom("^\\w+_vcpu")).is_empty());
+        assert!(custom("^(?:vcpu|cpu)-(\\d+)$").is_vcpu_thread("cpu-3"));
     }
 
     #[test]

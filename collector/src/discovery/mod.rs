@@ -5,6 +5,7 @@
 //! line against the matchers, tells the kernel to keep or drop the process (the kernel's
 //! `TRACKED_PROCESSES` map) and sends the registry what changed.
 
+pub mod allocation;
 pub mod matchers;
 pub mod memcg;
 pub mod proc_scan;
@@ -19,6 +20,7 @@ use tracing::{debug, info, warn};
 use crate::{
     clock,
     decode::{OomVictim, ProcessEvent, ProcessExec},
+    ebpf::sched::SharedSched,
     registry::{Instance, Origin, RegistryUpdate, lifecycle::OomDetails},
     telemetry::SelfMetrics,
 };
@@ -54,6 +56,8 @@ pub struct Claim {
     /// `CLOCK_BOOTTIME` of the exec, or just before the scan read the command line.
     pub seen_boot_ns: u64,
     pub executable: String,
+    /// The command line, argv[0] first (the allocation is read from it).
+    pub args: Vec<String>,
 }
 
 pub struct Discovery {
@@ -64,6 +68,8 @@ pub struct Discovery {
     /// Memory cgroup of each instance, read while it runs (an OOM victim may be gone by the time
     /// its event is read).
     memcg: StdHashMap<u32, memcg::MemCgroup>,
+    /// The kernel's scheduling maps, when the programs are loaded.
+    sched: Option<SharedSched>,
 }
 
 impl Discovery {
@@ -79,7 +85,15 @@ impl Discovery {
             registry,
             metrics,
             memcg: StdHashMap::new(),
+            sched: None,
         }
+    }
+
+    /// Keeps the kernel's scheduling maps in step with the instances found and lost.
+    #[must_use]
+    pub fn with_sched(mut self, sched: SharedSched) -> Self {
+        self.sched = Some(sched);
+        self
     }
 
     /// Names the instance of a process running `executable` with `args`, if a matcher claims it.
@@ -117,6 +131,9 @@ impl Discovery {
                     wait_status = exit.wait_status(),
                     "tracked process exited"
                 );
+                // The kernel removed it; a confirmation read after the exit may have put it back.
+                let _ = self.tracked.remove(&exit.tgid);
+                self.forget_sched(exit.tgid, true);
                 self.memcg.remove(&exit.tgid);
                 self.send(RegistryUpdate::Exit {
                     pid: exit.tgid,
@@ -125,6 +142,7 @@ impl Discovery {
                 .await;
             }
             ProcessEvent::Untrack { tgid, boot_ns } => {
+                self.forget_sched(tgid, true);
                 self.memcg.remove(&tgid);
                 self.send(RegistryUpdate::Untracked { pid: tgid, boot_ns })
                     .await;
@@ -178,11 +196,13 @@ impl Discovery {
                 "exec claimed by comm prefix only; dropped"
             );
             let _ = self.tracked.remove(&pid);
+            self.forget_sched(pid, true);
             self.memcg.remove(&pid);
             self.send(RegistryUpdate::Forget { pid }).await;
             return;
         };
         self.confirm(pid, index, exec.boot_ns, 0);
+        self.follow_threads(pid, index);
         self.add(Claim {
             pid,
             matcher: index,
@@ -192,6 +212,7 @@ impl Discovery {
             start_boot_ns: exec.boot_ns,
             seen_boot_ns: exec.boot_ns,
             executable: exec.filename,
+            args: exec.args,
         })
         .await;
     }
@@ -206,8 +227,16 @@ impl Discovery {
             origin = claim.origin.as_str(),
             "instance found"
         );
+        let instance_dir = existing_dir(matcher.instance_dir_for(&claim.instance_uuid));
+        let allocation = allocation::read(
+            matcher.builtin_hypervisor(),
+            &claim.args,
+            claim.pid,
+            instance_dir.as_deref(),
+        );
         let instance = Instance {
-            instance_dir: existing_dir(matcher.instance_dir_for(&claim.instance_uuid)),
+            allocation,
+            instance_dir,
             instance_uuid: claim.instance_uuid,
             hypervisor: matcher.hypervisor.clone(),
             matcher: matcher.name.clone(),
@@ -248,6 +277,7 @@ impl Discovery {
         for proc_scan::Found { claim, start } in found {
             let pid = claim.pid;
             self.confirm(pid, claim.matcher, claim.seen_boot_ns, TRACKED_DISCOVERED);
+            self.follow_threads(pid, claim.matcher);
             // The process may have exited between the scan and the insert: then no exit event
             // will ever come for it, so undo.
             if !proc_scan::still_running(pid, start) {
@@ -255,6 +285,33 @@ impl Discovery {
                 continue;
             }
             self.add(claim).await;
+        }
+    }
+
+    /// Follows the running threads of `pid` in the kernel's scheduling maps, classified by the
+    /// matcher's full vCPU pattern (the kernel classifies threads named later).
+    fn follow_threads(&self, pid: u32, matcher: usize) {
+        let Some(sched) = &self.sched else {
+            return;
+        };
+        let m = &self.matchers[matcher];
+        let threads: Vec<(u32, bool)> = proc_scan::threads(pid)
+            .into_iter()
+            .map(|(tid, name)| (tid, m.is_vcpu_thread(&name)))
+            .collect();
+        if let Err(error) = sched
+            .lock()
+            .expect("sched lock")
+            .follow_threads(pid, &threads)
+        {
+            warn!(pid, %error, "cannot follow the threads of an instance in the kernel");
+            self.metrics.discovery_problem("thread_map_insert");
+        }
+    }
+
+    fn forget_sched(&self, pid: u32, threads: bool) {
+        if let Some(sched) = &self.sched {
+            sched.lock().expect("sched lock").forget(pid, threads);
         }
     }
 

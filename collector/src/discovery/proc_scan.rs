@@ -85,6 +85,7 @@ pub fn scan(
                 start_boot_ns: start_time.boot_ns,
                 seen_boot_ns,
                 executable,
+                args,
             };
             found.push(Found {
                 claim,

@@ -51,6 +51,7 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, OffsetError> {
     })?;
     let field = |strukt, field| field_offset(&btf, strukt, field);
     let rss = rss_counter_offsets(&btf)?;
+    let task_state = task_state(&btf)?;
     Ok(KernelOffsets {
         task_pid: field("task_struct", "pid")?,
         task_tgid: field("task_struct", "tgid")?,
@@ -77,7 +78,40 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, OffsetError> {
         css_cgroup: field("cgroup_subsys_state", "cgroup")?,
         cgroup_kn: field("cgroup", "kn")?,
         kernfs_node_id: field("kernfs_node", "id")?,
+        task_state: task_state.0,
+        task_state_size: task_state.1,
+        task_sum_exec_runtime: field("task_struct", "se")?
+            + field("sched_entity", "sum_exec_runtime")?,
+        task_comm: field("task_struct", "comm")?,
     })
+}
+
+/// Offset and size of the task's run state: `unsigned int __state` since 5.14, `long state`
+/// before.
+fn task_state(btf: &Btf) -> Result<(u32, u32), OffsetError> {
+    let (field, offset) = match field_offset(btf, "task_struct", "__state") {
+        Ok(offset) => ("__state", offset),
+        Err(OffsetError::NoField { .. }) => ("state", field_offset(btf, "task_struct", "state")?),
+        Err(err) => return Err(err),
+    };
+    Ok((offset, field_size(btf, "task_struct", field)?))
+}
+
+/// Size in bytes of the integer `field` of `struct strukt` (through typedefs and qualifiers).
+fn field_size(btf: &Btf, strukt: &'static str, field: &'static str) -> Result<u32, OffsetError> {
+    let found = find_struct(btf, strukt)?;
+    let (_, member) =
+        find_member(btf, &found, field)?.ok_or(OffsetError::NoField { strukt, field })?;
+    let mut ty = btf.resolve_chained_type(&member)?;
+    loop {
+        ty = match ty {
+            Type::Int(int) => return Ok(int.size() as u32),
+            Type::Typedef(t) => btf.resolve_chained_type(&t)?,
+            Type::Volatile(t) => btf.resolve_chained_type(&t)?,
+            Type::Const(t) => btf.resolve_chained_type(&t)?,
+            _ => return Err(OffsetError::NoField { strukt, field }),
+        };
+    }
 }
 
 /// Offsets of the RSS counters' values in `mm_struct`.
@@ -257,6 +291,13 @@ mod tests {
             offsets.task_signal > 0 && offsets.task_mm > 0,
             "{offsets:?}"
         );
+        // 6.x: `unsigned int __state`, the first field after `thread_info` (when it is inside).
+        assert_eq!(offsets.task_state_size, 4, "{offsets:?}");
+        assert!(
+            offsets.task_sum_exec_runtime > offsets.task_state,
+            "{offsets:?}"
+        );
+        assert!(offsets.task_comm > offsets.task_tgid, "{offsets:?}");
     }
 
     #[test]

@@ -3,17 +3,20 @@
 //! A program that cannot attach (a kernel lacking that hook) disables only its own feature: the
 //! failure is logged once, shown by `collector_probe_attached{probe}` = 0, and the rest runs.
 
-use std::path::Path;
+use std::{os::fd::OwnedFd, path::Path};
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::BtfTracePoint,
 };
-use collector_common::{CommKey, ExecMatch, TrackedProcess};
+use collector_common::{COMM_LEN, CommKey, ExecMatch, TrackedProcess, VcpuCommKey, thread_class};
 use tracing::{info, warn};
 
-use super::btf_offsets::{self, OffsetError, VMLINUX_BTF};
+use super::{
+    btf_offsets::{self, OffsetError, VMLINUX_BTF},
+    sched::SchedMaps,
+};
 use crate::{config::KernelConfig, discovery::matchers::Matcher};
 
 /// The kernel object built by `build.rs` from `collector-ebpf`.
@@ -47,6 +50,26 @@ pub const PROBES: &[ProbeSpec] = &[
         program: "mark_victim",
         tracepoint: "mark_victim",
         feature: "OOM kill attribution (OOM kills then read as stop/killed)",
+    },
+    ProbeSpec {
+        program: "sched_switch",
+        tracepoint: "sched_switch",
+        feature: "run-queue latency, CPU time and context switches of instances",
+    },
+    ProbeSpec {
+        program: "sched_wakeup",
+        tracepoint: "sched_wakeup",
+        feature: "run-queue latency after a wake-up",
+    },
+    ProbeSpec {
+        program: "sched_wakeup_new",
+        tracepoint: "sched_wakeup_new",
+        feature: "following the threads a VMM creates",
+    },
+    ProbeSpec {
+        program: "task_rename",
+        tracepoint: "task_rename",
+        feature: "telling vCPU threads from other VMM threads",
     },
 ];
 
@@ -90,6 +113,10 @@ pub struct Kernel {
     pub tracked_processes: HashMap<MapData, u32, TrackedProcess>,
     pub process_events: RingBuf<MapData>,
     pub drops: PerCpuArray<MapData, u64>,
+    pub sched: SchedMaps,
+    /// Keeps the kernel's BPF run-time statistics on (`collector_ebpf_program_*`); `None` when
+    /// the kernel refused (logged).
+    pub stats_enabled: Option<OwnedFd>,
 }
 
 const CAP_SYS_ADMIN: u64 = 21;
@@ -125,6 +152,13 @@ pub fn load(config: &KernelConfig, matchers: &[Matcher]) -> Result<Kernel, LoadE
         .override_global("OFFSETS", &offsets, true)
         .map_max_entries("TRACKED_PROCESSES", config.max_tracked_processes)
         .map_max_entries("PROCESS_EVENTS", config.process_events_ring_bytes)
+        .map_max_entries("SCHED_THREADS", config.max_tracked_threads)
+        .map_max_entries(
+            "SCHED_STATS",
+            config
+                .max_tracked_processes
+                .saturating_mul(thread_class::COUNT),
+        )
         .load(EBPF_OBJECT)
         .map_err(LoadError::Load)?;
 
@@ -145,6 +179,16 @@ pub fn load(config: &KernelConfig, matchers: &[Matcher]) -> Result<Kernel, LoadE
             })?;
     }
 
+    // Kept until the programs are loaded below: they refer to the map by this fd.
+    let _vcpu_comms = fill_vcpu_comms(&mut ebpf, matchers)?;
+    let stats_enabled = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+        Ok(fd) => Some(fd),
+        Err(error) => {
+            warn!(%error, "kernel BPF statistics unavailable; collector_ebpf_program_* stay at 0");
+            None
+        }
+    };
+
     let probes = PROBES
         .iter()
         .map(|spec| attach(&mut ebpf, &btf, spec))
@@ -153,9 +197,49 @@ pub fn load(config: &KernelConfig, matchers: &[Matcher]) -> Result<Kernel, LoadE
         tracked_processes: take_map(&mut ebpf, "TRACKED_PROCESSES")?,
         process_events: take_map(&mut ebpf, "PROCESS_EVENTS")?,
         drops: take_map(&mut ebpf, "DROPS")?,
+        sched: SchedMaps::new(
+            take_map(&mut ebpf, "SCHED_THREADS")?,
+            take_map(&mut ebpf, "SCHED_STATS")?,
+        ),
+        stats_enabled,
         probes,
         ebpf,
     })
+}
+
+/// The literal prefixes of each matcher's vCPU thread names, for the kernel to classify threads
+/// when they are named.
+fn fill_vcpu_comms(
+    ebpf: &mut Ebpf,
+    matchers: &[Matcher],
+) -> Result<LpmTrie<MapData, VcpuCommKey, u32>, LoadError> {
+    let mut trie: LpmTrie<_, VcpuCommKey, u32> = take_map(ebpf, "SCHED_VCPU_COMMS")?;
+    for (matcher_id, matcher) in matchers.iter().enumerate() {
+        let prefixes = matcher.vcpu_comm_prefixes();
+        if prefixes.is_empty() {
+            warn!(
+                matcher = matcher.name,
+                "vcpu_thread pattern has no literal start: threads named after the instance was \
+                 found count as vmm"
+            );
+        }
+        for prefix in prefixes {
+            let mut comm = [0u8; COMM_LEN];
+            comm[..prefix.len()].copy_from_slice(&prefix);
+            let key = Key::new(
+                ((4 + prefix.len()) * 8) as u32,
+                VcpuCommKey {
+                    matcher_id: matcher_id as u32,
+                    comm,
+                },
+            );
+            trie.insert(&key, &1, 0).map_err(|source| LoadError::Map {
+                name: "SCHED_VCPU_COMMS",
+                source,
+            })?;
+        }
+    }
+    Ok(trie)
 }
 
 fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>

@@ -4,3 +4,4 @@
 pub mod btf_offsets;
 pub mod loader;
 pub mod process_events;
+pub mod sched;

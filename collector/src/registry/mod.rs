@@ -13,6 +13,7 @@ use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
+use crate::discovery::allocation::Allocation;
 use crate::{clock, decode::ProcessExit, sinks::events::EventSink};
 use lifecycle::{EventKind, LifecycleEvent, OomDetails, classify_exit};
 
@@ -57,6 +58,8 @@ pub struct Instance {
     pub instance_dir: Option<String>,
     /// Set when the OOM killer chose this instance; reported with its exit.
     pub oom: Option<OomDetails>,
+    /// vCPUs and memory from the VMM's configuration.
+    pub allocation: Allocation,
 }
 
 /// A change to the registry.
@@ -233,6 +236,7 @@ mod tests {
             executable: "/usr/bin/firecracker".into(),
             instance_dir: None,
             oom: None,
+            allocation: Allocation::default(),
         }
     }
 

@@ -3,3 +3,4 @@
 pub mod events;
 pub mod files;
 pub mod metrics;
+pub mod usage;

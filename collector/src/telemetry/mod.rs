@@ -3,6 +3,7 @@
 //! Label values are closed vocabularies (probe names, reasons from `&'static str`); free-form
 //! detail goes into log lines, never into a label.
 
+pub mod ebpf_stats;
 pub mod logging;
 
 use std::sync::{Arc, OnceLock, RwLock};

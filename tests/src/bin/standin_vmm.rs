@@ -12,12 +12,16 @@
 //!   instead of exiting.
 //! - `STANDIN_CORE_DIR`: work in this folder with no core-size limit, so a crash dumps core there.
 //! - `STANDIN_CGROUP`: join this cgroup (its folder) first thing.
-//! - `STANDIN_ALLOC_MB`: then allocate and touch this many MiB, one page at a time.
+//! - `STANDIN_BUSY_MS`: each vCPU thread spins on the CPU for this long, then parks.
+//! - `STANDIN_BUSY_CPU`: the vCPU threads are pinned to this CPU (`sched_setaffinity`) first, so
+//!   that busy ones wait for each other in one run queue.
+//! - `STANDIN_TICK_MS`: each vCPU thread wakes up every this many ms (a lightly loaded guest).
+//! - `STANDIN_TOUCH_MIB`: the main thread allocates this much memory and writes every page.
 
 use std::{
     env,
     thread::{self, JoinHandle},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 fn var<T: std::str::FromStr>(name: &str) -> Option<T> {
@@ -78,13 +82,46 @@ fn setup_process() {
         let procs = std::path::Path::new(&cgroup).join("cgroup.procs");
         std::fs::write(&procs, "0").expect("join STANDIN_CGROUP");
     }
-    if let Some(mb) = var::<usize>("STANDIN_ALLOC_MB") {
-        let mut pages: Vec<Vec<u8>> = Vec::new();
-        for _ in 0..mb * 256 {
-            pages.push(vec![1u8; 4096]);
-        }
-        std::mem::forget(pages);
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays inside it for cpu < 1024.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(rc, 0, "sched_setaffinity to CPU {cpu}");
     }
+}
+
+/// What a vCPU thread does: optionally pinned, busy for a while or ticking, then parked.
+fn vcpu_thread() -> ! {
+    if let Some(cpu) = var::<usize>("STANDIN_BUSY_CPU") {
+        pin_to(cpu);
+    }
+    if let Some(ms) = var::<u64>("STANDIN_BUSY_MS") {
+        let until = Instant::now() + Duration::from_millis(ms);
+        let mut n = 0u64;
+        while Instant::now() < until {
+            n = std::hint::black_box(n.wrapping_add(1));
+        }
+    }
+    if let Some(ms) = var::<u64>("STANDIN_TICK_MS") {
+        loop {
+            thread::sleep(Duration::from_millis(ms));
+        }
+    }
+    park_forever()
+}
+
+/// Allocates `mib` MiB and writes every page so that it is resident.
+fn touch_memory(mib: usize) -> Vec<u8> {
+    let mut memory = vec![0u8; mib << 20];
+    for page in memory.chunks_mut(4096) {
+        page[0] = 1;
+    }
+    std::hint::black_box(memory)
 }
 
 fn main() {
@@ -97,7 +134,7 @@ fn main() {
         threads.push(
             thread::Builder::new()
                 .name(name)
-                .spawn(|| park_forever())
+                .spawn(|| vcpu_thread())
                 .expect("spawn vcpu thread"),
         );
     }
@@ -115,6 +152,7 @@ fn main() {
             .join()
             .ok();
     }
+    let _memory = var::<usize>("STANDIN_TOUCH_MIB").map(touch_memory);
     match var::<u64>("STANDIN_RUN_MS") {
         Some(ms) => {
             thread::sleep(Duration::from_millis(ms));

@@ -1,0 +1,83 @@
+//! `cargo xtask bench <bench>`: benchmarks that print a table of figures (medians over several
+//! rounds, ratios within one run). They measure; they assert nothing.
+
+mod sched;
+
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum Bench {
+    /// Cost of the scheduling programs under a context-switch-heavy load (hackbench), with 0 and
+    /// 32 followed instances, side by side with a bpftrace script computing the same histogram.
+    Sched(sched::Options),
+}
+
+pub fn bench(bench: Bench) -> anyhow::Result<()> {
+    match bench {
+        Bench::Sched(options) => sched::run(&options),
+    }
+}
+
+/// Installs the Debian `packages` whose `binaries` are missing from PATH.
+fn ensure_debian_packages(needs: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = needs
+        .iter()
+        .filter(|(binary, _)| !on_path(binary))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    let apt = |args: &[&str]| -> anyhow::Result<()> {
+        let status = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("apt-get")?;
+        if !status.success() {
+            bail!("apt-get {args:?} failed: {status}");
+        }
+        Ok(())
+    };
+    apt(&["update", "-qq"])?;
+    let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    install.extend(&missing);
+    apt(&install)
+}
+
+fn on_path(binary: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(binary).is_file()))
+}
+
+/// Median of `values` (NaN when empty).
+fn median(values: &[f64]) -> f64 {
+    let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len().is_multiple_of(2) {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    } else {
+        sorted[mid]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+        assert_eq!(median(&[f64::NAN, 1.0]), 1.0);
+    }
+}

@@ -7,6 +7,7 @@
 #![no_std]
 #![no_main]
 
+mod console;
 mod kernel;
 mod maps;
 mod process;

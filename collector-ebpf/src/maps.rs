@@ -23,6 +23,8 @@ pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     mm_arg_start: 0,
     mm_arg_end: 0,
     binprm_filename: 0,
+    pt_regs_syscall_nr: 0,
+    pt_regs_args: [0; 3],
     _pad: 0,
 });
 

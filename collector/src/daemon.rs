@@ -1,6 +1,7 @@
 //! `collector run`: wires the data path together and runs it until a signal.
 //!
-//! kernel programs -> process-event reader -> discovery -> registry -> sinks (metrics) -> HTTP.
+//! kernel programs -> process-event reader -> discovery -> registry -> sinks (metrics) -> HTTP;
+//! console ring -> console pipeline (named through the registry) -> log files and the logs API.
 
 use std::{
     net::SocketAddr,
@@ -17,12 +18,20 @@ use tokio::{net::TcpListener, signal::unix::SignalKind};
 use tracing::{error, info};
 
 use crate::{
-    api::server::{self, AppState},
+    api::{
+        logs::{self, LogsState},
+        server::{self, AppState},
+    },
     config::Config,
+    console::{self, pipeline::Pipeline, stats::ConsoleStats, store::LiveStore},
     discovery::{Discovery, matchers::Matcher},
-    ebpf::{loader, process_events::ProcessEventReader},
+    ebpf::{
+        console::{ConsoleKernel, ConsoleReader},
+        loader,
+        process_events::ProcessEventReader,
+    },
     registry,
-    sinks::metrics::InstanceMetrics,
+    sinks::{console_metrics::ConsoleMetrics, logs::LogFiles, metrics::InstanceMetrics},
     telemetry::{self, KernelHealth, SelfMetrics},
 };
 
@@ -53,6 +62,7 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
         config.log_dir = log_dir;
     }
     let matchers = Arc::new(matchers(&config)?);
+    let console_rules = console::rules::resolve(&config.console.files, &matchers)?;
 
     // Bind first: a taken address is the cheapest mistake to report.
     let listener = TcpListener::bind(config.listen)
@@ -73,8 +83,19 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
     metrics.register_collector(Box::new(InstanceMetrics {
         snapshot: snapshot.clone(),
     }));
+    let console_stats = ConsoleStats::default();
+    metrics.register_collector(Box::new(ConsoleMetrics {
+        stats: console_stats.clone(),
+        snapshot: snapshot.clone(),
+    }));
+    let console_store = Arc::new(LiveStore::new(config.console.history_bytes));
+    let logs_state = LogsState {
+        store: console_store.clone(),
+        snapshot: snapshot.clone(),
+    };
 
     let started = Arc::new(AtomicBool::new(false));
+    let console_snapshot = snapshot.clone();
     let state = AppState {
         metrics: Arc::new(metrics),
         snapshot,
@@ -83,11 +104,25 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
         matchers: matchers.clone(),
     };
 
-    let kernel = loader::load(&config.kernel, &matchers)?;
+    let mut kernel = loader::load(&config.kernel, &matchers)?;
+    let (console_kernel, console_ring) = ConsoleKernel::take(&mut kernel.ebpf, &console_rules)?;
     *probes.write().expect("probe lock") = kernel.probes.clone();
     let _ = drops.set(kernel.drops);
     let attached = kernel.probes.iter().filter(|p| p.attached).count();
     let ebpf = kernel.ebpf; // Keeps the programs attached until the end of `run`.
+
+    let console_pipeline = Pipeline {
+        kernel: console_kernel,
+        snapshot: console_snapshot,
+        rules: console_rules,
+        matchers: matchers.clone(),
+        store: console_store,
+        files: LogFiles::start(&config.log_dir, &config.console, console_stats.clone())?,
+        stats: console_stats,
+        metrics: self_metrics.clone(),
+        config: config.console.clone(),
+    };
+    let console_task = tokio::spawn(console_pipeline.run(ConsoleReader::new(console_ring)?));
 
     let mut reader = ProcessEventReader::new(kernel.process_events, self_metrics.clone())?;
     let mut discovery = Discovery::new(
@@ -121,11 +156,12 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
         matchers = matchers.len(),
         "collector running"
     );
-    axum::serve(listener, server::router(state))
+    axum::serve(listener, server::router(state).merge(logs::router(logs_state)))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("HTTP server")?;
     discovery_task.abort();
+    console_task.abort();
     drop(ebpf);
     info!("collector stopped; probes detached");
     Ok(())

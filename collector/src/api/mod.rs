@@ -7,7 +7,10 @@
 //!   the body lists the probes either way.
 //! - `GET /v1/instances`: JSON array of the instances on this host.
 //! - `GET /v1/instances/{uuid}`: one instance, 404 if unknown.
+//! - `GET /v1/instances/{uuid}/logs?tail=N&since=TS&follow=true&stream=S`: console lines,
+//!   NDJSON, streaming with `follow` ([`logs`]).
 
 pub mod client;
+pub mod logs;
 pub mod server;
 pub mod views;

@@ -43,6 +43,16 @@ pub const PROBES: &[ProbeSpec] = &[
         tracepoint: "sched_process_exit",
         feature: "instance exit",
     },
+    ProbeSpec {
+        program: "console_sys_enter",
+        tracepoint: "sys_enter",
+        feature: "console capture",
+    },
+    ProbeSpec {
+        program: "console_sys_exit",
+        tracepoint: "sys_exit",
+        feature: "console capture",
+    },
 ];
 
 /// What became of a probe.
@@ -120,6 +130,11 @@ pub fn load(config: &KernelConfig, matchers: &[Matcher]) -> Result<Kernel, LoadE
         .override_global("OFFSETS", &offsets, true)
         .map_max_entries("TRACKED_PROCESSES", config.max_tracked_processes)
         .map_max_entries("PROCESS_EVENTS", config.process_events_ring_bytes)
+        .override_global("SYSCALLS", &super::console::syscall_numbers(), true)
+        .map_max_entries("CONSOLE_EVENTS", config.console_ring_bytes)
+        .map_max_entries("CONSOLE_FDS", config.max_console_fds)
+        // One scratch record per possible CPU (the programs index it by CPU number).
+        .map_max_entries("CONSOLE_SCRATCH", possible_cpus())
         .load(EBPF_OBJECT)
         .map_err(LoadError::Load)?;
 
@@ -153,12 +168,16 @@ pub fn load(config: &KernelConfig, matchers: &[Matcher]) -> Result<Kernel, LoadE
     })
 }
 
-fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>
+pub(super) fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>
 where
     M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
     let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
     M::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
+fn possible_cpus() -> u32 {
+    aya::util::nr_cpus().map_or(1024, std::num::NonZeroU32::get)
 }
 
 fn attach(ebpf: &mut Ebpf, btf: &Btf, spec: &ProbeSpec) -> ProbeState {

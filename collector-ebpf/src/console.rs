@@ -34,9 +34,8 @@ use aya_ebpf::{
 };
 use collector_common::{
     CONSOLE_MAX_IOVECS, CONSOLE_MAX_RULES, CONSOLE_MAX_WRITE, CONSOLE_RULE_LEN, ConsoleFd,
-    ConsoleFdKey, ConsoleKernelDrops, ConsoleRecordHeader, ConsoleRule,
-    DEFAULT_MAX_CONSOLE_FDS, DEFAULT_MAX_TRACKED_PROCESSES, SYSCALL_NONE, SyscallNumbers,
-    console_stream, drop_kind,
+    ConsoleFdKey, ConsoleKernelDrops, ConsoleRecordHeader, ConsoleRule, DEFAULT_MAX_CONSOLE_FDS,
+    DEFAULT_MAX_TRACKED_PROCESSES, SYSCALL_NONE, SyscallNumbers, console_stream, drop_kind,
 };
 
 use crate::{
@@ -267,7 +266,9 @@ fn try_sys_enter(ctx: &BtfTracePointContext) -> Result<(), i64> {
         }
         _ => {}
     }
-    CONSOLE_PENDING.insert(&pid_tgid, &pending, 0).map_err(i64::from)
+    CONSOLE_PENDING
+        .insert(&pid_tgid, &pending, 0)
+        .map_err(i64::from)
 }
 
 /// `sys_exit(struct pt_regs *regs, long ret)`
@@ -395,7 +396,10 @@ unsafe fn copy_iovecs(scratch: *mut Scratch, iov: u64, count: u64, want: u64) ->
             if len > max {
                 len = max;
             }
-            let dst = (*scratch).data.as_mut_ptr().add((done & (max - 1)) as usize);
+            let dst = (*scratch)
+                .data
+                .as_mut_ptr()
+                .add((done & (max - 1)) as usize);
             if bpf_probe_read_user(dst.cast(), len as u32, vec[0] as *const _) != 0 {
                 break;
             }

@@ -156,10 +156,13 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
         matchers = matchers.len(),
         "collector running"
     );
-    axum::serve(listener, server::router(state).merge(logs::router(logs_state)))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("HTTP server")?;
+    axum::serve(
+        listener,
+        server::router(state).merge(logs::router(logs_state)),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await
+    .context("HTTP server")?;
     discovery_task.abort();
     console_task.abort();
     drop(ebpf);

@@ -12,7 +12,9 @@ use std::{
 
 /// What the guest prints, in order, one per line.
 pub fn guest_lines(tag: &str) -> Vec<String> {
-    (1..=5).map(|i| format!("guest line {i} of {tag}")).collect()
+    (1..=5)
+        .map(|i| format!("guest line {i} of {tag}"))
+        .collect()
 }
 
 /// Kernel and initramfs paths.
@@ -60,7 +62,10 @@ fn fetch(dir: &Path, package: &str) {
     for entry in std::fs::read_dir(dir).expect("cache dir").flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with(&format!("{package}_")) && name.ends_with(".deb") {
-            run(Command::new("dpkg").arg("-x").arg(entry.path()).arg(dir.join("root")));
+            run(Command::new("dpkg")
+                .arg("-x")
+                .arg(entry.path())
+                .arg(dir.join("root")));
         }
     }
 }
@@ -96,7 +101,11 @@ pub fn prepare(lines: &[String], work: &Path) -> Guest {
     if !kernel.exists() {
         fetch(&dir, &package);
     }
-    assert!(kernel.exists(), "{} missing after unpacking", kernel.display());
+    assert!(
+        kernel.exists(),
+        "{} missing after unpacking",
+        kernel.display()
+    );
     let busybox = dir.join("root/bin/busybox");
     if !busybox.exists() {
         fetch(&dir, "busybox-static");
@@ -129,7 +138,7 @@ pub fn prepare(lines: &[String], work: &Path) -> Guest {
 /// One entry of a cpio archive in the "newc" format the kernel unpacks.
 fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
     let pad4 = |out: &mut Vec<u8>| {
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
     };

@@ -85,11 +85,23 @@ fn every_line_once_in_order_from_exec_on() {
         ("stderr", numbered("stderr", n)),
         ("console", console.clone()),
     ] {
-        let line = sample("compute_instance_console_lines_total", &format!("stream=\"{stream}\""));
-        assert!(metrics.contains(&format!("{line} {}", lines.len())), "{line}:\n{metrics}");
+        let line = sample(
+            "compute_instance_console_lines_total",
+            &format!("stream=\"{stream}\""),
+        );
+        assert!(
+            metrics.contains(&format!("{line} {}", lines.len())),
+            "{line}:\n{metrics}"
+        );
         let bytes = bytes_of(&lines);
-        let line = sample("compute_instance_console_bytes_total", &format!("stream=\"{stream}\""));
-        assert!(metrics.contains(&format!("{line} {bytes}")), "{line}:\n{metrics}");
+        let line = sample(
+            "compute_instance_console_bytes_total",
+            &format!("stream=\"{stream}\""),
+        );
+        assert!(
+            metrics.contains(&format!("{line} {bytes}")),
+            "{line}:\n{metrics}"
+        );
     }
     for at in ["kernel", "queue", "sink"] {
         let line = sample(
@@ -98,16 +110,20 @@ fn every_line_once_in_order_from_exec_on() {
         );
         assert!(metrics.contains(&format!("{line} 0")), "{line}:\n{metrics}");
     }
-    assert!(std::fs::read_to_string(&other_file).unwrap().contains("secret"));
+    assert!(
+        std::fs::read_to_string(&other_file)
+            .unwrap()
+            .contains("secret")
+    );
     vmm.kill();
     // Gone from the instance list, still readable for the retention.
-    let gone = wait_for(ARRIVES_WITHIN, || collector.instance(&uuid).is_none().then_some(()));
+    let gone = wait_for(ARRIVES_WITHIN, || {
+        collector.instance(&uuid).is_none().then_some(())
+    });
     assert!(gone.is_some());
     assert_eq!(collector.logs(&uuid, "").len(), total);
-    let everything = std::fs::read_to_string(
-        collector.log_dir.path().join(&uuid).join("console.log"),
-    )
-    .unwrap();
+    let everything =
+        std::fs::read_to_string(collector.log_dir.path().join(&uuid).join("console.log")).unwrap();
     assert!(!everything.contains("secret"), "non-console bytes captured");
 }
 
@@ -126,21 +142,37 @@ fn partial_writes_odd_bytes_and_huge_lines() {
     // `after-big`.
     let records = wait_records(&collector, &uuid, 6 + 64 + 4 + 1);
     let stdout: Vec<&Value> = records.iter().filter(|r| r["stream"] == "stdout").collect();
-    let text: Vec<&str> = stdout.iter().map(|r| r["message"].as_str().unwrap()).collect();
+    let text: Vec<&str> = stdout
+        .iter()
+        .map(|r| r["message"].as_str().unwrap())
+        .collect();
     assert_eq!(
         &text[..6],
-        ["partial-line", "crlf", "cr1", "cr2", "bad \u{fffd}\u{fffd} end", "nul\0byte"]
+        [
+            "partial-line",
+            "crlf",
+            "cr1",
+            "cr2",
+            "bad \u{fffd}\u{fffd} end",
+            "nul\0byte"
+        ]
     );
     assert_eq!(stdout[4]["invalid_utf8"], true);
     assert!(stdout[0].get("invalid_utf8").is_none());
     let big = &stdout[6..70];
     assert!(big[..63].iter().all(|r| r["split"] == true));
-    assert!(big.iter().all(|r| r["message"].as_str().unwrap().len() == 16384));
+    assert!(
+        big.iter()
+            .all(|r| r["message"].as_str().unwrap().len() == 16384)
+    );
     assert!(big[63].get("split").is_none(), "last piece ends the line");
     let cut = &stdout[70..74];
     assert!(cut[..3].iter().all(|r| r["split"] == true));
     assert_eq!(cut[3]["cut_bytes"], (1u64 << 20) - 65536);
-    let kept: usize = cut.iter().map(|r| r["message"].as_str().unwrap().len()).sum();
+    let kept: usize = cut
+        .iter()
+        .map(|r| r["message"].as_str().unwrap().len())
+        .sum();
     assert_eq!(kept, 65536);
     assert_eq!(stdout[74]["message"], "after-big");
     messages(&records, "stdout");
@@ -181,7 +213,12 @@ fn hostile_instance_id_stays_inside_the_log_dir() {
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert!(entries.iter().all(|e| !e.contains('/') && !e.starts_with('.')), "{entries:?}");
+    assert!(
+        entries
+            .iter()
+            .all(|e| !e.contains('/') && !e.starts_with('.')),
+        "{entries:?}"
+    );
     let parent = collector.log_dir.path().parent().unwrap();
     let escaped = uuid.trim_start_matches("../../");
     assert!(!parent.join(escaped).exists(), "escaped the log dir");
@@ -208,29 +245,69 @@ fn follow_with_the_cli_until_exit_then_tail_and_since() {
     );
     wait_for(ARRIVES_WITHIN, || collector.instance(&uuid)).expect("listed");
     let out = Command::new(collector_bin())
-        .args(["logs", &uuid, "-f", "--stream", "stdout", "--addr", &collector.addr])
+        .args([
+            "logs",
+            &uuid,
+            "-f",
+            "--stream",
+            "stdout",
+            "--addr",
+            &collector.addr,
+        ])
         .output()
         .expect("collector logs -f");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let printed: Vec<String> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
         .map(str::to_owned)
         .collect();
-    assert_eq!(printed, numbered("stdout", 20), "follow ended early or repeated");
-    assert!(collector.instance(&uuid).is_none(), "follow returns after the exit");
+    assert_eq!(
+        printed,
+        numbered("stdout", 20),
+        "follow ended early or repeated"
+    );
+    assert!(
+        collector.instance(&uuid).is_none(),
+        "follow returns after the exit"
+    );
 
     let tail = collector.logs(&uuid, "tail=3&stream=stderr");
-    let text: Vec<&str> = tail.iter().map(|r| r["message"].as_str().unwrap()).collect();
+    let text: Vec<&str> = tail
+        .iter()
+        .map(|r| r["message"].as_str().unwrap())
+        .collect();
     assert_eq!(text, ["stderr line 18", "stderr line 19", "stderr line 20"]);
     let all = collector.logs(&uuid, "");
     let tenth = all[10]["ts"].as_str().unwrap();
     let since = collector.logs(&uuid, &format!("since={}", path_segment(tenth)));
-    assert!(since.len() >= all.len() - 10 && since.len() < all.len(), "{}", since.len());
-    assert_eq!(collector.get_status(&format!("/v1/instances/{}/logs?since=yesterday", path_segment(&uuid))), Some(400));
+    assert!(
+        since.len() >= all.len() - 10 && since.len() < all.len(),
+        "{}",
+        since.len()
+    );
+    assert_eq!(
+        collector.get_status(&format!(
+            "/v1/instances/{}/logs?since=yesterday",
+            path_segment(&uuid)
+        )),
+        Some(400)
+    );
 
     let out = Command::new(collector_bin())
-        .args(["logs", &uuid, "--tail", "1", "--json", "--addr", &collector.addr])
+        .args([
+            "logs",
+            &uuid,
+            "--tail",
+            "1",
+            "--json",
+            "--addr",
+            &collector.addr,
+        ])
         .output()
         .unwrap();
     let record: Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -10,11 +10,7 @@ use tokio::net::TcpStream;
 /// GETs `path` from the collector at `addr` and returns the body of a 2xx answer.
 pub async fn get(addr: &str, path: &str) -> anyhow::Result<Bytes> {
     let (status, body) = request(addr, path).await?;
-    let body = body
-        .collect()
-        .await
-        .context("reading response")?
-        .to_bytes();
+    let body = body.collect().await.context("reading response")?.to_bytes();
     if !status.is_success() {
         bail!(
             "GET {path}: {status}: {}",

@@ -70,7 +70,11 @@ async fn logs(
     Path(uuid): Path<String>,
     Query(query): Query<LogsQuery>,
 ) -> Response {
-    let since = match query.since.as_deref().map(|s| OffsetDateTime::parse(s, &Rfc3339)) {
+    let since = match query
+        .since
+        .as_deref()
+        .map(|s| OffsetDateTime::parse(s, &Rfc3339))
+    {
         None => None,
         Some(Ok(t)) => Some(SystemTime::from(t)),
         Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "since: not an RFC 3339 time"),
@@ -86,7 +90,10 @@ async fn logs(
         subscription = state.store.subscribe(&uuid, query.follow);
     }
     let Some(subscription) = subscription else {
-        return error(StatusCode::NOT_FOUND, "no such instance (or its logs expired)");
+        return error(
+            StatusCode::NOT_FOUND,
+            "no such instance (or its logs expired)",
+        );
     };
     let kept: Vec<&Arc<LogRecord>> = subscription
         .history

@@ -43,8 +43,12 @@ pub fn chunk(bytes: &[u8]) -> Result<Chunk, ConsoleDecodeError> {
         return Err(ConsoleDecodeError::Short(bytes.len()));
     }
     // SAFETY: length checked; the header is plain integers.
-    let header: ConsoleRecordHeader =
-        unsafe { bytes.as_ptr().cast::<ConsoleRecordHeader>().read_unaligned() };
+    let header: ConsoleRecordHeader = unsafe {
+        bytes
+            .as_ptr()
+            .cast::<ConsoleRecordHeader>()
+            .read_unaligned()
+    };
     let data = &bytes[header_len..];
     let len = header.len as usize;
     if len > data.len() || len > CONSOLE_MAX_WRITE || u64::from(header.len) > header.total {

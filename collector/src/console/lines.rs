@@ -158,7 +158,13 @@ mod tests {
         }
         a.flush(&mut out);
         out.into_iter()
-            .map(|l| (l.boot_ns, String::from_utf8_lossy(&l.bytes).into_owned(), l.end))
+            .map(|l| {
+                (
+                    l.boot_ns,
+                    String::from_utf8_lossy(&l.bytes).into_owned(),
+                    l.end,
+                )
+            })
             .collect()
     }
 
@@ -166,7 +172,14 @@ mod tests {
 
     #[test]
     fn table() {
-        let cases: Vec<(&str, usize, Vec<(&[u8], u64)>, Vec<(u64, &str, LineEnd)>)> = vec![
+        // (name, max line, writes with their cut, lines out with time and end)
+        type Case<'a> = (
+            &'a str,
+            usize,
+            Vec<(&'a [u8], u64)>,
+            Vec<(u64, &'a str, LineEnd)>,
+        );
+        let cases: Vec<Case> = vec![
             ("one line", 16, vec![(b"a\n", 0)], vec![(0, "a", Newline)]),
             (
                 "two in one write, empty line kept",

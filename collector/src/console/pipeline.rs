@@ -140,8 +140,7 @@ impl Pipeline {
     }
 
     fn on_chunk(&mut self, state: &mut State, chunk: Chunk, clock: &BootClock) {
-        if !state.procs.contains_key(&chunk.tgid) && self.snapshot.has_changed().unwrap_or(false)
-        {
+        if !state.procs.contains_key(&chunk.tgid) && self.snapshot.has_changed().unwrap_or(false) {
             self.sync_snapshot(state);
         }
         if state.procs.contains_key(&chunk.tgid) {
@@ -227,7 +226,10 @@ impl Pipeline {
     /// Console files the process already had open (it ran before the collector, or inherited
     /// them): from `/proc/PID/fd`, with the same rules as the kernel.
     fn add_open_console_files(&mut self, pid: u32, instance: &Instance) {
-        let Some(matcher_id) = self.matchers.iter().position(|m| m.name == instance.matcher)
+        let Some(matcher_id) = self
+            .matchers
+            .iter()
+            .position(|m| m.name == instance.matcher)
         else {
             return;
         };
@@ -243,17 +245,21 @@ impl Pipeline {
             return;
         };
         for entry in fds.flatten() {
-            let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            let Some(fd) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
                 continue;
             };
             let Ok(target) = std::fs::read_link(entry.path()) else {
                 continue;
             };
             let target = target.as_os_str().as_encoded_bytes();
-            if rules.iter().any(|r| r.matches(target)) {
-                if let Err(error) = self.kernel.add_console_fd(pid, fd, instance.seen_boot_ns) {
-                    warn!(pid, fd, %error, "cannot record console descriptor");
-                }
+            if rules.iter().any(|r| r.matches(target))
+                && let Err(error) = self.kernel.add_console_fd(pid, fd, instance.seen_boot_ns)
+            {
+                warn!(pid, fd, %error, "cannot record console descriptor");
             }
         }
     }
@@ -325,7 +331,11 @@ impl Pipeline {
                 state.unknown_bytes -= waiting.bytes;
                 let cut: u64 = waiting.chunks.iter().map(|c| c.cut).sum();
                 self.stats.unattributed(waiting.bytes as u64 + cut);
-                debug!(pid, bytes = waiting.bytes, "console output of an unnamed process dropped");
+                debug!(
+                    pid,
+                    bytes = waiting.bytes,
+                    "console output of an unnamed process dropped"
+                );
             }
         }
         self.read_kernel_drops(state);

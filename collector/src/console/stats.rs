@@ -62,7 +62,10 @@ impl ConsoleStats {
     }
 
     pub fn unattributed(&self, bytes: u64) {
-        self.inner.lock().expect("console stats lock").unattributed_bytes += bytes;
+        self.inner
+            .lock()
+            .expect("console stats lock")
+            .unattributed_bytes += bytes;
     }
 
     pub fn get(&self, uuid: &str) -> Counters {
@@ -71,7 +74,10 @@ impl ConsoleStats {
     }
 
     pub fn unattributed_bytes(&self) -> u64 {
-        self.inner.lock().expect("console stats lock").unattributed_bytes
+        self.inner
+            .lock()
+            .expect("console stats lock")
+            .unattributed_bytes
     }
 
     /// Forgets instances whose logs expired.

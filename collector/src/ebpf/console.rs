@@ -90,12 +90,7 @@ impl ConsoleKernel {
 
     /// Removes every descriptor entry of a process for which `gone(tgid)` holds.
     pub fn forget_fds(&mut self, gone: impl Fn(u32) -> bool) {
-        let stale: Vec<ConsoleFdKey> = self
-            .fds
-            .keys()
-            .flatten()
-            .filter(|k| gone(k.tgid))
-            .collect();
+        let stale: Vec<ConsoleFdKey> = self.fds.keys().flatten().filter(|k| gone(k.tgid)).collect();
         for key in stale {
             let _ = self.fds.remove(&key);
         }
@@ -133,7 +128,11 @@ impl ConsoleReader {
 
     /// Waits until records are there, then passes up to `max` of them to `each`, in order.
     /// Returns how many were read.
-    pub async fn read(&mut self, max: usize, mut each: impl FnMut(&[u8])) -> std::io::Result<usize> {
+    pub async fn read(
+        &mut self,
+        max: usize,
+        mut each: impl FnMut(&[u8]),
+    ) -> std::io::Result<usize> {
         loop {
             let mut guard = self.ring.readable_mut().await?;
             let ring = guard.get_inner_mut();

@@ -19,6 +19,9 @@ use crate::{
     registry::SnapshotReceiver,
 };
 
+/// Picks a per-stream counter array.
+type PerStream = fn(&Counters) -> &[u64; 3];
+
 #[derive(Debug)]
 pub struct ConsoleMetrics {
     pub stats: ConsoleStats,
@@ -36,7 +39,7 @@ impl Collector for ConsoleMetrics {
         let counters: Vec<(&str, Counters)> =
             uuids.iter().map(|u| (*u, self.stats.get(u))).collect();
 
-        let by_stream: [(&str, &str, fn(&Counters) -> &[u64; 3]); 2] = [
+        let by_stream: [(&str, &str, PerStream); 2] = [
             (
                 "compute_instance_console_bytes",
                 "Bytes the instance's hypervisor wrote to its console, by stream.",

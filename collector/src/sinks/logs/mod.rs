@@ -137,8 +137,7 @@ impl LogFiles {
             }
             return;
         }
-        if let Err(mpsc::SendError(Message::Records(batch))) =
-            self.tx.send(Message::Records(batch))
+        if let Err(mpsc::SendError(Message::Records(batch))) = self.tx.send(Message::Records(batch))
         {
             self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
         }
@@ -265,7 +264,11 @@ impl Writer {
             }
             let _ = unlink_at(dir, &oldest);
             for k in (1..self.rotations).rev() {
-                let _ = rename_at(dir, &format!("{FILE_NAME}.{k}"), &format!("{FILE_NAME}.{}", k + 1));
+                let _ = rename_at(
+                    dir,
+                    &format!("{FILE_NAME}.{k}"),
+                    &format!("{FILE_NAME}.{}", k + 1),
+                );
             }
             let _ = rename_at(dir, FILE_NAME, &format!("{FILE_NAME}.1"));
         }
@@ -406,7 +409,8 @@ fn make_dir(root: &OwnedFd, name: &str) -> std::io::Result<OwnedFd> {
 /// Opens `name` under `dir` for appending (created 0640), refusing a symlink; with its size.
 fn open_append(dir: &OwnedFd, name: &str) -> std::io::Result<(File, u64)> {
     let c = c_name(name)?;
-    let flags = libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    let flags =
+        libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC;
     // SAFETY: valid C string; the descriptor is owned by the File.
     let fd = check(unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags, 0o640) })?;
     // SAFETY: `fd` was just opened and is owned by nobody else.
@@ -492,7 +496,7 @@ mod tests {
         ]);
         let ok = root.join("ok").join(FILE_NAME);
         wait_until(|| ok.exists() && std::fs::metadata(&ok).unwrap().len() > 0);
-        assert!(root.join("%2E.%2F%2E.%2Fescape").join(FILE_NAME).exists());
+        assert!(root.join("%2E.%2F..%2Fescape").join(FILE_NAME).exists());
         assert!(!tmp.path().join(FILE_NAME).exists(), "followed the symlink");
         assert!(!tmp.path().join("escape").exists());
         wait_until(|| stats.get("evil").dropped[DropWhere::Sink as usize] == 1);
@@ -504,8 +508,7 @@ mod tests {
         let stats = ConsoleStats::default();
         // Lines of ~150 bytes of JSON; files rotate at 1 KiB, 2 rotations kept per instance,
         // 5 KiB for everything.
-        let files =
-            LogFiles::start(tmp.path(), &config(1024, 2, 5 * 1024), stats.clone()).unwrap();
+        let files = LogFiles::start(tmp.path(), &config(1024, 2, 5 * 1024), stats.clone()).unwrap();
         let text = "m".repeat(60);
         for seq in 1..=40 {
             files.send(vec![record("a", seq, &text)]);
@@ -521,7 +524,10 @@ mod tests {
         names.sort();
         assert_eq!(names, ["console.log", "console.log.1", "console.log.2"]);
         for name in &names {
-            assert!(std::fs::metadata(dir.join(name)).unwrap().len() <= 1024, "{name}");
+            assert!(
+                std::fs::metadata(dir.join(name)).unwrap().len() <= 1024,
+                "{name}"
+            );
         }
         // A second instance pushes the total over 5 KiB: the oldest rotated files go first.
         for seq in 1..=30 {
@@ -540,7 +546,11 @@ mod tests {
             .flatten()
             .map(|e| {
                 let meta = e.metadata().unwrap();
-                if meta.is_dir() { walk(&e.path()) } else { meta.len() }
+                if meta.is_dir() {
+                    walk(&e.path())
+                } else {
+                    meta.len()
+                }
             })
             .sum()
     }

@@ -3,6 +3,7 @@
 //! Every task bootstraps what it needs first (pinned toolchains, bpf-linker), so each works on a
 //! fresh machine with nothing installed by hand.
 
+mod bench;
 mod build;
 mod run;
 mod test;
@@ -32,6 +33,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Benchmarks against the real kernel (release build); figures go to docs/benchmarks.md.
+    #[command(subcommand)]
+    Bench(bench::Bench),
     /// The full test suite, as CI runs it: format, lints, unit and privileged integration tests.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -45,6 +49,7 @@ fn main() -> std::process::ExitCode {
         Task::BuildEbpf { release } => build::build(release).map(|_| ()),
         Task::Run { args } => run::run(&args),
         Task::Test { args } => test::test(&args),
+        Task::Bench(bench) => bench::run(bench),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -4,16 +4,50 @@ use collector_common::{CONSOLE_MAX_WRITE, ConsoleRecordHeader, console_stream};
 
 use super::Stream;
 
-/// One write of a tracked process, as the kernel captured it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Chunk {
+/// One write of a tracked process, as the kernel captured it, borrowed from the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunk<'a> {
     pub tgid: u32,
     pub stream: Stream,
     /// `CLOCK_BOOTTIME` when the write returned.
     pub boot_ns: u64,
-    pub data: Vec<u8>,
+    pub data: &'a [u8],
     /// Bytes the write accepted beyond `data` (a write over 64 KiB): cut in the kernel.
     pub cut: u64,
+}
+
+/// A [`Chunk`] kept beyond its ring record (its process is not named yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedChunk {
+    pub tgid: u32,
+    pub stream: Stream,
+    pub boot_ns: u64,
+    pub data: Vec<u8>,
+    pub cut: u64,
+}
+
+impl Chunk<'_> {
+    pub fn to_owned_chunk(&self) -> OwnedChunk {
+        OwnedChunk {
+            tgid: self.tgid,
+            stream: self.stream,
+            boot_ns: self.boot_ns,
+            data: self.data.to_vec(),
+            cut: self.cut,
+        }
+    }
+}
+
+impl OwnedChunk {
+    pub fn as_chunk(&self) -> Chunk<'_> {
+        Chunk {
+            tgid: self.tgid,
+            stream: self.stream,
+            boot_ns: self.boot_ns,
+            data: &self.data,
+            cut: self.cut,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,7 +71,7 @@ impl ConsoleDecodeError {
     }
 }
 
-pub fn chunk(bytes: &[u8]) -> Result<Chunk, ConsoleDecodeError> {
+pub fn chunk(bytes: &[u8]) -> Result<Chunk<'_>, ConsoleDecodeError> {
     let header_len = size_of::<ConsoleRecordHeader>();
     if bytes.len() < header_len {
         return Err(ConsoleDecodeError::Short(bytes.len()));
@@ -67,7 +101,7 @@ pub fn chunk(bytes: &[u8]) -> Result<Chunk, ConsoleDecodeError> {
         tgid: header.tgid,
         stream,
         boot_ns: header.boot_ns,
-        data: data[..len].to_vec(),
+        data: &data[..len],
         cut: header.total - u64::from(header.len),
     })
 }
@@ -96,18 +130,21 @@ mod tests {
 
     #[test]
     fn records() {
-        let c = chunk(&record(console_stream::STDERR, 3, 3, b"abc\0\0")).unwrap();
+        let bytes = record(console_stream::STDERR, 3, 3, b"abc\0\0");
+        let c = chunk(&bytes).unwrap();
         assert_eq!(
             c,
             Chunk {
                 tgid: 7,
                 stream: Stream::Stderr,
                 boot_ns: 99,
-                data: b"abc".to_vec(),
+                data: b"abc",
                 cut: 0
             }
         );
-        let c = chunk(&record(console_stream::CONSOLE, 2, 1 << 20, b"ab")).unwrap();
+        assert_eq!(c.to_owned_chunk().as_chunk(), c);
+        let bytes = record(console_stream::CONSOLE, 2, 1 << 20, b"ab");
+        let c = chunk(&bytes).unwrap();
         assert_eq!(c.cut, (1 << 20) - 2);
         assert_eq!(c.stream, Stream::Console);
     }

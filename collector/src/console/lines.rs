@@ -64,7 +64,7 @@ impl LineAssembler {
                 data = &data[1..];
             }
         }
-        while let Some(pos) = data.iter().position(|b| *b == b'\n' || *b == b'\r') {
+        while let Some(pos) = memchr::memchr2(b'\n', b'\r', data) {
             self.append(boot_ns, &data[..pos], out);
             self.begin(boot_ns);
             self.emit(LineEnd::Newline, out);

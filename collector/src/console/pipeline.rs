@@ -22,7 +22,7 @@ use tracing::{debug, error, warn};
 
 use super::{
     BootClock, LogRecord, Stream,
-    decode::{self, Chunk},
+    decode::{self, Chunk, OwnedChunk},
     lines::{Line, LineAssembler},
     rules::Rule,
     stats::{ConsoleStats, DropWhere},
@@ -56,7 +56,7 @@ struct Proc {
 
 #[derive(Default)]
 struct Unknown {
-    chunks: Vec<Chunk>,
+    chunks: Vec<OwnedChunk>,
     bytes: usize,
     since: Option<Instant>,
 }
@@ -99,26 +99,27 @@ impl Pipeline {
         let mut last_slow = Instant::now();
         self.sync_snapshot(&mut state);
         loop {
-            let mut chunks = Vec::new();
-            let mut bad: Vec<&'static str> = Vec::new();
             tokio::select! {
-                read = reader.read(READ_BATCH, |bytes| match decode::chunk(bytes) {
-                    Ok(chunk) => chunks.push(chunk),
-                    Err(error) => {
-                        warn!(%error, ring = "console", "undecodable kernel record");
-                        bad.push(error.reason());
-                    }
-                }) => {
-                    if let Err(error) = read {
-                        error!(%error, "console reader failed; console capture stopped");
-                        return;
-                    }
+                ready = reader.ready() => {
+                    let ready = match ready {
+                        Ok(ready) => ready,
+                        Err(error) => {
+                            error!(%error, "console reader failed; console capture stopped");
+                            return;
+                        }
+                    };
+                    // Each write is handled in place, in the ring, without a copy.
+                    let clock = BootClock::now();
+                    let mut bad: Vec<&'static str> = Vec::new();
+                    ready.drain(READ_BATCH, |bytes| match decode::chunk(bytes) {
+                        Ok(chunk) => self.on_chunk(&mut state, chunk, &clock),
+                        Err(error) => {
+                            warn!(%error, ring = "console", "undecodable kernel record");
+                            bad.push(error.reason());
+                        }
+                    });
                     for reason in bad {
                         self.metrics.decode_error("console", reason);
-                    }
-                    let clock = BootClock::now();
-                    for chunk in chunks {
-                        self.on_chunk(&mut state, chunk, &clock);
                     }
                 }
                 changed = self.snapshot.changed() => {
@@ -139,7 +140,7 @@ impl Pipeline {
         }
     }
 
-    fn on_chunk(&mut self, state: &mut State, chunk: Chunk, clock: &BootClock) {
+    fn on_chunk(&mut self, state: &mut State, chunk: Chunk<'_>, clock: &BootClock) {
         if !state.procs.contains_key(&chunk.tgid) && self.snapshot.has_changed().unwrap_or(false) {
             self.sync_snapshot(state);
         }
@@ -156,10 +157,10 @@ impl Pipeline {
         let waiting = state.unknown.entry(chunk.tgid).or_default();
         waiting.since.get_or_insert_with(Instant::now);
         waiting.bytes += bytes;
-        waiting.chunks.push(chunk);
+        waiting.chunks.push(chunk.to_owned_chunk());
     }
 
-    fn assemble(&mut self, state: &mut State, chunk: Chunk, clock: &BootClock) {
+    fn assemble(&mut self, state: &mut State, chunk: Chunk<'_>, clock: &BootClock) {
         let Some(proc) = state.procs.get_mut(&chunk.tgid) else {
             return;
         };
@@ -170,7 +171,7 @@ impl Pipeline {
         });
         proc.last_write[slot] = Instant::now();
         let mut lines = Vec::new();
-        proc.streams[slot].push(chunk.boot_ns, &chunk.data, chunk.cut, &mut lines);
+        proc.streams[slot].push(chunk.boot_ns, chunk.data, chunk.cut, &mut lines);
         let uuid = proc.uuid.clone();
         emit(state, &uuid, chunk.stream, lines, clock, &self.stats);
     }
@@ -217,8 +218,8 @@ impl Pipeline {
         if let Some(waiting) = state.unknown.remove(&pid) {
             state.unknown_bytes -= waiting.bytes;
             let clock = BootClock::now();
-            for chunk in waiting.chunks {
-                self.assemble(state, chunk, &clock);
+            for chunk in &waiting.chunks {
+                self.assemble(state, chunk.as_chunk(), &clock);
             }
         }
     }

@@ -65,21 +65,25 @@ impl LiveStore {
     /// Appends lines (of instances already begun) and hands them to followers.
     pub fn push(&self, records: &[Arc<LogRecord>]) {
         let mut logs = self.logs.lock().expect("store lock");
-        for record in records {
-            let Some(log) = logs.get_mut(&record.instance_uuid) else {
+        // Records come in runs of one instance: look each run up once.
+        for run in records.chunk_by(|a, b| Arc::ptr_eq(&a.instance_uuid, &b.instance_uuid)) {
+            let Some(log) = logs.get_mut(&run[0].instance_uuid) else {
                 continue;
             };
-            log.bytes += record.size();
-            log.records.push_back(record.clone());
+            let live = log.live.as_ref().filter(|l| l.receiver_count() > 0);
+            for record in run {
+                log.bytes += record.size();
+                log.records.push_back(record.clone());
+                if let Some(live) = live {
+                    // A follower that left meanwhile is not an error.
+                    let _ = live.send(record.clone());
+                }
+            }
             while log.bytes > self.history_bytes {
                 let Some(old) = log.records.pop_front() else {
                     break;
                 };
                 log.bytes -= old.size();
-            }
-            if let Some(live) = &log.live {
-                // No follower is not an error.
-                let _ = live.send(record.clone());
             }
         }
     }

@@ -11,7 +11,10 @@ use aya::{
 use collector_common::{
     ConsoleFd, ConsoleFdKey, ConsoleKernelDrops, ConsoleRule, SyscallNumbers, console_stream,
 };
-use tokio::io::{Interest, unix::AsyncFd};
+use tokio::io::{
+    Interest,
+    unix::{AsyncFd, AsyncFdReadyMutGuard},
+};
 
 use super::loader::{LoadError, take_map};
 use crate::console::rules::Rule;
@@ -113,9 +116,15 @@ impl ConsoleKernel {
     }
 }
 
-/// Reader of the console ring: waits for records and hands each one's bytes to a closure.
+/// Reader of the console ring. Records are handed out in place (no copy) while the reader
+/// holds them.
 pub struct ConsoleReader {
     ring: AsyncFd<RingBuf<MapData>>,
+}
+
+/// Records ready on the ring.
+pub struct Ready<'a> {
+    guard: AsyncFdReadyMutGuard<'a, RingBuf<MapData>>,
 }
 
 impl ConsoleReader {
@@ -126,29 +135,28 @@ impl ConsoleReader {
         Ok(Self { ring })
     }
 
-    /// Waits until records are there, then passes up to `max` of them to `each`, in order.
-    /// Returns how many were read.
-    pub async fn read(
-        &mut self,
-        max: usize,
-        mut each: impl FnMut(&[u8]),
-    ) -> std::io::Result<usize> {
-        loop {
-            let mut guard = self.ring.readable_mut().await?;
-            let ring = guard.get_inner_mut();
-            let mut n = 0;
-            while n < max {
-                let Some(record) = ring.next() else { break };
-                each(&record);
-                n += 1;
-            }
-            if n < max {
-                // Drained: wait for the next wake-up.
-                guard.clear_ready();
-            }
-            if n > 0 {
-                return Ok(n);
-            }
+    /// Waits until the kernel has written.
+    pub async fn ready(&mut self) -> std::io::Result<Ready<'_>> {
+        Ok(Ready {
+            guard: self.ring.readable_mut().await?,
+        })
+    }
+}
+
+impl Ready<'_> {
+    /// Passes up to `max` records to `each`, in order; returns how many.
+    pub fn drain(mut self, max: usize, mut each: impl FnMut(&[u8])) -> usize {
+        let ring = self.guard.get_inner_mut();
+        let mut n = 0;
+        while n < max {
+            let Some(record) = ring.next() else { break };
+            each(&record);
+            n += 1;
         }
+        if n < max {
+            // Drained: wait for the next wake-up.
+            self.guard.clear_ready();
+        }
+        n
     }
 }

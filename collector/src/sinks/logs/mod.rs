@@ -176,74 +176,76 @@ struct Writer {
 
 impl Writer {
     fn write(&mut self, batch: &[Arc<LogRecord>]) {
-        // One write per instance per batch, split where a rotation falls.
-        let mut pending: Vec<Pending> = Vec::new();
-        for record in batch {
-            let line = record.to_ndjson();
-            let uuid = &record.instance_uuid;
-            let message_bytes = record.message.len() as u64;
-            if !self.reserve(uuid, line.len() as u64, &mut pending) {
-                self.stats.dropped(uuid, DropWhere::Sink, message_bytes);
-                continue;
-            }
-            match pending.iter_mut().find(|p| &p.uuid == uuid) {
-                Some(p) => {
-                    p.text.push_str(&line);
-                    p.message_bytes += message_bytes;
-                }
-                None => pending.push(Pending {
-                    uuid: uuid.clone(),
-                    text: line,
-                    message_bytes,
-                }),
-            }
-        }
-        for p in pending {
-            self.flush(p);
+        for run in batch.chunk_by(|a, b| Arc::ptr_eq(&a.instance_uuid, &b.instance_uuid)) {
+            self.write_run(run);
         }
     }
 
-    /// Makes room for `n` bytes of `uuid`'s file (rotating, evicting old files); false when the
-    /// line must be dropped.
-    fn reserve(&mut self, uuid: &Arc<str>, n: u64, pending: &mut Vec<Pending>) -> bool {
+    /// Lines of one instance: one write, split where a rotation falls; every line checked
+    /// against the disk cap.
+    fn write_run(&mut self, run: &[Arc<LogRecord>]) {
+        let uuid = &run[0].instance_uuid;
         if !self.open.contains_key(uuid) {
             let log = open_log(&self.root, uuid);
             self.open.insert(uuid.clone(), log);
         }
-        let Some(log) = &self.open[uuid] else {
-            return false;
-        };
-        let buffered = pending
-            .iter()
-            .find(|p| &p.uuid == uuid)
-            .map_or(0, |p| p.text.len() as u64);
-        if log.size + buffered + n > self.max_file && log.size + buffered > 0 {
-            if let Some(i) = pending.iter().position(|p| &p.uuid == uuid) {
-                let p = pending.swap_remove(i);
-                self.flush(p);
+        let mut text = Vec::with_capacity(run.iter().map(|r| r.message.len() + 128).sum());
+        let mut message_bytes = 0;
+        let mut size = self.file_size(uuid);
+        for record in run {
+            let Some(file_size) = size else {
+                self.stats
+                    .dropped(uuid, DropWhere::Sink, record.message.len() as u64);
+                continue;
+            };
+            let start = text.len();
+            record.write_ndjson(&mut text);
+            let n = (text.len() - start) as u64;
+            if file_size + start as u64 + n > self.max_file && file_size + start as u64 > 0 {
+                let line = text.split_off(start);
+                self.flush(uuid, &text, message_bytes);
+                self.rotate(uuid);
+                (text, message_bytes) = (line, 0);
+                size = self.file_size(uuid);
             }
-            self.rotate(uuid);
-        }
-        while self.total + n > self.max_total {
-            if !self.evict_oldest() {
-                return false;
+            let mut room = true;
+            while self.total + n > self.max_total {
+                if !self.evict_oldest() {
+                    room = false;
+                    break;
+                }
+            }
+            if room {
+                self.total += n;
+                message_bytes += record.message.len() as u64;
+            } else {
+                text.truncate(text.len() - n as usize);
+                self.stats
+                    .dropped(uuid, DropWhere::Sink, record.message.len() as u64);
             }
         }
-        self.total += n;
-        true
+        self.flush(uuid, &text, message_bytes);
     }
 
-    fn flush(&mut self, p: Pending) {
-        let Some(Some(log)) = self.open.get_mut(&p.uuid) else {
+    /// Size of the open file of `uuid`; `None` when it could not be opened.
+    fn file_size(&self, uuid: &Arc<str>) -> Option<u64> {
+        self.open.get(uuid)?.as_ref().map(|log| log.size)
+    }
+
+    /// Appends `text` (holding `message_bytes` of console output) to the file of `uuid`.
+    fn flush(&mut self, uuid: &Arc<str>, text: &[u8], message_bytes: u64) {
+        if text.is_empty() {
+            return;
+        }
+        let Some(Some(log)) = self.open.get_mut(uuid) else {
             return;
         };
-        match log.file.write_all(p.text.as_bytes()) {
-            Ok(()) => log.size += p.text.len() as u64,
+        match log.file.write_all(text) {
+            Ok(()) => log.size += text.len() as u64,
             Err(error) => {
-                warn!(instance_uuid = %p.uuid.escape_debug(), %error, "cannot write console log");
-                self.total = self.total.saturating_sub(p.text.len() as u64);
-                self.stats
-                    .dropped(&p.uuid, DropWhere::Sink, p.message_bytes);
+                warn!(instance_uuid = %uuid.escape_debug(), %error, "cannot write console log");
+                self.total = self.total.saturating_sub(text.len() as u64);
+                self.stats.dropped(uuid, DropWhere::Sink, message_bytes);
             }
         }
     }
@@ -343,14 +345,6 @@ impl Writer {
         }
         found
     }
-}
-
-/// Lines of one instance waiting for one write.
-struct Pending {
-    uuid: Arc<str>,
-    text: String,
-    /// Bytes of console output in `text` (for the drop count if the write fails).
-    message_bytes: u64,
 }
 
 /// Opens (creating) the file of instance `uuid`; `None`, logged, when that fails.

@@ -25,8 +25,9 @@
 //!   (cut by the kernel after 64 KiB), `after-big\n`.
 //! - `STANDIN_BENCH_BYTES=N`: writes N bytes to stdout in 4 KiB writes of whole numbered lines
 //!   of `STANDIN_BENCH_LINE` bytes (default 256), at most `STANDIN_BENCH_RATE` lines a second
-//!   when set (each line then carries its send time), then writes `lines seconds` to
-//!   `STANDIN_BENCH_REPORT`.
+//!   when set (each line then carries its send time), then writes `lines seconds cpu_seconds`
+//!   to `STANDIN_BENCH_REPORT` (CPU: user + system time of the process, which includes the
+//!   kernel programs that run in its syscalls).
 
 use std::{
     env,
@@ -173,6 +174,16 @@ fn bench(total: u64, line_len: usize, rate: Option<u64>) -> u64 {
     lines
 }
 
+/// User + system CPU time of this process so far.
+fn cpu_seconds() -> f64 {
+    // SAFETY: zeroed rusage is a valid out-parameter.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
 fn console_output() {
     let lines: u32 = var("STANDIN_LINES").unwrap_or(0);
     let console = env::var("STANDIN_CONSOLE_FILE").ok().map(|p| open_file(&p));
@@ -207,7 +218,7 @@ fn console_output() {
         );
         if let Ok(report) = env::var("STANDIN_BENCH_REPORT") {
             let seconds = started.elapsed().as_secs_f64();
-            let _ = std::fs::write(report, format!("{lines} {seconds}\n"));
+            let _ = std::fs::write(report, format!("{lines} {seconds} {}\n", cpu_seconds()));
         }
     }
 }

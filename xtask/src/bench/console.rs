@@ -4,15 +4,16 @@
 //! `--line-bytes` to stdout (`/dev/null`) in 4 KiB writes of whole lines. Phases, each with a
 //! fresh release collector:
 //!
-//! 1. baseline: the writers at full speed, no collector;
-//! 2. throughput: the same with the collector; capture rate (bytes captured over the time from
-//!    the first write to the last line counted), losses, and the writers' slowdown;
-//! 3. paced: the writers held to `--paced-mbps` together, which must be loss-free;
+//! 1. baseline: the writers at full speed, no collector: their wall and CPU time;
+//! 2. loss-free throughput: the writers held to each of `--paced-mbps` (together) in turn,
+//!    until one rate loses lines; the highest loss-free rate, and the rate captured;
+//! 3. above capacity: the writers at full speed with the collector (they write far faster
+//!    than any capture on this machine): the writers' slowdown (wall, and CPU, which includes
+//!    the kernel programs running in their syscalls), and the books: lines counted plus lines
+//!    counted dropped (dropped bytes / line size: drops are whole writes of whole lines) must
+//!    equal lines written, exactly;
 //! 4. latency: `--latency-rate` lines/s per writer, each line stamped with its send time,
-//!    followed through `collector logs -f --json`; p50/p99 of arrival minus send;
-//! 5. books: a 128 KiB console ring so the kernel must drop; lines counted plus lines counted
-//!    dropped (dropped bytes / line size: drops are whole writes of whole lines) must equal
-//!    lines written, exactly.
+//!    followed through `collector logs -f --json`; p50/p99 of arrival minus send.
 //!
 //! The machine is shared: figures are medians or ratios within one run.
 
@@ -39,9 +40,9 @@ pub struct Args {
     /// Bytes per line (a divisor of 4096, so every write holds whole lines).
     #[arg(long, default_value_t = 256)]
     line_bytes: u64,
-    /// Aggregate rate of the paced phase, MB/s.
-    #[arg(long, default_value_t = 100)]
-    paced_mbps: u64,
+    /// Aggregate rates of the paced phases, MB/s, tried in order until one loses lines.
+    #[arg(long, value_delimiter = ',', default_value = "100,150,200,300")]
+    paced_mbps: Vec<u64>,
     /// Lines per second per writer in the latency phase.
     #[arg(long, default_value_t = 500)]
     latency_rate: u64,
@@ -120,53 +121,62 @@ impl Bench<'_> {
 
         eprintln!("bench: baseline, {} writers, no collector", a.writers);
         let baseline = self.writers("base", a.mib_per_writer << 20, None)?;
-        let base_median = median(&baseline.per_writer_s);
+        let (base_wall, base_cpu) = (median(&baseline.wall), median(&baseline.cpu));
         rows.push(format!(
-            "| baseline, no collector | {} x {} MiB | writers: median {:.2} s each, {:.0} MB/s together | — |",
-            a.writers, a.mib_per_writer, base_median, total_mb / baseline.wall_s
+            "| baseline, no collector, full speed | {} x {} MiB | writers: median {:.2} s wall, {:.2} s CPU each; {:.0} MB/s together | — |",
+            a.writers, a.mib_per_writer, base_wall, base_cpu, total_mb / baseline.wall_s
         ));
 
-        eprintln!("bench: throughput");
-        let (collector, addr) = self.collector("thr", 64 << 20)?;
-        let run = self.writers("thr", a.mib_per_writer << 20, None)?;
-        let (books, captured_s) = self.settle(&addr, "thr", lines_written, run.started)?;
-        drop(run.procs);
-        drop(collector);
-        let med = median(&run.per_writer_s);
-        let lost_lines = (books.dropped_kernel + books.unattributed) / a.line_bytes;
-        rows.push(format!(
-            "| full speed, 64 MiB ring | {} x {} MiB | captured {:.0} MB/s, {:.0} klines/s; lost {} lines; writers median {:.2} s (slowdown {:+.0}%) | {} |",
-            a.writers,
-            a.mib_per_writer,
-            books.bytes as f64 / 1e6 / captured_s,
-            books.lines as f64 / 1e3 / captured_s,
-            lost_lines,
-            med,
-            (med / base_median - 1.0) * 100.0,
-            if lost_lines == 0 { "loss-free" } else { "LOSSY" }
-        ));
+        for (step, mbps) in a.paced_mbps.iter().enumerate() {
+            eprintln!("bench: paced at {mbps} MB/s");
+            let tag = format!("pace{step}");
+            let (collector, addr) = self.collector(&tag, 8 << 20)?;
+            let per_writer_lines_s = *mbps as f64 * 1e6 / a.line_bytes as f64 / a.writers as f64;
+            let run = self.writers(
+                &tag,
+                a.mib_per_writer << 20,
+                Some(per_writer_lines_s as u64),
+            )?;
+            let (books, captured_s) = self.settle(&addr, &tag, lines_written, run.started)?;
+            drop(run.procs);
+            drop(collector);
+            let lost_lines = (books.dropped_kernel + books.unattributed) / a.line_bytes;
+            rows.push(format!(
+                "| paced {mbps} MB/s ({:.0} klines/s) | {} x {} MiB | captured {:.0} MB/s, {:.0} klines/s; lost {lost_lines} lines; file queue dropped {:.1} MB; writers median {:.2} s CPU | {} |",
+                *mbps as f64 * 1e3 / a.line_bytes as f64,
+                a.writers,
+                a.mib_per_writer,
+                books.bytes as f64 / 1e6 / captured_s,
+                books.lines as f64 / 1e3 / captured_s,
+                books.dropped_queue as f64 / 1e6,
+                median(&run.cpu),
+                if lost_lines == 0 { "loss-free" } else { "LOSSY" }
+            ));
+            if lost_lines > 0 {
+                break;
+            }
+        }
 
-        eprintln!("bench: paced at {} MB/s", a.paced_mbps);
-        let (collector, addr) = self.collector("pace", 8 << 20)?;
-        let per_writer_lines_s = a.paced_mbps as f64 * 1e6 / a.line_bytes as f64 / a.writers as f64;
-        let run = self.writers(
-            "pace",
-            a.mib_per_writer << 20,
-            Some(per_writer_lines_s as u64),
-        )?;
-        let (books, captured_s) = self.settle(&addr, "pace", lines_written, run.started)?;
+        eprintln!("bench: full speed with the collector (above capacity)");
+        let (collector, addr) = self.collector("full", 8 << 20)?;
+        let run = self.writers("full", a.mib_per_writer << 20, None)?;
+        let (books, _) = self.settle(&addr, "full", lines_written, run.started)?;
         drop(run.procs);
         drop(collector);
-        let lost_lines = (books.dropped_kernel + books.unattributed) / a.line_bytes;
+        let (wall, cpu) = (median(&run.wall), median(&run.cpu));
+        let dropped = (books.dropped_kernel + books.unattributed) / a.line_bytes;
+        let counted = books.lines + dropped;
         rows.push(format!(
-            "| paced {} MB/s, default 8 MiB ring | {} x {} MiB | captured {:.0} MB/s; lost {} lines | {} |",
-            a.paced_mbps,
-            a.writers,
-            a.mib_per_writer,
-            books.bytes as f64 / 1e6 / captured_s,
-            lost_lines,
-            if lost_lines == 0 { "loss-free" } else { "LOSSY" }
+            "| full speed with the collector | {lines_written} lines written | {} captured + {dropped} counted dropped = {counted}; writers median {wall:.2} s wall ({:+.0}%), {cpu:.2} s CPU ({:+.0}%) | {} |",
+            books.lines,
+            (wall / base_wall - 1.0) * 100.0,
+            (cpu / base_cpu - 1.0) * 100.0,
+            if counted == lines_written { "balanced" } else { "UNBALANCED" }
         ));
+        ensure!(
+            counted == lines_written,
+            "books do not balance: {books:?}, {lines_written} lines written"
+        );
 
         eprintln!("bench: latency at {} lines/s per writer", a.latency_rate);
         let (collector, addr) = self.collector("lat", 8 << 20)?;
@@ -181,24 +191,6 @@ impl Bench<'_> {
             percentile(&latencies, 0.99),
             percentile(&latencies, 1.0),
         ));
-
-        eprintln!("bench: books above capacity (128 KiB ring)");
-        let (collector, addr) = self.collector("books", 128 << 10)?;
-        let run = self.writers("books", a.mib_per_writer << 20, None)?;
-        let (books, _) = self.settle(&addr, "books", lines_written, run.started)?;
-        drop(run.procs);
-        drop(collector);
-        let counted = books.lines + (books.dropped_kernel + books.unattributed) / a.line_bytes;
-        rows.push(format!(
-            "| full speed, 128 KiB ring | {lines_written} lines written | {} captured + {} counted dropped = {counted} | {} |",
-            books.lines,
-            (books.dropped_kernel + books.unattributed) / a.line_bytes,
-            if counted == lines_written { "balanced" } else { "UNBALANCED" }
-        ));
-        ensure!(
-            counted == lines_written,
-            "books do not balance: {books:?}, {lines_written} lines written"
-        );
 
         Ok(format!(
             "| phase | load | result | verdict |\n| --- | --- | --- | --- |\n{}",
@@ -265,14 +257,15 @@ impl Bench<'_> {
             procs.0.push(cmd.spawn().context("starting a writer")?);
             reports.push(report);
         }
-        let mut per_writer_s = Vec::new();
+        let (mut wall, mut cpu) = (Vec::new(), Vec::new());
         let deadline = Instant::now() + Duration::from_secs(600);
         for report in &reports {
             loop {
                 if let Ok(text) = std::fs::read_to_string(report)
-                    && let Some(seconds) = text.split_whitespace().nth(1)
+                    && let [_, w, c] = text.split_whitespace().collect::<Vec<_>>()[..]
                 {
-                    per_writer_s.push(seconds.parse::<f64>()?);
+                    wall.push(w.parse::<f64>()?);
+                    cpu.push(c.parse::<f64>()?);
                     break;
                 }
                 ensure!(Instant::now() < deadline, "writers did not finish in 600 s");
@@ -281,7 +274,8 @@ impl Bench<'_> {
         }
         Ok(Run {
             procs,
-            per_writer_s,
+            wall,
+            cpu,
             wall_s: started.elapsed().as_secs_f64(),
             started,
         })
@@ -397,7 +391,9 @@ impl Bench<'_> {
 
 struct Run {
     procs: Procs,
-    per_writer_s: Vec<f64>,
+    /// Each writer's wall and CPU seconds.
+    wall: Vec<f64>,
+    cpu: Vec<f64>,
     wall_s: f64,
     started: Instant,
 }

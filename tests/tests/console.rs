@@ -321,22 +321,23 @@ fn console_file_opened_before_the_collector_started() {
     let uuid = new_uuid("early-console");
     let work = tempfile::tempdir().unwrap();
     let console_file = work.path().join("serial.out");
+    let go = work.path().join("go");
     let _vmm = Standin::spawn(
         "qemu-system-x86_64",
         &["-uuid", &uuid],
         &[
             ("STANDIN_CONSOLE_FILE", console_file.to_str().unwrap()),
-            ("STANDIN_DELAY_MS", "4000"),
+            ("STANDIN_WAIT_FOR", go.to_str().unwrap()),
         ],
     );
-    let started = std::time::Instant::now();
+    // The file is open before the collector starts; the writes come once it is running.
+    wait_for(ARRIVES_WITHIN, || console_file.exists().then_some(())).expect("file opened");
     let config = config_file("[console.files]\nqemu = [\"*/serial.out\"]\n");
     let collector = Collector::start(&["--config", config.path().to_str().unwrap()]);
-    assert!(
-        started.elapsed() < Duration::from_millis(3500),
-        "collector too slow to start for this test: {:?}",
-        started.elapsed()
-    );
+    wait_for(ARRIVES_WITHIN, || collector.instance(&uuid)).expect("discovered");
+    // Give the console pipeline the snapshot with the new instance before the first write.
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(&go, "").unwrap();
     let records = wait_for(Duration::from_secs(8), || {
         let r = collector.logs(&uuid, "");
         (r.len() >= 11).then_some(r)

@@ -19,6 +19,7 @@
 //! - `STANDIN_OTHER_FILE=PATH`: writes `secret line I` to PATH, a file that is not a console;
 //!   then `dup2`s it onto fd 1 and writes `secret via stdout` (fd 1 is no longer stdout).
 //! - `STANDIN_DELAY_MS`: opens the files, then waits this long before writing.
+//! - `STANDIN_WAIT_FOR=PATH`: opens the files, then waits until PATH exists before writing.
 //! - `STANDIN_TRICKY`: to stdout, in this order: `par`+`tial-`+`line\n` in three writes,
 //!   `crlf\r\n`, `cr1\rcr2\n`, invalid UTF-8 `bad \xff\xfe end\n`, `nul\0byte\n`, a
 //!   1 MiB line of `x` in 4 KiB writes then `\n`, a single 1 MiB write of `y` without newline
@@ -150,11 +151,11 @@ fn bench(total: u64, line_len: usize, rate: Option<u64>) -> u64 {
         buf.clear();
         for _ in 0..per_write {
             lines += 1;
-            let sent = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos();
             let head = if rate.is_some() {
+                let sent = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos();
                 format!("bench {lines} sent {sent} ")
             } else {
                 format!("bench {lines} ")
@@ -190,6 +191,11 @@ fn console_output() {
     let other = env::var("STANDIN_OTHER_FILE").ok().map(|p| open_file(&p));
     if let Some(ms) = var::<u64>("STANDIN_DELAY_MS") {
         thread::sleep(Duration::from_millis(ms));
+    }
+    if let Ok(path) = env::var("STANDIN_WAIT_FOR") {
+        while !std::path::Path::new(&path).exists() {
+            thread::sleep(Duration::from_millis(10));
+        }
     }
     for i in 1..=lines {
         write_fd(1, format!("stdout line {i}\n").as_bytes());

@@ -167,10 +167,11 @@ impl Bench<'_> {
         let dropped = (books.dropped_kernel + books.unattributed) / a.line_bytes;
         let counted = books.lines + dropped;
         rows.push(format!(
-            "| full speed with the collector | {lines_written} lines written | {} captured + {dropped} counted dropped = {counted}; writers median {wall:.2} s wall ({:+.0}%), {cpu:.2} s CPU ({:+.0}%) | {} |",
+            "| full speed with the collector | {lines_written} lines written | {} captured + {dropped} counted dropped = {counted}; writers median {wall:.2} s wall ({:+.0}%), {cpu:.2} s CPU ({:+.0}%, {:.2} µs more per 4 KiB write) | {} |",
             books.lines,
             (wall / base_wall - 1.0) * 100.0,
             (cpu / base_cpu - 1.0) * 100.0,
+            (cpu - base_cpu) * 1e6 / ((a.mib_per_writer << 20) / 4096) as f64,
             if counted == lines_written { "balanced" } else { "UNBALANCED" }
         ));
         ensure!(

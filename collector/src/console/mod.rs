@@ -210,9 +210,9 @@ fn needs_escape(bytes: &[u8]) -> bool {
     const HIGHS: u64 = 0x8080_8080_8080_8080;
     // A byte of `w` is zero (the classic "has zero byte" bit trick).
     let zero_byte = |w: u64| w.wrapping_sub(ONES) & !w & HIGHS != 0;
-    let mut words = bytes.chunks_exact(8);
-    for word in &mut words {
-        let w = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+    let (words, rest) = bytes.as_chunks::<8>();
+    for word in words {
+        let w = u64::from_le_bytes(*word);
         // Bytes below 0x20: subtracting 0x20 borrows into the high bit of a byte that had it
         // clear (bytes >= 0x80 are UTF-8 and never need escaping).
         let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGHS != 0;
@@ -223,10 +223,7 @@ fn needs_escape(bytes: &[u8]) -> bool {
             return true;
         }
     }
-    words
-        .remainder()
-        .iter()
-        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+    rest.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 /// Appends `n` in decimal, zero-padded to `width` digits.

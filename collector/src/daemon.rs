@@ -15,7 +15,7 @@ use std::{
 use anyhow::Context;
 use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, signal::unix::SignalKind};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::{
     api::{
@@ -34,6 +34,9 @@ use crate::{
     sinks::{console_metrics::ConsoleMetrics, logs::LogFiles, metrics::InstanceMetrics},
     telemetry::{self, KernelHealth, SelfMetrics},
 };
+
+/// How long shutdown waits for the console pipeline to write what it holds.
+const CONSOLE_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Options of `collector run` that override the config file.
 #[derive(Debug, Default)]
@@ -122,7 +125,9 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
         metrics: self_metrics.clone(),
         config: config.console.clone(),
     };
-    let console_task = tokio::spawn(console_pipeline.run(ConsoleReader::new(console_ring)?));
+    let (console_stop, console_stopped) = tokio::sync::oneshot::channel();
+    let console_task =
+        tokio::spawn(console_pipeline.run(ConsoleReader::new(console_ring)?, console_stopped));
 
     let mut reader = ProcessEventReader::new(kernel.process_events, self_metrics.clone())?;
     let mut discovery = Discovery::new(
@@ -164,7 +169,18 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
     .await
     .context("HTTP server")?;
     discovery_task.abort();
-    console_task.abort();
+    // Partial lines flushed, queued lines written: bounded, so a stuck disk cannot hold the
+    // shutdown.
+    let _ = console_stop.send(());
+    if tokio::time::timeout(CONSOLE_DRAIN, console_task)
+        .await
+        .is_err()
+    {
+        warn!(
+            grace_s = CONSOLE_DRAIN.as_secs(),
+            "console logs not all written at shutdown"
+        );
+    }
     drop(ebpf);
     info!("collector stopped; probes detached");
     Ok(())

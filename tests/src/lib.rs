@@ -305,6 +305,13 @@ impl Collector {
         )))
     }
 
+    /// Sends SIGTERM and waits for the exit status, keeping the log folder.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().expect("wait collector")
+    }
+
     /// The records in `<log-dir>/<dir>/console.log`.
     pub fn log_file(&self, dir: &str) -> Vec<Value> {
         let path = self.log_dir.path().join(dir).join("console.log");

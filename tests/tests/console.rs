@@ -12,6 +12,9 @@ const ARRIVES_WITHIN: Duration = Duration::from_secs(5);
 
 /// Waits until the API holds `n` records of `uuid`.
 fn wait_records(collector: &Collector, uuid: &str, n: usize) -> Vec<Value> {
+    // Unknown (404) until listed.
+    wait_for(ARRIVES_WITHIN, || collector.instance(uuid))
+        .unwrap_or_else(|| panic!("{uuid} not listed:\n{}", collector.stderr()));
     let mut last = Vec::new();
     wait_for(ARRIVES_WITHIN, || {
         last = collector.logs(uuid, "");
@@ -346,4 +349,24 @@ fn console_file_opened_before_the_collector_started() {
     let mut want = numbered("console", 10);
     want.push("console via dup".into());
     assert_eq!(messages(&records, "console"), want);
+}
+
+/// SIGTERM: the partial line still held is flushed to the file before the collector exits.
+#[test]
+fn shutdown_flushes_partial_lines_to_disk() {
+    let config = config_file("[console]\npartial_flush_ms = 600000\n");
+    let mut collector = Collector::start(&["--config", config.path().to_str().unwrap()]);
+    let uuid = new_uuid("shutdown");
+    let _vmm = Standin::spawn(
+        "firecracker",
+        &["--uuid", &uuid],
+        &[("STANDIN_LINES", "2"), ("STANDIN_TAIL", "no newline yet")],
+    );
+    wait_records(&collector, &uuid, 4);
+    assert!(collector.terminate().success());
+    let records = collector.log_file(&uuid);
+    let last = records.last().expect("records on disk");
+    assert_eq!(last["message"], "no newline yet", "{records:?}");
+    assert_eq!(last["partial"], true);
+    assert_eq!(messages(&records, "stdout").len(), 3);
 }

@@ -18,6 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use tokio::sync::oneshot;
 use tracing::{debug, error, warn};
 
 use super::{
@@ -85,7 +86,9 @@ struct State {
 }
 
 impl Pipeline {
-    pub async fn run(mut self, mut reader: ConsoleReader) {
+    /// Runs until `stop` fires (or the reader fails): then flushes every partial line, writes
+    /// what is queued for the files and returns.
+    pub async fn run(mut self, mut reader: ConsoleReader, mut stop: oneshot::Receiver<()>) {
         let mut state = State {
             procs: HashMap::new(),
             unknown: HashMap::new(),
@@ -105,7 +108,7 @@ impl Pipeline {
                         Ok(ready) => ready,
                         Err(error) => {
                             error!(%error, "console reader failed; console capture stopped");
-                            return;
+                            break;
                         }
                     };
                     // Each write is handled in place, in the ring, without a copy.
@@ -124,10 +127,11 @@ impl Pipeline {
                 }
                 changed = self.snapshot.changed() => {
                     if changed.is_err() {
-                        return;
+                        break;
                     }
                     self.sync_snapshot(&mut state);
                 }
+                _ = &mut stop => break,
                 _ = tick.tick() => {
                     self.flush_idle(&mut state);
                     if last_slow.elapsed() >= Duration::from_secs(1) {
@@ -138,6 +142,13 @@ impl Pipeline {
             }
             self.dispatch(&mut state);
         }
+        let pids: Vec<u32> = state.procs.keys().copied().collect();
+        for pid in pids {
+            self.finish(&mut state, pid);
+        }
+        self.dispatch(&mut state);
+        let files = self.files;
+        let _ = tokio::task::spawn_blocking(move || files.close()).await;
     }
 
     fn on_chunk(&mut self, state: &mut State, chunk: Chunk<'_>, clock: &BootClock) {

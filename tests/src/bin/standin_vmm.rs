@@ -20,6 +20,7 @@
 //!   then `dup2`s it onto fd 1 and writes `secret via stdout` (fd 1 is no longer stdout).
 //! - `STANDIN_DELAY_MS`: opens the files, then waits this long before writing.
 //! - `STANDIN_WAIT_FOR=PATH`: opens the files, then waits until PATH exists before writing.
+//! - `STANDIN_TAIL=TEXT`: written last to stdout, as is (no newline added).
 //! - `STANDIN_TRICKY`: to stdout, in this order: `par`+`tial-`+`line\n` in three writes,
 //!   `crlf\r\n`, `cr1\rcr2\n`, invalid UTF-8 `bad \xff\xfe end\n`, `nul\0byte\n`, a
 //!   1 MiB line of `x` in 4 KiB writes then `\n`, a single 1 MiB write of `y` without newline
@@ -214,6 +215,9 @@ fn console_output() {
         // SAFETY: plain syscall.
         unsafe { libc::dup2(fd, 1) };
         write_fd(1, b"secret via stdout\n");
+    }
+    if let Ok(tail) = env::var("STANDIN_TAIL") {
+        write_fd(1, tail.as_bytes());
     }
     if let Some(total) = var::<u64>("STANDIN_BENCH_BYTES") {
         let started = std::time::Instant::now();

@@ -58,10 +58,10 @@ enum Message {
     Ended(Arc<str>),
 }
 
-/// The sending side. Cheap to clone.
-#[derive(Clone)]
+/// The sending side.
 pub struct LogFiles {
     tx: mpsc::Sender<Message>,
+    thread: std::thread::JoinHandle<()>,
     queued: Arc<AtomicUsize>,
     max_queued: usize,
     stats: ConsoleStats,
@@ -93,7 +93,7 @@ impl LogFiles {
         };
         writer.total = writer.scan().iter().map(|f| f.size).sum();
         let thread_queued = queued.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("console-files".into())
             .spawn(move || {
                 while let Ok(message) = rx.recv() {
@@ -112,6 +112,7 @@ impl LogFiles {
             .map_err(dir_error)?;
         Ok(Self {
             tx,
+            thread,
             queued,
             max_queued: config.queue_lines,
             stats,
@@ -145,6 +146,13 @@ impl LogFiles {
 
     pub fn ended(&self, uuid: Arc<str>) {
         let _ = self.tx.send(Message::Ended(uuid));
+    }
+
+    /// Writes what is queued, then stops the writer thread (blocks until it has).
+    pub fn close(self) {
+        let Self { tx, thread, .. } = self;
+        drop(tx);
+        let _ = thread.join();
     }
 }
 

@@ -252,6 +252,13 @@ disable_builtin_matchers = ["qemu"]
 [kernel]
 process_events_ring_bytes = 1048576
 
+[console]
+max_line_bytes = 1024
+retention_secs = 60
+
+[console.files]
+qemu = ["*/serial.log"]
+
 [[matcher]]
 name = "crosvm"
 executable = "crosvm"
@@ -261,6 +268,17 @@ vcpu_thread = '^crosvm_vcpu(\d+)$'
             "t.toml",
         )
         .unwrap();
+        assert_eq!(c.console.max_line_bytes, 1024);
+        assert_eq!(c.console.files["qemu"], ["*/serial.log"]);
+        assert!(
+            !c.console.files.contains_key("firecracker"),
+            "setting files replaces the default"
+        );
+        assert_eq!(
+            c.console.history_bytes,
+            ConsoleConfig::default().history_bytes
+        );
+        assert_eq!(Config::default().console.files["firecracker"], ["*/vm.log"]);
         assert_eq!(c.listen.port(), 9999);
         assert_eq!(c.matchers[0].name, "crosvm");
         assert_eq!(c.kernel.process_events_ring_bytes, 1 << 20);
@@ -282,5 +300,11 @@ vcpu_thread = '^crosvm_vcpu(\d+)$'
         );
         let err = Config::parse("[kernel]\nprocess_events_ring_bytes = 1000\n", "c").unwrap_err();
         assert!(err.to_string().contains("power of two"), "{err}");
+        let err = Config::parse("[kernel]\nconsole_ring_bytes = 4096\n", "c").unwrap_err();
+        assert!(err.to_string().contains("console_ring_bytes"), "{err}");
+        let err = Config::parse("[console]\nfile_max_bytes = 10\n", "c").unwrap_err();
+        assert!(err.to_string().contains("file_max_bytes"), "{err}");
+        let err = Config::parse("[console]\nbogus = 1\n", "c").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
     }
 }

@@ -370,3 +370,21 @@ fn shutdown_flushes_partial_lines_to_disk() {
     assert_eq!(last["partial"], true);
     assert_eq!(messages(&records, "stdout").len(), 3);
 }
+
+/// A console rule the kernel could not apply is refused at start, in one line.
+#[test]
+fn bad_console_rule_is_refused_at_start() {
+    let config = config_file("[console.files]\nqemu = [\"serial.log\"]\n");
+    let out = Command::new(collector_bin())
+        .args(["run", "--listen", "127.0.0.1:0", "--config"])
+        .arg(config.path())
+        .output()
+        .expect("run collector");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("error: console.files: \"serial.log\" must be `*` followed by"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}

@@ -116,19 +116,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let mut path = format!(
                 "/v1/instances/{}/logs?follow={follow}",
-                client::path_segment(&uuid)
+                percent_encode(&uuid)
             );
             if let Some(tail) = tail {
                 path.push_str(&format!("&tail={tail}"));
             }
             if let Some(since) = since {
-                path.push_str(&format!("&since={}", client::path_segment(&since)));
+                path.push_str(&format!("&since={}", percent_encode(&since)));
             }
             if let Some(stream) = stream {
-                path.push_str(&format!("&stream={}", client::path_segment(&stream)));
+                path.push_str(&format!("&stream={}", percent_encode(&stream)));
             }
             runtime.block_on(client::get_lines(&addr, &path, |line| {
-                print_log_line(line, json)
+                // A closed pipe (`| head`) ends the output; nothing to report.
+                let _ = print_log_line(line, json);
             }))
         }
         Command::Instances { addr, json } => runtime.block_on(async {
@@ -161,12 +162,28 @@ fn print_log_line(line: &[u8], json: bool) -> anyhow::Result<()> {
         if !(record.split || record.partial) {
             out.write_all(b"\n")?;
         }
+    } else if let Ok(notice) = serde_json::from_slice::<serde_json::Value>(line)
+        && let Some(missed) = notice.get("lagged")
+    {
+        eprintln!("(missed {missed} lines: this reader was too slow)");
     } else {
-        // Not a record: a notice from the server (a follower that fell behind).
         eprintln!("{}", String::from_utf8_lossy(line));
     }
     out.flush()?;
     Ok(())
+}
+
+/// Percent-encodes a query value.
+fn percent_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn instances_table(instances: &[InstanceView]) -> String {

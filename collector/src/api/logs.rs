@@ -123,9 +123,8 @@ fn follow(
                 }
                 Ok(_) => {}
                 Err(RecvError::Lagged(skipped)) => {
-                    let line = format!(
-                        "{{\"error\":\"reader too slow: lines skipped\",\"skipped\":{skipped}}}\n"
-                    );
+                    // Same shape as the events feed's notice.
+                    let line = format!("{{\"lagged\":{skipped}}}\n");
                     return Some((Ok(Bytes::from(line)), live));
                 }
                 Err(RecvError::Closed) => return None,

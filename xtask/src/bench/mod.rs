@@ -13,7 +13,7 @@ pub enum Bench {
     Console(console::Args),
 }
 
-pub fn run(bench: Bench) -> anyhow::Result<()> {
+pub fn bench(bench: Bench) -> anyhow::Result<()> {
     match bench {
         Bench::Console(args) => console::run(&args),
     }

@@ -78,6 +78,10 @@ pub struct KernelOffsets {
     pub task_sum_exec_runtime: u32,
     /// `task_struct.comm`
     pub task_comm: u32,
+    /// `pt_regs` slot of the syscall number at syscall exit (`orig_ax` on x86_64).
+    pub pt_regs_syscall_nr: u32,
+    /// `pt_regs` slots of the first three syscall arguments (`di`, `si`, `dx` on x86_64).
+    pub pt_regs_args: [u32; 3],
 }
 
 /// Key of the exec matcher trie: a task's `comm` after exec (the executable's base name, cut to
@@ -214,6 +218,8 @@ pub mod drop_kind {
     pub const TRACKED_MAP_FULL: u32 = 2;
     /// An OOM-victim event found the process-events ring buffer full.
     pub const OOM_EVENT_RESERVE: u32 = 3;
+    /// A console descriptor could not be recorded: the console-fd map was full.
+    pub const CONSOLE_FD_MAP_FULL: u32 = 4;
     /// Number of kinds (size of the `DROPS` array).
     pub const COUNT: u32 = 8;
 }
@@ -234,7 +240,7 @@ mod user {
 }
 
 // No implicit padding: each size is the sum of its fields.
-const _: () = assert!(size_of::<KernelOffsets>() == 26 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 30 * 4);
 const _: () = assert!(size_of::<ExecMatch>() == 4);
 const _: () = assert!(size_of::<TrackedProcess>() == 16);
 const _: () = assert!(size_of::<ProcessEventHeader>() == 16);
@@ -376,3 +382,130 @@ mod tests {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Console capture: the bytes tracked VMMs write to their stdout, stderr and console files.
+// ---------------------------------------------------------------------------------------------
+
+/// Bytes of one write that reach userspace whole; the rest of a longer write is cut (counted,
+/// and marked in the record by `total > len`).
+pub const CONSOLE_MAX_WRITE: usize = 64 * 1024;
+/// Longest literal tail of a console-file rule the kernel compares at `openat`.
+pub const CONSOLE_RULE_LEN: usize = 64;
+/// Console-file rules the kernel holds (all matchers together).
+pub const CONSOLE_MAX_RULES: u32 = 16;
+/// `iovec`s of one `writev` the kernel copies; bytes in later ones are cut.
+pub const CONSOLE_MAX_IOVECS: u32 = 64;
+/// Default capacity of the console-descriptor map.
+pub const DEFAULT_MAX_CONSOLE_FDS: u32 = 16384;
+
+/// What a console descriptor carries ([`ConsoleFd::stream`], [`ConsoleRecordHeader::stream`]).
+pub mod console_stream {
+    /// Not a console: a tombstone that overrides the implicit stdout/stderr of fds 1 and 2
+    /// (after `close(1)`, or a `dup2` of another file onto it).
+    pub const NONE: u32 = 0;
+    /// fd 1, unless overridden.
+    pub const STDOUT: u32 = 1;
+    /// fd 2, unless overridden.
+    pub const STDERR: u32 = 2;
+    /// A file whose path matched a console-file rule.
+    pub const CONSOLE: u32 = 3;
+}
+
+/// Key of the console-descriptor map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConsoleFdKey {
+    pub tgid: u32,
+    pub fd: u32,
+}
+
+/// A descriptor of a tracked process whose writes are (or, for a tombstone, are not) console
+/// output.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConsoleFd {
+    /// One of [`console_stream`].
+    pub stream: u32,
+    pub _pad: u32,
+    /// [`TrackedProcess::start_boot_ns`] of the process it belongs to: an entry left behind by
+    /// an exited process never applies to a later one that reuses the pid.
+    pub start_boot_ns: u64,
+}
+
+/// A console-file rule: a path (as the VMM passes it to `open`/`openat`) that ends with
+/// `suffix[..len]` is a console file of processes claimed by `matcher_id`. A suffix starting
+/// with `/` also matches the bare name after it (a relative `vm.log`). `len == 0`: unused slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConsoleRule {
+    pub matcher_id: u32,
+    pub len: u32,
+    pub suffix: [u8; CONSOLE_RULE_LEN],
+}
+
+/// Syscall numbers of this architecture, set by userspace (the kernel object is built once for
+/// every architecture). [`SYSCALL_NONE`] marks one the architecture lacks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyscallNumbers {
+    pub write: u32,
+    pub pwrite64: u32,
+    pub writev: u32,
+    pub pwritev: u32,
+    pub pwritev2: u32,
+    pub open: u32,
+    pub creat: u32,
+    pub openat: u32,
+    pub close: u32,
+    pub dup: u32,
+    pub dup2: u32,
+    pub dup3: u32,
+    pub fcntl: u32,
+    pub _pad: u32,
+}
+
+/// [`SyscallNumbers`]: the architecture has no such syscall.
+pub const SYSCALL_NONE: u32 = u32::MAX;
+
+/// Head of each record on the console ring buffer; `len` bytes of output follow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConsoleRecordHeader {
+    pub tgid: u32,
+    pub fd: u32,
+    /// One of [`console_stream`].
+    pub stream: u32,
+    /// Bytes that follow (at most [`CONSOLE_MAX_WRITE`]).
+    pub len: u32,
+    /// Bytes the syscall wrote (its return value); `total - len` were cut.
+    pub total: u64,
+    /// `bpf_ktime_get_boot_ns()` when the write returned.
+    pub boot_ns: u64,
+}
+
+/// Writes of one process the kernel could not put on the console ring (full), by tgid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConsoleKernelDrops {
+    pub bytes: u64,
+    pub writes: u64,
+}
+
+#[cfg(feature = "user")]
+mod console_user {
+    // SAFETY (all impls): `#[repr(C)]`, `Copy`, only integer fields, and no implicit padding
+    // (checked by the size assertions below), so any byte pattern is a valid value.
+    unsafe impl aya::Pod for super::ConsoleFdKey {}
+    unsafe impl aya::Pod for super::ConsoleFd {}
+    unsafe impl aya::Pod for super::ConsoleRule {}
+    unsafe impl aya::Pod for super::SyscallNumbers {}
+    unsafe impl aya::Pod for super::ConsoleKernelDrops {}
+}
+
+const _: () = assert!(size_of::<ConsoleFdKey>() == 8);
+const _: () = assert!(size_of::<ConsoleFd>() == 16);
+const _: () = assert!(size_of::<ConsoleRule>() == 8 + CONSOLE_RULE_LEN);
+const _: () = assert!(size_of::<SyscallNumbers>() == 14 * 4);
+const _: () = assert!(size_of::<ConsoleRecordHeader>() == 32);
+const _: () = assert!(size_of::<ConsoleKernelDrops>() == 16);

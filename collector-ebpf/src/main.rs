@@ -9,6 +9,7 @@
 // Inline BPF assembly for atomic adds (see `sched::add`).
 #![feature(asm_experimental_arch)]
 
+mod console;
 mod kernel;
 mod maps;
 mod process;

@@ -38,6 +38,8 @@ pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     task_state_size: 0,
     task_sum_exec_runtime: 0,
     task_comm: 0,
+    pt_regs_syscall_nr: 0,
+    pt_regs_args: [0; 3],
 });
 
 /// `comm` prefixes of the executables the matchers claim (see [`CommKey`]).

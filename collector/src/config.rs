@@ -2,6 +2,7 @@
 //! bare host. Unknown fields are errors, so a typo never silently does nothing.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
 };
@@ -29,6 +30,8 @@ pub struct Config {
     pub kernel: KernelConfig,
     /// Retention of lifecycle events.
     pub events: EventsConfig,
+    /// Console capture: which files are consoles, line assembly, log files and their caps.
+    pub console: ConsoleConfig,
 }
 
 impl Default for Config {
@@ -40,6 +43,7 @@ impl Default for Config {
             matchers: Vec::new(),
             kernel: KernelConfig::default(),
             events: EventsConfig::default(),
+            console: ConsoleConfig::default(),
         }
     }
 }
@@ -100,6 +104,11 @@ pub struct KernelConfig {
     pub max_tracked_processes: u32,
     /// Most threads of those processes the kernel follows at once (scheduling metrics).
     pub max_tracked_threads: u32,
+    /// Bytes of the console-output ring buffer (a power of two, at least 128 KiB). When it is
+    /// full, writes are counted as dropped (`where="kernel"`), never waited for.
+    pub console_ring_bytes: u32,
+    /// Most console descriptors (beyond fds 1 and 2) the kernel follows at once.
+    pub max_console_fds: u32,
 }
 
 impl Default for KernelConfig {
@@ -108,6 +117,54 @@ impl Default for KernelConfig {
             process_events_ring_bytes: 256 * 1024,
             max_tracked_processes: collector_common::DEFAULT_MAX_TRACKED_PROCESSES,
             max_tracked_threads: collector_common::DEFAULT_MAX_TRACKED_THREADS,
+            console_ring_bytes: 8 * 1024 * 1024,
+            max_console_fds: collector_common::DEFAULT_MAX_CONSOLE_FDS,
+        }
+    }
+}
+
+/// Console capture. Sizes are per instance unless named otherwise.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// Console files by matcher name: globs of the form `*SUFFIX` over the path the VMM opens
+    /// (a `SUFFIX` starting with `/` also matches the bare name). The kernel decides at `open`,
+    /// before the first write, so only a literal suffix (at most 63 bytes) can be matched.
+    /// Setting this replaces the default (`firecracker = ["*/vm.log"]`).
+    pub files: BTreeMap<String, Vec<String>>,
+    /// Longest line, in bytes; a longer one is split and its pieces marked `split`.
+    pub max_line_bytes: usize,
+    /// A line without its newline is flushed (marked `partial`) after this much idle time.
+    pub partial_flush_ms: u64,
+    /// How long the logs of an exited instance stay readable through the API.
+    pub retention_secs: u64,
+    /// Bytes of recent lines kept in memory for the API's `tail`, `since` and `follow`.
+    pub history_bytes: usize,
+    /// Lines waiting for the log files; beyond it lines are dropped and counted
+    /// (`where="queue"`), so a slow disk never holds up the kernel reader.
+    pub queue_lines: usize,
+    /// A log file is rotated (`console.log` -> `console.log.1` ...) when it reaches this size.
+    pub file_max_bytes: u64,
+    /// Rotated files kept per instance (the per-instance cap is
+    /// `file_max_bytes * (file_rotations + 1)`).
+    pub file_rotations: u32,
+    /// Cap on all console log files together; the oldest rotated files (and the files of
+    /// instances that are gone) are deleted first, then lines are dropped (`where="sink"`).
+    pub disk_max_bytes: u64,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            files: BTreeMap::from([("firecracker".to_owned(), vec!["*/vm.log".to_owned()])]),
+            max_line_bytes: 16 * 1024,
+            partial_flush_ms: 500,
+            retention_secs: 600,
+            history_bytes: 4 * 1024 * 1024,
+            queue_lines: 65536,
+            file_max_bytes: 16 * 1024 * 1024,
+            file_rotations: 3,
+            disk_max_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -169,6 +226,30 @@ impl Config {
                 "kernel.process_events_ring_bytes = {ring}: must be a power of two of at least 4096"
             ));
         }
+        let ring = self.kernel.console_ring_bytes;
+        if !ring.is_power_of_two() || ring < 128 * 1024 {
+            return Err(format!(
+                "kernel.console_ring_bytes = {ring}: must be a power of two of at least 131072"
+            ));
+        }
+        if self.kernel.max_console_fds == 0 {
+            return Err("kernel.max_console_fds must be at least 1".into());
+        }
+        let c = &self.console;
+        if c.max_line_bytes < 16 || c.history_bytes == 0 || c.queue_lines == 0 {
+            return Err(
+                "console.max_line_bytes must be at least 16, history_bytes and queue_lines \
+                 at least 1"
+                    .into(),
+            );
+        }
+        if c.file_max_bytes < 4096 || c.disk_max_bytes < c.file_max_bytes {
+            return Err(
+                "console.file_max_bytes must be at least 4096 and disk_max_bytes at least \
+                 file_max_bytes"
+                    .into(),
+            );
+        }
         if self.events.max_per_instance == 0 || self.events.max_instances == 0 {
             return Err(
                 "events.max_per_instance and events.max_instances must be at least 1".into(),
@@ -213,6 +294,13 @@ disable_builtin_matchers = ["qemu"]
 [kernel]
 process_events_ring_bytes = 1048576
 
+[console]
+max_line_bytes = 1024
+retention_secs = 60
+
+[console.files]
+qemu = ["*/serial.log"]
+
 [[matcher]]
 name = "crosvm"
 executable = "crosvm"
@@ -225,6 +313,16 @@ vcpu_thread = '^crosvm_vcpu(\d+)$'
         assert_eq!(c.listen.port(), 9999);
         assert_eq!(c.matchers[0].name, "crosvm");
         assert_eq!(c.kernel.process_events_ring_bytes, 1 << 20);
+        assert_eq!(c.console.max_line_bytes, 1024);
+        assert_eq!(c.console.files["qemu"], ["*/serial.log"]);
+        assert!(
+            !c.console.files.contains_key("firecracker"),
+            "setting files replaces the default"
+        );
+        assert_eq!(
+            c.console.history_bytes,
+            ConsoleConfig::default().history_bytes
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `collector run`: wires the data path together and runs it until a signal.
 //!
-//! kernel programs -> process-event reader -> discovery -> registry -> sinks (metrics) -> HTTP.
+//! kernel programs -> process-event reader -> discovery -> registry -> sinks (metrics) -> HTTP;
+//! console ring -> console pipeline (named through the registry) -> log files and the logs API.
 
 use std::{
     net::SocketAddr,
@@ -14,16 +15,26 @@ use std::{
 use anyhow::Context;
 use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, signal::unix::SignalKind};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::{
-    api::server::{self, AppState},
+    api::{
+        logs::{self, LogsState},
+        server::{self, AppState},
+    },
     config::Config,
+    console::{self, pipeline::Pipeline, stats::ConsoleStats, store::LiveStore},
     discovery::{Discovery, matchers::Matcher},
-    ebpf::{loader, process_events::ProcessEventReader},
+    ebpf::{
+        console::{ConsoleKernel, ConsoleReader},
+        loader,
+        process_events::ProcessEventReader,
+    },
     registry,
     sinks::{
+        console_metrics::ConsoleMetrics,
         events::EventSink,
+        logs::LogFiles,
         metrics::InstanceMetrics,
         usage::{SchedCell, UsageMetrics},
     },
@@ -32,6 +43,9 @@ use crate::{
         ebpf_stats::{EbpfStats, SharedEbpf},
     },
 };
+
+/// How long shutdown waits for the console pipeline to write what it holds.
+const CONSOLE_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Options of `collector run` that override the config file.
 #[derive(Debug, Default)]
@@ -60,6 +74,7 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
         config.log_dir = log_dir;
     }
     let matchers = Arc::new(matchers(&config)?);
+    let console_rules = console::rules::resolve(&config.console.files, &matchers)?;
 
     // Bind first: a taken address is the cheapest mistake to report.
     let listener = TcpListener::bind(config.listen)
@@ -98,8 +113,19 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
         drops: drops.clone(),
         sched: sched.clone(),
     }));
+    let console_stats = ConsoleStats::default();
+    metrics.register_collector(Box::new(ConsoleMetrics {
+        stats: console_stats.clone(),
+        snapshot: snapshot.clone(),
+    }));
+    let console_store = Arc::new(LiveStore::new(config.console.history_bytes));
+    let logs_state = LogsState {
+        store: console_store.clone(),
+        snapshot: snapshot.clone(),
+    };
 
     let started = Arc::new(AtomicBool::new(false));
+    let console_snapshot = snapshot.clone();
     let state = AppState {
         metrics: Arc::new(metrics),
         snapshot,
@@ -109,7 +135,8 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
         events,
     };
 
-    let kernel = loader::load(&config.kernel, &matchers)?;
+    let mut kernel = loader::load(&config.kernel, &matchers)?;
+    let (console_kernel, console_ring) = ConsoleKernel::take(&mut kernel.ebpf, &console_rules)?;
     *probes.write().expect("probe lock") = kernel.probes.clone();
     let _ = drops.set(kernel.drops);
     let attached = kernel.probes.iter().filter(|p| p.attached).count();
@@ -118,6 +145,21 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
     let stats_enabled = kernel.stats_enabled;
     let kernel_sched = Arc::new(Mutex::new(kernel.sched));
     let _ = sched.set(kernel_sched.clone());
+
+    let console_pipeline = Pipeline {
+        kernel: console_kernel,
+        snapshot: console_snapshot,
+        rules: console_rules,
+        matchers: matchers.clone(),
+        store: console_store,
+        files: LogFiles::start(&config.log_dir, &config.console, console_stats.clone())?,
+        stats: console_stats,
+        metrics: self_metrics.clone(),
+        config: config.console.clone(),
+    };
+    let (console_stop, console_stopped) = tokio::sync::oneshot::channel();
+    let console_task =
+        tokio::spawn(console_pipeline.run(ConsoleReader::new(console_ring)?, console_stopped));
 
     let mut reader = ProcessEventReader::new(kernel.process_events, self_metrics.clone())?;
     let mut discovery = Discovery::new(
@@ -152,11 +194,26 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
         matchers = matchers.len(),
         "collector running"
     );
-    axum::serve(listener, server::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("HTTP server")?;
+    axum::serve(
+        listener,
+        server::router(state).merge(logs::router(logs_state)),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await
+    .context("HTTP server")?;
     discovery_task.abort();
+    // Partial lines flushed, queued lines written: bounded, so a stuck disk cannot hold the
+    // shutdown.
+    let _ = console_stop.send(());
+    if tokio::time::timeout(CONSOLE_DRAIN, console_task)
+        .await
+        .is_err()
+    {
+        warn!(
+            grace_s = CONSOLE_DRAIN.as_secs(),
+            "console logs not all written at shutdown"
+        );
+    }
     drop(ebpf.lock().expect("ebpf lock").take());
     drop(stats_enabled);
     info!("collector stopped; probes detached");

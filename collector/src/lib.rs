@@ -8,6 +8,7 @@
 pub mod api;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod daemon;
 pub mod decode;
 pub mod discovery;

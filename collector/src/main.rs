@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use collector::{
     api::{client, views::InstanceView},
     config::{Config, DEFAULT_LISTEN},
+    console::LogRecordView,
     daemon,
     telemetry::logging::{self, LogFormat},
 };
@@ -37,6 +38,29 @@ enum Command {
         /// Log format: text for a terminal, json in production.
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
+    },
+    /// Print an instance's console lines from a running collector (like `kubectl logs`).
+    Logs {
+        /// The instance's id.
+        uuid: String,
+        /// Keep printing new lines until the instance exits.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines of what the collector kept.
+        #[arg(long)]
+        tail: Option<usize>,
+        /// Only lines from this time on (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this stream: stdout, stderr or console.
+        #[arg(long)]
+        stream: Option<String>,
+        /// Print the NDJSON records instead of the text.
+        #[arg(long)]
+        json: bool,
+        /// Address of the running collector.
+        #[arg(long, default_value = DEFAULT_LISTEN)]
+        addr: String,
     },
     /// Show the instances a running collector follows.
     Instances {
@@ -96,6 +120,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             logging::init(log_format);
             runtime.block_on(daemon::run(config, daemon::Overrides { listen, log_dir }))
         }
+        Command::Logs {
+            uuid,
+            follow,
+            tail,
+            since,
+            stream,
+            json,
+            addr,
+        } => {
+            let mut path = format!(
+                "/v1/instances/{}/logs?follow={follow}",
+                percent_encode(&uuid)
+            );
+            if let Some(tail) = tail {
+                path.push_str(&format!("&tail={tail}"));
+            }
+            if let Some(since) = since {
+                path.push_str(&format!("&since={}", percent_encode(&since)));
+            }
+            if let Some(stream) = stream {
+                path.push_str(&format!("&stream={}", percent_encode(&stream)));
+            }
+            runtime.block_on(client::get_lines(&addr, &path, |line| {
+                // A closed pipe (`| head`) ends the output; nothing to report.
+                let _ = print_log_line(line, json);
+            }))
+        }
         Command::Instances { addr, json } => runtime.block_on(async {
             let body = client::get(&addr, "/v1/instances").await?;
             if json {
@@ -132,6 +183,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }),
     }
+}
+
+/// One NDJSON line of the logs API: as is with `--json`, else its text (a piece of a split
+/// or partial line without a newline, so the line reads whole).
+fn print_log_line(line: &[u8], json: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if json {
+        out.write_all(line)?;
+        out.write_all(b"\n")?;
+    } else if let Ok(record) = serde_json::from_slice::<LogRecordView>(line) {
+        out.write_all(record.message.as_bytes())?;
+        if let Some(cut) = record.cut_bytes {
+            write!(out, " [{cut} bytes cut]")?;
+        }
+        if !(record.split || record.partial) {
+            out.write_all(b"\n")?;
+        }
+    } else if let Ok(notice) = serde_json::from_slice::<serde_json::Value>(line)
+        && let Some(missed) = notice.get("lagged")
+    {
+        eprintln!("(missed {missed} lines: this reader was too slow)");
+    } else {
+        eprintln!("{}", String::from_utf8_lossy(line));
+    }
+    out.flush()?;
+    Ok(())
 }
 
 /// Percent-encodes a query value.

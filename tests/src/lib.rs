@@ -185,7 +185,8 @@ impl Collector {
         self.terminate()
     }
 
-    fn terminate(&mut self) -> std::process::ExitStatus {
+    /// Sends SIGTERM and waits for the exit status, keeping the log folder.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         self.child.wait().expect("wait collector")
@@ -326,4 +327,66 @@ pub fn sample(exposition: &str, series: &str) -> Option<f64> {
         .lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Console logs.
+// ---------------------------------------------------------------------------------------------
+
+pub mod qemu_guest;
+
+/// `s` as one URL path segment: every byte but the unreserved ones percent-encoded.
+pub fn path_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// A config file holding `text`, deleted when dropped.
+pub fn config_file(text: &str) -> tempfile::NamedTempFile {
+    let file = tempfile::NamedTempFile::new().expect("config file");
+    std::fs::write(file.path(), text).expect("write config");
+    file
+}
+
+/// Parses NDJSON.
+pub fn ndjson(text: &str) -> Vec<Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// The `message`s of the records of `stream`, in order, checking that their `seq` run from 1
+/// without a gap.
+pub fn messages(records: &[Value], stream: &str) -> Vec<String> {
+    let of_stream: Vec<&Value> = records.iter().filter(|r| r["stream"] == stream).collect();
+    for (i, r) in of_stream.iter().enumerate() {
+        assert_eq!(r["seq"], i as u64 + 1, "seq gap in {stream}: {r}");
+    }
+    of_stream
+        .iter()
+        .map(|r| r["message"].as_str().expect("message").to_owned())
+        .collect()
+}
+
+impl Collector {
+    /// `GET /v1/instances/{uuid}/logs?{query}` as records.
+    pub fn logs(&self, uuid: &str, query: &str) -> Vec<Value> {
+        ndjson(&self.get_text(&format!(
+            "/v1/instances/{}/logs?{query}",
+            path_segment(uuid)
+        )))
+    }
+
+    /// The records in `<log-dir>/<dir>/console.log`.
+    pub fn log_file(&self, dir: &str) -> Vec<Value> {
+        let path = self.log_dir.path().join(dir).join("console.log");
+        ndjson(&std::fs::read_to_string(&path).unwrap_or_default())
+    }
 }

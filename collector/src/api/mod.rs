@@ -11,7 +11,10 @@
 //!   kept after it exits; 404 if none.
 //! - `GET /v1/events[?follow=true][&instance=UUID]`: all retained lifecycle events, then (with
 //!   `follow`) new ones as they happen (NDJSON stream).
+//! - `GET /v1/instances/{uuid}/logs?tail=N&since=TS&follow=true&stream=S`: console lines,
+//!   NDJSON, streaming with `follow` ([`logs`]).
 
 pub mod client;
+pub mod logs;
 pub mod server;
 pub mod views;

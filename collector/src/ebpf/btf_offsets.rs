@@ -83,7 +83,35 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, OffsetError> {
         task_sum_exec_runtime: field("task_struct", "se")?
             + field("sched_entity", "sum_exec_runtime")?,
         task_comm: field("task_struct", "comm")?,
+        pt_regs_syscall_nr: field("pt_regs", PT_REGS_SYSCALL_NR)?,
+        pt_regs_args: pt_regs_args(&btf)?,
     })
+}
+
+/// The `pt_regs` member holding the syscall number at syscall exit (the return value has
+/// replaced the first argument's register by then on some architectures, never this one).
+#[cfg(target_arch = "x86_64")]
+const PT_REGS_SYSCALL_NR: &str = "orig_ax";
+#[cfg(target_arch = "aarch64")]
+const PT_REGS_SYSCALL_NR: &str = "syscallno";
+
+/// Offsets of the first three syscall arguments in `pt_regs` (the raw `sys_enter`/`sys_exit`
+/// tracepoints hand over the user registers, not the arguments).
+#[cfg(target_arch = "x86_64")]
+fn pt_regs_args(btf: &Btf) -> Result<[u32; 3], OffsetError> {
+    Ok([
+        field_offset(btf, "pt_regs", "di")?,
+        field_offset(btf, "pt_regs", "si")?,
+        field_offset(btf, "pt_regs", "dx")?,
+    ])
+}
+
+#[cfg(target_arch = "aarch64")]
+fn pt_regs_args(btf: &Btf) -> Result<[u32; 3], OffsetError> {
+    // `regs[31]`: x0 is the first argument (`orig_x0` keeps it after exit; the capture only
+    // reads arguments at entry).
+    let regs = field_offset(btf, "pt_regs", "regs")?;
+    Ok([regs, regs + 8, regs + 16])
 }
 
 /// Offset and size of the task's run state: `unsigned int __state` since 5.14, `long state`
@@ -298,6 +326,15 @@ mod tests {
             "{offsets:?}"
         );
         assert!(offsets.task_comm > offsets.task_tgid, "{offsets:?}");
+        // x86_64 `pt_regs`: r15 r14 r13 r12 bp bx r11 r10 r9 r8 ax cx dx si di orig_ax ...
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            offsets.pt_regs_args,
+            [14 * 8, 13 * 8, 12 * 8],
+            "{offsets:?}"
+        );
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(offsets.pt_regs_syscall_nr, 15 * 8, "{offsets:?}");
     }
 
     #[test]

@@ -71,6 +71,16 @@ pub const PROBES: &[ProbeSpec] = &[
         tracepoint: "task_rename",
         feature: "telling vCPU threads from other VMM threads",
     },
+    ProbeSpec {
+        program: "console_sys_enter",
+        tracepoint: "sys_enter",
+        feature: "console capture",
+    },
+    ProbeSpec {
+        program: "console_sys_exit",
+        tracepoint: "sys_exit",
+        feature: "console capture",
+    },
 ];
 
 /// What became of a probe.
@@ -159,6 +169,11 @@ pub fn load(config: &KernelConfig, matchers: &[Matcher]) -> Result<Kernel, LoadE
                 .max_tracked_processes
                 .saturating_mul(thread_class::COUNT),
         )
+        .override_global("SYSCALLS", &super::console::syscall_numbers(), true)
+        .map_max_entries("CONSOLE_EVENTS", config.console_ring_bytes)
+        .map_max_entries("CONSOLE_FDS", config.max_console_fds)
+        // One scratch record per possible CPU (the programs index it by CPU number).
+        .map_max_entries("CONSOLE_SCRATCH", possible_cpus())
         .load(EBPF_OBJECT)
         .map_err(LoadError::Load)?;
 
@@ -242,12 +257,16 @@ fn fill_vcpu_comms(
     Ok(trie)
 }
 
-fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>
+pub(super) fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>
 where
     M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
     let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
     M::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
+fn possible_cpus() -> u32 {
+    aya::util::nr_cpus().map_or(1024, std::num::NonZeroU32::get)
 }
 
 fn attach(ebpf: &mut Ebpf, btf: &Btf, spec: &ProbeSpec) -> ProbeState {

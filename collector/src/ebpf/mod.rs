@@ -2,6 +2,7 @@
 //! they need, and readers of what they produce.
 
 pub mod btf_offsets;
+pub mod console;
 pub mod loader;
 pub mod process_events;
 pub mod sched;

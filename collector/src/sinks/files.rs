@@ -1,10 +1,9 @@
-//! Per-instance files under the log folder: safe names and size-rotated append-only files.
-//!
-//! Instance ids come from command lines, so they are hostile input: an id becomes one path
-//! component with every byte outside `[A-Za-z0-9._-]` percent-encoded (so `/` can never appear
-//! and `..` cannot be a whole component), and files are opened with `O_NOFOLLOW` under folders
-//! that must not be symlinks.
+//! Per-instance files under the log folder besides the console log (the lifecycle events file):
+//! size-rotated, append-only, opened with `O_NOFOLLOW` under folders that must not be symlinks.
+//! Folder names come from [`dir_name`], the same as the console logs', so an instance's files
+//! sit together.
 
+use super::logs::names::dir_name;
 use std::{
     fs::{self, File, OpenOptions},
     io::{self, Write},
@@ -12,26 +11,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-/// The folder name for instance `id`: a single, safe path component, distinct for distinct ids.
-pub fn instance_dir_name(id: &str) -> String {
-    let mut name = String::with_capacity(id.len());
-    for byte in id.bytes() {
-        match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' => name.push(byte as char),
-            // A dot is kept inside a name but never leads one (no ".", "..", hidden files).
-            b'.' if !name.is_empty() => name.push('.'),
-            _ => name.push_str(&format!("%{byte:02X}")),
-        }
-    }
-    if name.is_empty() {
-        name.push('%');
-    }
-    name
-}
-
-/// `root/<instance_dir_name(id)>`, created if missing; refuses a symlink in its place.
+/// `root/<dir_name(id)>` (the folder the console log of `id` is in), created if missing;
+/// refuses a symlink in its place.
 pub fn instance_dir(root: &Path, id: &str) -> io::Result<PathBuf> {
-    let dir = root.join(instance_dir_name(id));
+    let dir = root.join(dir_name(id));
     match fs::symlink_metadata(&dir) {
         Ok(meta) if meta.file_type().is_dir() => Ok(dir),
         Ok(_) => Err(io::Error::other(format!(
@@ -113,31 +96,6 @@ impl RotatingFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hostile_ids_stay_one_component() {
-        let cases = [
-            (
-                "7d2b1a38-8f5c-4a4e-9d7e-2f0b6c1d9e11",
-                "7d2b1a38-8f5c-4a4e-9d7e-2f0b6c1d9e11",
-            ),
-            ("../../etc", "%2E.%2F..%2Fetc"),
-            ("..", "%2E."),
-            (".", "%2E"),
-            ("", "%"),
-            ("a/b", "a%2Fb"),
-            ("web 1", "web%201"),
-            ("vm.log", "vm.log"),
-            ("é", "%C3%A9"),
-        ];
-        for (id, want) in cases {
-            let name = instance_dir_name(id);
-            assert_eq!(name, want, "{id:?}");
-            assert!(!name.contains('/') && name != "." && name != "..");
-        }
-        // Distinct ids, distinct folders.
-        assert_ne!(instance_dir_name("a%2Fb"), instance_dir_name("a/b"));
-    }
 
     #[test]
     fn symlinks_are_refused() {

@@ -17,6 +17,28 @@
 //!   that busy ones wait for each other in one run queue.
 //! - `STANDIN_TICK_MS`: each vCPU thread wakes up every this many ms (a lightly loaded guest).
 //! - `STANDIN_TOUCH_MIB`: the main thread allocates this much memory and writes every page.
+//!
+//! Console output, written first thing after exec (before any thread), one `write` per line
+//! unless said otherwise, through raw syscalls so the test controls each one:
+//!
+//! - `STANDIN_LINES=N`: `stdout line I` to fd 1 and `stderr line I` to fd 2, I = 1..=N.
+//! - `STANDIN_CONSOLE_FILE=PATH`: creates PATH and writes `console line I` (I = 1..=N, N from
+//!   `STANDIN_LINES`, default 10) right after the open, cycling through `write`, `pwrite64`
+//!   and a two-piece `writev`; then `console via dup` through a `dup` of it.
+//! - `STANDIN_OTHER_FILE=PATH`: writes `secret line I` to PATH, a file that is not a console;
+//!   then `dup2`s it onto fd 1 and writes `secret via stdout` (fd 1 is no longer stdout).
+//! - `STANDIN_DELAY_MS`: opens the files, then waits this long before writing.
+//! - `STANDIN_WAIT_FOR=PATH`: opens the files, then waits until PATH exists before writing.
+//! - `STANDIN_TAIL=TEXT`: written last to stdout, as is (no newline added).
+//! - `STANDIN_TRICKY`: to stdout, in this order: `par`+`tial-`+`line\n` in three writes,
+//!   `crlf\r\n`, `cr1\rcr2\n`, invalid UTF-8 `bad \xff\xfe end\n`, `nul\0byte\n`, a
+//!   1 MiB line of `x` in 4 KiB writes then `\n`, a single 1 MiB write of `y` without newline
+//!   (cut by the kernel after 64 KiB), `after-big\n`.
+//! - `STANDIN_BENCH_BYTES=N`: writes N bytes to stdout in 4 KiB writes of whole numbered lines
+//!   of `STANDIN_BENCH_LINE` bytes (default 256), at most `STANDIN_BENCH_RATE` lines a second
+//!   when set (each line then carries its send time), then writes `lines seconds cpu_seconds`
+//!   to `STANDIN_BENCH_REPORT` (CPU: user + system time of the process, which includes the
+//!   kernel programs that run in its syscalls).
 
 use std::{
     env,
@@ -124,7 +146,182 @@ fn touch_memory(mib: usize) -> Vec<u8> {
     std::hint::black_box(memory)
 }
 
+/// One `write` of all of `bytes` (retrying what a partial write left).
+fn write_fd(fd: i32, mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        // SAFETY: valid buffer of that length.
+        let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+        if n <= 0 {
+            return;
+        }
+        bytes = &bytes[n as usize..];
+    }
+}
+
+fn open_file(path: &str) -> i32 {
+    let c = std::ffi::CString::new(path).expect("path");
+    // SAFETY: valid C string.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
+            0o644,
+        )
+    };
+    assert!(fd >= 0, "open {path}");
+    fd
+}
+
+/// `console line I` through write, pwrite64 and writev in turn.
+fn write_console(fd: i32, lines: u32) {
+    let mut offset = 0i64;
+    for i in 1..=lines {
+        let line = format!("console line {i}\n");
+        let bytes = line.as_bytes();
+        // SAFETY (all three): valid buffers of the given lengths.
+        let n = match i % 3 {
+            0 => unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) },
+            1 => unsafe { libc::pwrite(fd, bytes.as_ptr().cast(), bytes.len(), offset) },
+            _ => {
+                let (a, b) = bytes.split_at(5);
+                let iov = [
+                    libc::iovec {
+                        iov_base: a.as_ptr() as *mut _,
+                        iov_len: a.len(),
+                    },
+                    libc::iovec {
+                        iov_base: b.as_ptr() as *mut _,
+                        iov_len: b.len(),
+                    },
+                ];
+                unsafe { libc::writev(fd, iov.as_ptr(), 2) }
+            }
+        };
+        assert_eq!(n as usize, bytes.len());
+        offset += n as i64;
+        // pwrite does not move the offset: keep write and writev after it.
+        // SAFETY: plain syscall.
+        unsafe { libc::lseek(fd, offset, libc::SEEK_SET) };
+    }
+    // SAFETY: plain syscall.
+    let dup = unsafe { libc::dup(fd) };
+    write_fd(dup, b"console via dup\n");
+}
+
+fn tricky_stdout() {
+    for piece in [&b"par"[..], b"tial-", b"line\n"] {
+        write_fd(1, piece);
+    }
+    for text in [
+        &b"crlf\r\n"[..],
+        b"cr1\rcr2\n",
+        b"bad \xff\xfe end\n",
+        b"nul\0byte\n",
+    ] {
+        write_fd(1, text);
+    }
+    let block = [b'x'; 4096];
+    for _ in 0..256 {
+        write_fd(1, &block);
+    }
+    write_fd(1, b"\n");
+    write_fd(1, &vec![b'y'; 1 << 20]);
+    write_fd(1, b"after-big\n");
+}
+
+/// Numbered lines of `line_len` bytes, 4 KiB per write, optionally paced; returns the count.
+fn bench(total: u64, line_len: usize, rate: Option<u64>) -> u64 {
+    let per_write = (4096 / line_len).max(1);
+    let mut buf = Vec::with_capacity(4096);
+    let mut lines = 0u64;
+    let start = Instant::now();
+    while lines * (line_len as u64) < total {
+        buf.clear();
+        for _ in 0..per_write {
+            lines += 1;
+            let head = if rate.is_some() {
+                let sent = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos();
+                format!("bench {lines} sent {sent} ")
+            } else {
+                format!("bench {lines} ")
+            };
+            buf.extend_from_slice(head.as_bytes());
+            buf.resize(buf.len() + line_len - head.len() - 1, b'.');
+            buf.push(b'\n');
+        }
+        write_fd(1, &buf);
+        if let Some(rate) = rate {
+            let due = Duration::from_secs_f64(lines as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                thread::sleep(wait);
+            }
+        }
+    }
+    lines
+}
+
+/// User + system CPU time of this process so far.
+fn cpu_seconds() -> f64 {
+    // SAFETY: zeroed rusage is a valid out-parameter.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+fn console_output() {
+    let lines: u32 = var("STANDIN_LINES").unwrap_or(0);
+    let console = env::var("STANDIN_CONSOLE_FILE").ok().map(|p| open_file(&p));
+    let other = env::var("STANDIN_OTHER_FILE").ok().map(|p| open_file(&p));
+    if let Some(ms) = var::<u64>("STANDIN_DELAY_MS") {
+        thread::sleep(Duration::from_millis(ms));
+    }
+    if let Ok(path) = env::var("STANDIN_WAIT_FOR") {
+        while !std::path::Path::new(&path).exists() {
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+    for i in 1..=lines {
+        write_fd(1, format!("stdout line {i}\n").as_bytes());
+        write_fd(2, format!("stderr line {i}\n").as_bytes());
+    }
+    if let Some(fd) = console {
+        write_console(fd, if lines > 0 { lines } else { 10 });
+    }
+    if env::var_os("STANDIN_TRICKY").is_some() {
+        tricky_stdout();
+    }
+    if let Some(fd) = other {
+        for i in 1..=lines.max(3) {
+            write_fd(fd, format!("secret line {i}\n").as_bytes());
+        }
+        // SAFETY: plain syscall.
+        unsafe { libc::dup2(fd, 1) };
+        write_fd(1, b"secret via stdout\n");
+    }
+    if let Ok(tail) = env::var("STANDIN_TAIL") {
+        write_fd(1, tail.as_bytes());
+    }
+    if let Some(total) = var::<u64>("STANDIN_BENCH_BYTES") {
+        let started = Instant::now();
+        let lines = bench(
+            total,
+            var("STANDIN_BENCH_LINE").unwrap_or(256),
+            var("STANDIN_BENCH_RATE"),
+        );
+        if let Ok(report) = env::var("STANDIN_BENCH_REPORT") {
+            let seconds = started.elapsed().as_secs_f64();
+            let _ = std::fs::write(report, format!("{lines} {seconds} {}\n", cpu_seconds()));
+        }
+    }
+}
+
 fn main() {
+    console_output();
     setup_process();
     let argv0 = env::args().next().unwrap_or_default();
     let vcpus: u32 = var("STANDIN_VCPUS").unwrap_or(2);

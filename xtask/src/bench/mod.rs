@@ -1,6 +1,9 @@
-//! `cargo xtask bench <bench>`: benchmarks that print a table of figures (medians over several
-//! rounds, ratios within one run). They measure; they assert nothing.
+//! `cargo xtask bench <name>`: benchmarks that run the collector against the real kernel and
+//! print a table of figures (medians over several rounds, ratios within one run) for
+//! docs/benchmarks.md. One module per benchmark. They measure, and fail only when their own
+//! bookkeeping does not add up (e.g. console lines captured + dropped != written).
 
+mod console;
 mod sched;
 
 use std::process::Command;
@@ -13,11 +16,15 @@ pub enum Bench {
     /// Cost of the scheduling programs under a context-switch-heavy load (hackbench), with 0 and
     /// 32 followed instances, side by side with a bpftrace script computing the same histogram.
     Sched(sched::Options),
+    /// Console capture: loss-free throughput, writer slowdown, write-to-API latency, and the
+    /// books balancing above capacity (16 stand-in VMMs, 4 KiB writes).
+    Console(console::Args),
 }
 
 pub fn bench(bench: Bench) -> anyhow::Result<()> {
     match bench {
         Bench::Sched(options) => sched::run(&options),
+        Bench::Console(args) => console::run(&args),
     }
 }
 

@@ -95,6 +95,20 @@ impl std::fmt::Debug for KernelHealth {
     }
 }
 
+/// Kernel counters of entries a full map refused: (drop kind, family, help).
+const MAP_FULL: &[(u32, &str, &str)] = &[
+    (
+        drop_kind::TRACKED_MAP_FULL,
+        "collector_ebpf_tracked_map_full",
+        "Hypervisor execs the kernel could not follow because its process map was full.",
+    ),
+    (
+        drop_kind::CONSOLE_FD_MAP_FULL,
+        "collector_ebpf_console_fd_map_full",
+        "Console descriptors the kernel could not record because its console-fd map was full.",
+    ),
+];
+
 impl Collector for KernelHealth {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let probes = self.probes.read().expect("probe lock");
@@ -123,14 +137,10 @@ impl Collector for KernelHealth {
             prometheus_client::metrics::counter::ConstCounter::new(sum(*kind))
                 .encode(family.encode_family(&vec![("ring", *ring), ("event", *event)])?)?;
         }
-        let mut family = encoder.encode_descriptor(
-            "collector_ebpf_tracked_map_full",
-            "Hypervisor execs the kernel could not follow because its process map was full.",
-            None,
-            MetricType::Counter,
-        )?;
-        prometheus_client::metrics::counter::ConstCounter::new(sum(drop_kind::TRACKED_MAP_FULL))
-            .encode(family.encode_family(&Labels::new())?)?;
+        for (kind, name, help) in MAP_FULL {
+            let family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            prometheus_client::metrics::counter::ConstCounter::new(sum(*kind)).encode(family)?;
+        }
         Ok(())
     }
 }

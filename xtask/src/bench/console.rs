@@ -18,14 +18,13 @@
 //! The machine is shared: figures are medians or ratios within one run.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
-    net::TcpStream,
+    io::{BufRead, BufReader},
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 
 use crate::toolchain;
 
@@ -227,7 +226,7 @@ impl Bench<'_> {
             .context("starting the collector")?;
         let procs = Procs(vec![child]);
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !http_get(&addr, "/readyz").is_ok_and(|b| b.contains("\"ready\":true")) {
+        while !super::http_get(&addr, "/readyz").is_ok_and(|b| b.contains("\"ready\":true")) {
             ensure!(Instant::now() < deadline, "collector not ready in 60 s");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -295,7 +294,7 @@ impl Bench<'_> {
         let mut last_change = Instant::now();
         let mut at = 0.0;
         loop {
-            let books = books(&http_get(addr, "/metrics")?, tag);
+            let books = books(&super::http_get(addr, "/metrics")?, tag);
             if books != last {
                 last = books;
                 last_change = Instant::now();
@@ -322,7 +321,7 @@ impl Bench<'_> {
             let uuid = format!("bench-lat-{i}");
             // Follow from the start: the instance is there as soon as it exec'd.
             let deadline = Instant::now() + Duration::from_secs(10);
-            while !http_get(addr, "/v1/instances").is_ok_and(|b| b.contains(&uuid)) {
+            while !super::http_get(addr, "/v1/instances").is_ok_and(|b| b.contains(&uuid)) {
                 ensure!(Instant::now() < deadline, "{uuid} not listed");
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -461,25 +460,6 @@ fn books(metrics: &str, tag: &str) -> Books {
         }
     }
     b
-}
-
-/// A GET over plain HTTP/1.1; the body of a 200.
-fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
-    let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
-    }
-    Ok(body.to_owned())
 }
 
 #[cfg(test)]

@@ -9,8 +9,7 @@
 //! `bpftrace` and `bpftool` if missing.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
-    net::TcpStream,
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -215,7 +214,7 @@ impl Bench<'_> {
             let want = self.options.instances as f64;
             wait_until(Duration::from_secs(10), || {
                 metric(
-                    &get(addr, "/metrics").unwrap_or_default(),
+                    &super::http_get(addr, "/metrics").unwrap_or_default(),
                     "collector_instances",
                 ) == Some(want)
             })
@@ -297,7 +296,7 @@ impl Bench<'_> {
                 .context("collector")?,
         );
         wait_until(Duration::from_secs(30), || {
-            get(&addr, "/readyz").is_ok_and(|r| r.contains("\"ready\":true"))
+            super::http_get(&addr, "/readyz").is_ok_and(|r| r.contains("\"ready\":true"))
         })
         .context("the collector did not become ready")?;
         Ok((child, addr))
@@ -332,7 +331,7 @@ impl Bench<'_> {
     ) -> anyhow::Result<[(f64, f64); 4]> {
         let mut stats = [(0.0, 0.0); 4];
         if let Some((_, addr)) = collector {
-            let metrics = get(addr, "/metrics")?;
+            let metrics = super::http_get(addr, "/metrics")?;
             for (i, program) in PROGRAMS.iter().enumerate() {
                 let label = format!("{{program=\"{program}\"}}");
                 let seconds = metric(
@@ -529,22 +528,6 @@ fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> anyhow::Resu
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
-}
-
-/// GET `path` from `addr` over plain HTTP/1.1; the body.
-fn get(addr: &str, path: &str) -> anyhow::Result<String> {
-    let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (_, body) = response
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    Ok(body.to_owned())
 }
 
 /// The value of the sample `series` (name and labels as served) in an exposition.

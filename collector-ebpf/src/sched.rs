@@ -11,7 +11,10 @@
 //! [`SCHED_VCPU_COMMS`], the literal prefixes of the matcher's vCPU pattern.
 //!
 //! Cost on the untracked path (every other context switch of the host): one per-CPU array
-//! lookup (is the task leaving this CPU followed?), one read of `next->pid` and one hash lookup.
+//! lookup (is the task leaving this CPU followed?), one load of `next->pid` and one array lookup
+//! ([`SCHED_THREAD_FILTER`]: are there followed threads with ids like this one?), all three
+//! inlined by the verifier on current kernels: no helper call, no hash. The hash lookup is only
+//! for threads that pass the filter.
 
 use aya_ebpf::{
     helpers::{
@@ -19,13 +22,13 @@ use aya_ebpf::{
         generated::{bpf_get_current_task, bpf_ktime_get_ns},
     },
     macros::{btf_tracepoint, map},
-    maps::{HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::BtfTracePointContext,
 };
 use collector_common::{
     COMM_LEN, CommKey, DEFAULT_MAX_TRACKED_PROCESSES, DEFAULT_MAX_TRACKED_THREADS,
-    DROP_SCHED_THREAD_MAP_FULL, SCHED_RUNTIME_UNKNOWN, SchedKey, SchedStats, SchedThread,
-    VcpuCommKey, latency_bucket, thread_class,
+    DROP_SCHED_THREAD_MAP_FULL, SCHED_FILTER_SLOTS, SCHED_RUNTIME_UNKNOWN, SchedKey, SchedStats,
+    SchedThread, VcpuCommKey, latency_bucket, sched_filter_slot, thread_class,
 };
 
 use crate::{
@@ -37,6 +40,20 @@ use crate::{
 #[map]
 pub static SCHED_THREADS: HashMap<u32, SchedThread> =
     HashMap::with_max_entries(DEFAULT_MAX_TRACKED_THREADS, 0);
+
+/// For each slot `tid % SCHED_FILTER_SLOTS`, how many [`SCHED_THREADS`] entries have their
+/// thread id there, counting an insert from just before it is tried and a removal from just
+/// after it succeeded: never fewer than there are. A zero means "not followed" for sure, for the
+/// price of an inlined array load instead of a hash lookup; a non-zero slot (another followed
+/// thread with the same low bits) only costs that lookup. Whoever inserts or removes an entry
+/// counts it, with an atomic add: the programs here, and userspace through its memory map of the
+/// array (`BPF_F_MMAPABLE`, kernels >= 5.5), so the two never overwrite each other's counts.
+#[map]
+pub static SCHED_THREAD_FILTER: Array<u64> =
+    Array::with_max_entries(SCHED_FILTER_SLOTS, BPF_F_MMAPABLE);
+
+/// `BPF_F_MMAPABLE`
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Aggregates per (process, thread class). Two per followed process; sized by userspace.
 #[map]
@@ -66,6 +83,10 @@ const TASK_RUNNING: u64 = 0;
 const TASK_DEAD: u64 = 0x80;
 /// `BPF_NOEXIST`
 const NOEXIST: u64 = 1;
+/// `BPF_EXIST`
+const EXIST: u64 = 2;
+/// `-EEXIST`, as map helpers return it.
+const ERR_EXIST: i32 = -17;
 
 /// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next[, ...])`.
 /// Only the first three arguments exist on every kernel since 5.10; prev's state is read from
@@ -92,6 +113,9 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), i64> {
     }
     // SAFETY: `next` is the tracepoint's `struct task_struct *`, `task_pid` its `pid`.
     let tid: u32 = unsafe { load_at(next, offset!(task_pid)) };
+    if !may_be_followed(tid) {
+        return Ok(());
+    }
     let Some(thread) = SCHED_THREADS.get_ptr_mut(&tid) else {
         return Ok(());
     };
@@ -160,8 +184,8 @@ fn switch_out(prev: *const u8, tid: u32, preempt: bool) -> Result<(), i64> {
             }
         }
     }
-    if dead {
-        let _ = SCHED_THREADS.remove(&tid);
+    if dead && SCHED_THREADS.remove(&tid).is_ok() {
+        count_in_filter(tid, u64::MAX);
     }
     Ok(())
 }
@@ -206,6 +230,9 @@ fn try_sched_wakeup(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let task: *const u8 = ctx.arg(0);
     // SAFETY: `task` is the tracepoint's `struct task_struct *`, `task_pid` its `pid`.
     let tid: u32 = unsafe { load_at(task, offset!(task_pid)) };
+    if !may_be_followed(tid) {
+        return Ok(());
+    }
     let Some(thread) = SCHED_THREADS.get_ptr_mut(&tid) else {
         return Ok(());
     };
@@ -344,9 +371,38 @@ pub fn forget_process(tgid: u32) {
     }
 }
 
+/// Follows `tid`, or updates its entry. A new entry is counted in [`SCHED_THREAD_FILTER`]
+/// before it exists.
 fn insert_thread(tid: u32, thread: &SchedThread) {
-    if SCHED_THREADS.insert(&tid, thread, 0).is_err() {
-        count_drop(DROP_SCHED_THREAD_MAP_FULL);
+    count_in_filter(tid, 1);
+    match SCHED_THREADS.insert(&tid, thread, NOEXIST) {
+        Ok(()) => {}
+        Err(err) => {
+            count_in_filter(tid, u64::MAX);
+            if err == ERR_EXIST {
+                // Already followed (and counted): update. Not if it went meanwhile.
+                let _ = SCHED_THREADS.insert(&tid, thread, EXIST);
+            } else {
+                count_drop(DROP_SCHED_THREAD_MAP_FULL);
+            }
+        }
+    }
+}
+
+/// Whether `tid` can be in [`SCHED_THREADS`]: `false` is certain.
+#[inline(always)]
+fn may_be_followed(tid: u32) -> bool {
+    // SAFETY: pointer from a successful lookup; an aligned 8-byte load, atomic.
+    SCHED_THREAD_FILTER
+        .get_ptr(sched_filter_slot(tid))
+        .is_some_and(|count| unsafe { *count } != 0)
+}
+
+/// Adds `delta` to `tid`'s slot of [`SCHED_THREAD_FILTER`] (`u64::MAX` takes one away).
+#[inline(always)]
+fn count_in_filter(tid: u32, delta: u64) {
+    if let Some(count) = SCHED_THREAD_FILTER.get_ptr_mut(sched_filter_slot(tid)) {
+        add(count, delta);
     }
 }
 

@@ -286,6 +286,19 @@ pub fn latency_bucket(ns: u64) -> usize {
 /// Default capacity of the thread map (threads of followed processes, not processes).
 pub const DEFAULT_MAX_TRACKED_THREADS: u32 = 65536;
 
+/// Slots of the thread filter (`SCHED_THREAD_FILTER`, an mmap-able array of `u64`): slot
+/// `tid % SCHED_FILTER_SLOTS` counts the entries of the thread map whose thread id falls in it,
+/// plus any insert under way, never fewer. A zero slot tells the scheduling programs that a
+/// thread is not followed without the hash lookup. A power of two (the kernel masks with it);
+/// 512 KiB of counters.
+pub const SCHED_FILTER_SLOTS: u32 = 1 << 16;
+
+/// The filter slot of thread `tid`.
+#[inline(always)]
+pub fn sched_filter_slot(tid: u32) -> u32 {
+    tid & (SCHED_FILTER_SLOTS - 1)
+}
+
 /// [`SchedThread::runtime_ns`] before the thread's CPU time has been sampled once.
 pub const SCHED_RUNTIME_UNKNOWN: u64 = u64::MAX;
 
@@ -356,6 +369,7 @@ const _: () = assert!(size_of::<SchedThread>() == 24);
 const _: () = assert!(size_of::<SchedKey>() == 8);
 const _: () = assert!(size_of::<SchedStats>() == (SCHED_LATENCY_BUCKETS + 4) * 8);
 const _: () = assert!(size_of::<VcpuCommKey>() == 4 + COMM_LEN);
+const _: () = assert!(SCHED_FILTER_SLOTS.is_power_of_two());
 
 #[cfg(test)]
 mod tests {

@@ -40,8 +40,14 @@ use collector_common::{
 
 use crate::{
     kernel::read_at,
-    maps::{OFFSETS, TRACKED_PROCESSES, count_drop},
+    maps::{OFFSETS, TRACKED_PROCESSES, count_drop, offset, read_offset},
 };
+
+/// Offset in `pt_regs` of syscall argument `n` (0..3).
+#[inline(always)]
+fn syscall_arg_offset(n: usize) -> u32 {
+    read_offset(&OFFSETS.pt_regs_args[n])
+}
 
 /// Syscall numbers of the running architecture, set by userspace at load time.
 #[unsafe(no_mangle)]
@@ -228,8 +234,7 @@ fn try_sys_enter(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // SAFETY: pointer from a successful lookup.
     let (matcher_id, start) = unsafe { ((*tracked).matcher_id, (*tracked).start_boot_ns) };
     let regs: *const u8 = ctx.arg(0);
-    let offsets = OFFSETS.load();
-    let arg0 = read_at::<u64>(regs, offsets.pt_regs_args[0])?;
+    let arg0 = read_at::<u64>(regs, syscall_arg_offset(0))?;
     let fd = arg0 as u32;
     let mut pending = Pending {
         nr: id as u32,
@@ -248,18 +253,18 @@ fn try_sys_enter(ctx: &BtfTracePointContext) -> Result<(), i64> {
             if pending.stream == console_stream::NONE {
                 return Ok(());
             }
-            pending.arg = read_at::<u64>(regs, offsets.pt_regs_args[1])?;
-            pending.count = read_at::<u64>(regs, offsets.pt_regs_args[2])?;
+            pending.arg = read_at::<u64>(regs, syscall_arg_offset(1))?;
+            pending.count = read_at::<u64>(regs, syscall_arg_offset(2))?;
         }
         kind::OPEN_ARG0 => pending.arg = arg0,
-        kind::OPEN_ARG1 => pending.arg = read_at::<u64>(regs, offsets.pt_regs_args[1])?,
+        kind::OPEN_ARG1 => pending.arg = read_at::<u64>(regs, syscall_arg_offset(1))?,
         kind::CLOSE => {
             // Linux frees the descriptor whatever close returns: forget it now.
             set_stream(tgid, fd, console_stream::NONE, start);
             return Ok(());
         }
         kind::FCNTL => {
-            let cmd = read_at::<u64>(regs, offsets.pt_regs_args[1])?;
+            let cmd = read_at::<u64>(regs, syscall_arg_offset(1))?;
             if cmd != F_DUPFD && cmd != F_DUPFD_CLOEXEC {
                 return Ok(());
             }
@@ -281,8 +286,7 @@ pub fn console_sys_exit(ctx: BtfTracePointContext) -> i32 {
 fn try_sys_exit(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let regs: *const u8 = ctx.arg(0);
     let ret: i64 = ctx.arg(1);
-    let offsets = OFFSETS.load();
-    let nr = read_at::<i64>(regs, offsets.pt_regs_syscall_nr)?;
+    let nr = read_at::<i64>(regs, offset!(pt_regs_syscall_nr))?;
     if classify(nr, &SYSCALLS.load()).is_none() {
         return Ok(());
     }

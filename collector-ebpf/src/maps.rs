@@ -1,7 +1,6 @@
 //! Maps and read-only settings shared by the programs. Userspace finds them by these names.
 
 use aya_ebpf::{
-    Global,
     macros::map,
     maps::{HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
@@ -9,9 +8,13 @@ use collector_common::{
     CommKey, DEFAULT_MAX_TRACKED_PROCESSES, ExecMatch, KernelOffsets, TrackedProcess, drop_kind,
 };
 
-/// Kernel struct offsets from the running kernel's BTF, set by the collector at load time.
+/// Kernel struct offsets from the running kernel's BTF, set by the collector at load time
+/// (`EbpfLoader::override_global`). Read one field at a time with [`offset!`]: the hot paths
+/// need one or two of its 26 fields, and copying the whole struct costs a load per field per
+/// event. A plain static rather than `aya_ebpf::Global`, whose `load()` copies it all, so that
+/// a field can be addressed directly.
 #[unsafe(no_mangle)]
-pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
+pub static OFFSETS: KernelOffsets = KernelOffsets {
     task_pid: 0,
     task_tgid: 0,
     task_exit_code: 0,
@@ -40,7 +43,27 @@ pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     task_comm: 0,
     pt_regs_syscall_nr: 0,
     pt_regs_args: [0; 3],
-});
+};
+
+/// The field `$field` of [`OFFSETS`], as the loader set it.
+///
+/// A volatile read, so that the compiler neither folds in the zeros the object was built with
+/// nor copies more than the one field. `OFFSETS` lives in `.rodata`, which aya loads as a frozen
+/// read-only map: the verifier knows the value as a constant (kernels >= 5.2), so pointer
+/// arithmetic with it stays checkable and branches on it are pruned at load.
+macro_rules! offset {
+    ($field:ident) => {
+        $crate::maps::read_offset(&$crate::maps::OFFSETS.$field)
+    };
+}
+pub(crate) use offset;
+
+/// See [`offset!`].
+#[inline(always)]
+pub fn read_offset(field: &'static u32) -> u32 {
+    // SAFETY: a reference to a field of a static: aligned, initialised.
+    unsafe { core::ptr::read_volatile(field) }
+}
 
 /// `comm` prefixes of the executables the matchers claim (see [`CommKey`]).
 #[map]

@@ -25,7 +25,7 @@ use collector_common::{
 
 use crate::{
     kernel::read_at,
-    maps::{EXEC_MATCHERS, OFFSETS, PROCESS_EVENTS, TRACKED_PROCESSES, count_drop},
+    maps::{EXEC_MATCHERS, PROCESS_EVENTS, TRACKED_PROCESSES, count_drop, offset},
 };
 
 /// `sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`
@@ -83,16 +83,15 @@ fn try_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
         (*event).argv_truncated = 0;
         (*event).filename[0] = 0;
 
-        let offsets = OFFSETS.load();
         let bprm: *const u8 = ctx.arg(2);
-        if let Ok(filename) = read_at::<*const u8>(bprm, offsets.binprm_filename) {
+        if let Ok(filename) = read_at::<*const u8>(bprm, offset!(binprm_filename)) {
             let _ = bpf_probe_read_kernel_str_bytes(filename, &mut (*event).filename);
         }
 
         let task = bpf_get_current_task() as *const u8;
-        if let Ok(mm) = read_at::<*const u8>(task, offsets.task_mm) {
-            let start = read_at::<u64>(mm, offsets.mm_arg_start).unwrap_or(0);
-            let end = read_at::<u64>(mm, offsets.mm_arg_end).unwrap_or(0);
+        if let Ok(mm) = read_at::<*const u8>(task, offset!(task_mm)) {
+            let start = read_at::<u64>(mm, offset!(mm_arg_start)).unwrap_or(0);
+            let end = read_at::<u64>(mm, offset!(mm_arg_end)).unwrap_or(0);
             let mut len = end.saturating_sub(start);
             if len > EXEC_ARGV_LEN as u64 {
                 len = EXEC_ARGV_LEN as u64;
@@ -129,12 +128,11 @@ fn try_sched_process_exit() -> Result<(), i64> {
     // SAFETY: pointer from a successful lookup.
     let tracked_flags = unsafe { (*tracked).flags };
     crate::sched::follow_exit(pid_tgid as u32);
-    let offsets = OFFSETS.load();
     // SAFETY: plain helper call; the current task is valid while it runs.
     let task = unsafe { bpf_get_current_task() } as *const u8;
-    let signal = read_at::<*const u8>(task, offsets.task_signal)?;
+    let signal = read_at::<*const u8>(task, offset!(task_signal))?;
     // `live` was decremented earlier in do_exit(): zero means this is the group's last thread.
-    let live = read_at::<i32>(signal, offsets.signal_live)?;
+    let live = read_at::<i32>(signal, offset!(signal_live))?;
     if live != 0 {
         return Ok(());
     }
@@ -148,9 +146,9 @@ fn try_sched_process_exit() -> Result<(), i64> {
             // SAFETY: plain helper call.
             boot_ns: unsafe { bpf_ktime_get_boot_ns() },
         },
-        exit_code: read_at::<u32>(task, offsets.task_exit_code).unwrap_or(0),
-        group_exit_code: read_at::<u32>(signal, offsets.signal_group_exit_code).unwrap_or(0),
-        signal_flags: read_at::<u32>(signal, offsets.signal_flags).unwrap_or(0),
+        exit_code: read_at::<u32>(task, offset!(task_exit_code)).unwrap_or(0),
+        group_exit_code: read_at::<u32>(signal, offset!(signal_group_exit_code)).unwrap_or(0),
+        signal_flags: read_at::<u32>(signal, offset!(signal_flags)).unwrap_or(0),
         tracked_flags,
     };
     if PROCESS_EVENTS.output(&event, 0).is_err() {
@@ -184,11 +182,10 @@ pub fn mark_victim(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_mark_victim(ctx: &BtfTracePointContext) -> Result<(), i64> {
-    let offsets = OFFSETS.load();
-    let (task, pid, tgid) = if offsets.mark_victim_has_task != 0 {
+    let (task, pid, tgid) = if offset!(mark_victim_has_task) != 0 {
         let task: *const u8 = ctx.arg(0);
-        let pid = read_at::<u32>(task, offsets.task_pid)?;
-        (task, pid, read_at::<u32>(task, offsets.task_tgid)?)
+        let pid = read_at::<u32>(task, offset!(task_pid))?;
+        (task, pid, read_at::<u32>(task, offset!(task_tgid))?)
     } else {
         // Older kernels pass the victim's pid only. The OOM killer picks processes by their
         // leader, so pid is the tgid unless the leader had already released its memory.
@@ -213,18 +210,18 @@ fn try_mark_victim(ctx: &BtfTracePointContext) -> Result<(), i64> {
         ..OomEvent::default()
     };
     if !task.is_null()
-        && let Ok(mm) = read_at::<*const u8>(task, offsets.task_mm)
+        && let Ok(mm) = read_at::<*const u8>(task, offset!(task_mm))
         && !mm.is_null()
     {
         let pages = |offset: u32| read_at::<i64>(mm, offset).map_or(0, |v| v.max(0) as u64);
         event.has_counters = 1;
-        event.total_vm_pages = read_at::<u64>(mm, offsets.mm_total_vm).unwrap_or(0);
-        event.anon_rss_pages = pages(offsets.mm_rss_anon);
-        event.file_rss_pages = pages(offsets.mm_rss_file);
-        event.shmem_rss_pages = pages(offsets.mm_rss_shmem);
-        event.memcg_id = memcg_id(task, &offsets).unwrap_or(0);
-        if let Ok(signal) = read_at::<*const u8>(task, offsets.task_signal) {
-            event.oom_score_adj = i32::from(read_at::<i16>(signal, offsets.signal_oom_score_adj)?);
+        event.total_vm_pages = read_at::<u64>(mm, offset!(mm_total_vm)).unwrap_or(0);
+        event.anon_rss_pages = pages(offset!(mm_rss_anon));
+        event.file_rss_pages = pages(offset!(mm_rss_file));
+        event.shmem_rss_pages = pages(offset!(mm_rss_shmem));
+        event.memcg_id = memcg_id(task).unwrap_or(0);
+        if let Ok(signal) = read_at::<*const u8>(task, offset!(task_signal)) {
+            event.oom_score_adj = i32::from(read_at::<i16>(signal, offset!(signal_oom_score_adj))?);
         }
     }
     if PROCESS_EVENTS.output(&event, 0).is_err() {
@@ -234,13 +231,13 @@ fn try_mark_victim(ctx: &BtfTracePointContext) -> Result<(), i64> {
 }
 
 /// Inode number of `task`'s memory cgroup: task->cgroups->subsys[memory]->cgroup->kn->id.
-fn memcg_id(task: *const u8, offsets: &collector_common::KernelOffsets) -> Result<u64, i64> {
-    if offsets.css_set_memory_subsys == 0 {
+fn memcg_id(task: *const u8) -> Result<u64, i64> {
+    if offset!(css_set_memory_subsys) == 0 {
         return Ok(0);
     }
-    let css_set = read_at::<*const u8>(task, offsets.task_cgroups)?;
-    let css = read_at::<*const u8>(css_set, offsets.css_set_memory_subsys)?;
-    let cgroup = read_at::<*const u8>(css, offsets.css_cgroup)?;
-    let kn = read_at::<*const u8>(cgroup, offsets.cgroup_kn)?;
-    read_at::<u64>(kn, offsets.kernfs_node_id)
+    let css_set = read_at::<*const u8>(task, offset!(task_cgroups))?;
+    let css = read_at::<*const u8>(css_set, offset!(css_set_memory_subsys))?;
+    let cgroup = read_at::<*const u8>(css, offset!(css_cgroup))?;
+    let kn = read_at::<*const u8>(cgroup, offset!(cgroup_kn))?;
+    read_at::<u64>(kn, offset!(kernfs_node_id))
 }

@@ -11,7 +11,10 @@
 //! [`SCHED_VCPU_COMMS`], the literal prefixes of the matcher's vCPU pattern.
 //!
 //! Cost on the untracked path (every other context switch of the host): one per-CPU array
-//! lookup (is the task leaving this CPU followed?), one read of `next->pid` and one hash lookup.
+//! lookup (is the task leaving this CPU followed?), one load of `next->pid` and one array lookup
+//! ([`SCHED_THREAD_FILTER`]: are there followed threads with ids like this one?), all three
+//! inlined by the verifier on current kernels: no helper call, no hash. The hash lookup is only
+//! for threads that pass the filter.
 
 use aya_ebpf::{
     helpers::{
@@ -19,24 +22,38 @@ use aya_ebpf::{
         generated::{bpf_get_current_task, bpf_ktime_get_ns},
     },
     macros::{btf_tracepoint, map},
-    maps::{HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::BtfTracePointContext,
 };
 use collector_common::{
     COMM_LEN, CommKey, DEFAULT_MAX_TRACKED_PROCESSES, DEFAULT_MAX_TRACKED_THREADS,
-    DROP_SCHED_THREAD_MAP_FULL, KernelOffsets, SCHED_RUNTIME_UNKNOWN, SchedKey, SchedStats,
-    SchedThread, VcpuCommKey, latency_bucket, thread_class,
+    DROP_SCHED_THREAD_MAP_FULL, SCHED_FILTER_SLOTS, SCHED_RUNTIME_UNKNOWN, SchedKey, SchedStats,
+    SchedThread, VcpuCommKey, latency_bucket, sched_filter_slot, thread_class,
 };
 
 use crate::{
-    kernel::read_at,
-    maps::{OFFSETS, TRACKED_PROCESSES, count_drop},
+    kernel::{load_at, read_at},
+    maps::{TRACKED_PROCESSES, count_drop, offset},
 };
 
 /// Threads of followed processes, by thread id.
 #[map]
 pub static SCHED_THREADS: HashMap<u32, SchedThread> =
     HashMap::with_max_entries(DEFAULT_MAX_TRACKED_THREADS, 0);
+
+/// For each slot `tid % SCHED_FILTER_SLOTS`, how many [`SCHED_THREADS`] entries have their
+/// thread id there, counting an insert from just before it is tried and a removal from just
+/// after it succeeded: never fewer than there are. A zero means "not followed" for sure, for the
+/// price of an inlined array load instead of a hash lookup; a non-zero slot (another followed
+/// thread with the same low bits) only costs that lookup. Whoever inserts or removes an entry
+/// counts it, with an atomic add: the programs here, and userspace through its memory map of the
+/// array (`BPF_F_MMAPABLE`, kernels >= 5.5), so the two never overwrite each other's counts.
+#[map]
+pub static SCHED_THREAD_FILTER: Array<u64> =
+    Array::with_max_entries(SCHED_FILTER_SLOTS, BPF_F_MMAPABLE);
+
+/// `BPF_F_MMAPABLE`
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Aggregates per (process, thread class). Two per followed process; sized by userspace.
 #[map]
@@ -66,6 +83,10 @@ const TASK_RUNNING: u64 = 0;
 const TASK_DEAD: u64 = 0x80;
 /// `BPF_NOEXIST`
 const NOEXIST: u64 = 1;
+/// `BPF_EXIST`
+const EXIST: u64 = 2;
+/// `-EEXIST`, as map helpers return it.
+const ERR_EXIST: i32 = -17;
 
 /// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next[, ...])`.
 /// Only the first three arguments exist on every kernel since 5.10; prev's state is read from
@@ -82,20 +103,23 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let next: *const u8 = ctx.arg(2);
     // SAFETY: per-CPU slot, only touched by this program on this CPU with preemption off.
     let (was_task, was_tid) = unsafe { ((*on_cpu).task, (*on_cpu).tid) };
-    let offsets = OFFSETS.load();
     if was_task != 0 {
         // SAFETY: as above.
         unsafe { (*on_cpu).task = 0 };
         if was_task == prev as u64 {
             let preempt: u64 = ctx.arg(0);
-            let _ = switch_out(&offsets, prev, was_tid, preempt != 0);
+            let _ = switch_out(prev, was_tid, preempt != 0);
         }
     }
-    let tid = read_at::<u32>(next, offsets.task_pid)?;
+    // SAFETY: `next` is the tracepoint's `struct task_struct *`, `task_pid` its `pid`.
+    let tid: u32 = unsafe { load_at(next, offset!(task_pid)) };
+    if !may_be_followed(tid) {
+        return Ok(());
+    }
     let Some(thread) = SCHED_THREADS.get_ptr_mut(&tid) else {
         return Ok(());
     };
-    switch_in(&offsets, next, thread);
+    switch_in(next, thread);
     // SAFETY: as above.
     unsafe {
         (*on_cpu).task = next as u64;
@@ -106,19 +130,20 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), i64> {
 
 /// A followed thread leaves the CPU: account its CPU time, count the switch, and start its wait
 /// if it is still runnable (as the kernel's own `sched_info` does).
-fn switch_out(
-    offsets: &KernelOffsets,
-    prev: *const u8,
-    tid: u32,
-    preempt: bool,
-) -> Result<(), i64> {
+fn switch_out(prev: *const u8, tid: u32, preempt: bool) -> Result<(), i64> {
     let thread = SCHED_THREADS.get_ptr_mut(&tid).ok_or(0)?;
-    let state = if offsets.task_state_size == 8 {
-        read_at::<u64>(prev, offsets.task_state)?
-    } else {
-        u64::from(read_at::<u32>(prev, offsets.task_state)?)
+    // SAFETY (both): `prev` is the tracepoint's `struct task_struct *`; `task_state` is its
+    // `__state` (4 bytes) or `state` (8 bytes, before 5.14), as `task_state_size` says (a
+    // constant to the verifier, which drops the other branch), `task_sum_exec_runtime` its
+    // `se.sum_exec_runtime`.
+    let state = unsafe {
+        if offset!(task_state_size) == 8 {
+            load_at::<u64>(prev, offset!(task_state))
+        } else {
+            u64::from(load_at::<u32>(prev, offset!(task_state)))
+        }
     };
-    let runtime = read_at::<u64>(prev, offsets.task_sum_exec_runtime)?;
+    let runtime: u64 = unsafe { load_at(prev, offset!(task_sum_exec_runtime)) };
     // SAFETY: pointer from a successful lookup; only the thread's own switches and wakeups write
     // it, and the kernel serialises those through the run queue lock.
     let (key, cpu_ns) = unsafe {
@@ -159,14 +184,14 @@ fn switch_out(
             }
         }
     }
-    if dead {
-        let _ = SCHED_THREADS.remove(&tid);
+    if dead && SCHED_THREADS.remove(&tid).is_ok() {
+        count_in_filter(tid, u64::MAX);
     }
     Ok(())
 }
 
 /// A followed thread gets the CPU: its wait, if it was waiting, ends now.
-fn switch_in(offsets: &KernelOffsets, next: *const u8, thread: *mut SchedThread) {
+fn switch_in(next: *const u8, thread: *mut SchedThread) {
     // SAFETY: pointer from a successful lookup (see `switch_out`).
     let t = unsafe { &mut *thread };
     if t.queued_ns != 0 {
@@ -189,9 +214,8 @@ fn switch_in(offsets: &KernelOffsets, next: *const u8, thread: *mut SchedThread)
         }
     }
     if t.runtime_ns == SCHED_RUNTIME_UNKNOWN {
-        if let Ok(runtime) = read_at::<u64>(next, offsets.task_sum_exec_runtime) {
-            t.runtime_ns = runtime;
-        }
+        // SAFETY: `next` is the tracepoint's task, the offset its `se.sum_exec_runtime`.
+        t.runtime_ns = unsafe { load_at(next, offset!(task_sum_exec_runtime)) };
     }
 }
 
@@ -204,7 +228,11 @@ pub fn sched_wakeup(ctx: BtfTracePointContext) -> i32 {
 
 fn try_sched_wakeup(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let task: *const u8 = ctx.arg(0);
-    let tid = read_at::<u32>(task, OFFSETS.load().task_pid)?;
+    // SAFETY: `task` is the tracepoint's `struct task_struct *`, `task_pid` its `pid`.
+    let tid: u32 = unsafe { load_at(task, offset!(task_pid)) };
+    if !may_be_followed(tid) {
+        return Ok(());
+    }
     let Some(thread) = SCHED_THREADS.get_ptr_mut(&tid) else {
         return Ok(());
     };
@@ -228,15 +256,16 @@ pub fn sched_wakeup_new(ctx: BtfTracePointContext) -> i32 {
 
 fn try_sched_wakeup_new(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let task: *const u8 = ctx.arg(0);
-    let offsets = OFFSETS.load();
-    let tgid = read_at::<u32>(task, offsets.task_tgid)?;
+    // SAFETY: `task` is the tracepoint's `struct task_struct *`, `task_tgid` its `tgid`.
+    let tgid: u32 = unsafe { load_at(task, offset!(task_tgid)) };
     let Some(tracked) = TRACKED_PROCESSES.get_ptr(&tgid) else {
         return Ok(());
     };
     // SAFETY: pointer from a successful lookup.
     let matcher_id = unsafe { (*tracked).matcher_id };
-    let tid = read_at::<u32>(task, offsets.task_pid)?;
-    let comm = read_at::<CommKey>(task, offsets.task_comm).unwrap_or([0; COMM_LEN]);
+    // SAFETY: as above, `task_pid` is its `pid`.
+    let tid: u32 = unsafe { load_at(task, offset!(task_pid)) };
+    let comm = read_at::<CommKey>(task, offset!(task_comm)).unwrap_or([0; COMM_LEN]);
     let thread = SchedThread {
         tgid,
         class: classify(matcher_id, comm),
@@ -259,14 +288,15 @@ pub fn task_rename(ctx: BtfTracePointContext) -> i32 {
 
 fn try_task_rename(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let task: *const u8 = ctx.arg(0);
-    let offsets = OFFSETS.load();
-    let tgid = read_at::<u32>(task, offsets.task_tgid)?;
+    // SAFETY: `task` is the tracepoint's `struct task_struct *`, `task_tgid` its `tgid`.
+    let tgid: u32 = unsafe { load_at(task, offset!(task_tgid)) };
     let Some(tracked) = TRACKED_PROCESSES.get_ptr(&tgid) else {
         return Ok(());
     };
     // SAFETY: pointer from a successful lookup.
     let matcher_id = unsafe { (*tracked).matcher_id };
-    let tid = read_at::<u32>(task, offsets.task_pid)?;
+    // SAFETY: as above, `task_pid` is its `pid`.
+    let tid: u32 = unsafe { load_at(task, offset!(task_pid)) };
     let new_name: *const u8 = ctx.arg(1);
     let mut comm = [0u8; COMM_LEN];
     // SAFETY: the helper checks the address and bounds the copy by the buffer.
@@ -299,7 +329,7 @@ pub fn follow_exec(tgid: u32, tid: u32, matcher_id: u32, comm: CommKey) {
     // SAFETY: plain helper call; the current task is valid while it runs.
     let task = unsafe { bpf_get_current_task() } as *const u8;
     let runtime =
-        read_at::<u64>(task, OFFSETS.load().task_sum_exec_runtime).unwrap_or(SCHED_RUNTIME_UNKNOWN);
+        read_at::<u64>(task, offset!(task_sum_exec_runtime)).unwrap_or(SCHED_RUNTIME_UNKNOWN);
     let thread = SchedThread {
         tgid,
         class: classify(matcher_id, comm),
@@ -341,9 +371,38 @@ pub fn forget_process(tgid: u32) {
     }
 }
 
+/// Follows `tid`, or updates its entry. A new entry is counted in [`SCHED_THREAD_FILTER`]
+/// before it exists.
 fn insert_thread(tid: u32, thread: &SchedThread) {
-    if SCHED_THREADS.insert(&tid, thread, 0).is_err() {
-        count_drop(DROP_SCHED_THREAD_MAP_FULL);
+    count_in_filter(tid, 1);
+    match SCHED_THREADS.insert(&tid, thread, NOEXIST) {
+        Ok(()) => {}
+        Err(err) => {
+            count_in_filter(tid, u64::MAX);
+            if err == ERR_EXIST {
+                // Already followed (and counted): update. Not if it went meanwhile.
+                let _ = SCHED_THREADS.insert(&tid, thread, EXIST);
+            } else {
+                count_drop(DROP_SCHED_THREAD_MAP_FULL);
+            }
+        }
+    }
+}
+
+/// Whether `tid` can be in [`SCHED_THREADS`]: `false` is certain.
+#[inline(always)]
+fn may_be_followed(tid: u32) -> bool {
+    // SAFETY: pointer from a successful lookup; an aligned 8-byte load, atomic.
+    SCHED_THREAD_FILTER
+        .get_ptr(sched_filter_slot(tid))
+        .is_some_and(|count| unsafe { *count } != 0)
+}
+
+/// Adds `delta` to `tid`'s slot of [`SCHED_THREAD_FILTER`] (`u64::MAX` takes one away).
+#[inline(always)]
+fn count_in_filter(tid: u32, delta: u64) {
+    if let Some(count) = SCHED_THREAD_FILTER.get_ptr_mut(sched_filter_slot(tid)) {
+        add(count, delta);
     }
 }
 

@@ -216,6 +216,67 @@ fn idle_instance_has_only_its_start_up_samples() {
     assert_eq!(after, before, "samples while idle");
 }
 
+/// The threads of an instance already running when the collector starts are entered in the
+/// kernel's thread map by userspace (the start-up scan), not by the kernel programs: they are
+/// measured all the same, which needs userspace to count them in the thread filter too.
+#[test]
+fn threads_found_running_are_measured() {
+    let uuid = new_uuid("early");
+    let _vmm = Standin::spawn(
+        "firecracker",
+        &["--no-api", "--uuid", &uuid],
+        &[("STANDIN_VCPUS", "2"), ("STANDIN_TICK_MS", "10")],
+    );
+    // Started and its vCPU threads named before the collector looks.
+    std::thread::sleep(Duration::from_millis(200));
+    let collector = Collector::start(&[]);
+    wait_listed(&collector, &uuid);
+    let waits = |metrics: &str| {
+        sample(
+            metrics,
+            &series(
+                "compute_instance_runqueue_latency_seconds_count",
+                &uuid,
+                "thread",
+                "vcpu",
+            ),
+        )
+        .unwrap_or(0.0)
+    };
+    let before = waits(&collector.get_text("/metrics"));
+    std::thread::sleep(Duration::from_secs(1));
+    let metrics = collector.get_text("/metrics");
+    let after = waits(&metrics);
+    eprintln!(
+        "instance found running: {} vCPU waits in 1 s",
+        after - before
+    );
+    // Two vCPU threads waking every 10 ms: about 200 waits.
+    assert!(
+        after - before >= 50.0,
+        "{before} -> {after} waits:\n{metrics}"
+    );
+    // Once no thread is being added, the filter's counts add up to the thread map's entries.
+    let entries = |metrics: &str, map: &str| {
+        sample(
+            metrics,
+            &format!("collector_ebpf_map_entries{{map=\"{map}\"}}"),
+        )
+        .unwrap()
+    };
+    wait_for(Duration::from_secs(5), || {
+        let metrics = collector.get_text("/metrics");
+        (entries(&metrics, "sched_thread_filter") == entries(&metrics, "sched_threads"))
+            .then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "filter and thread map disagree:\n{}",
+            collector.get_text("/metrics")
+        )
+    });
+}
+
 /// Resident memory is the VMM's VmRSS.
 #[test]
 fn resident_memory_is_the_vmms_rss() {

@@ -7,7 +7,7 @@ use std::{os::fd::OwnedFd, path::Path};
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::BtfTracePoint,
 };
 use collector_common::{COMM_LEN, CommKey, ExecMatch, TrackedProcess, VcpuCommKey, thread_class};
@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use super::{
     btf_offsets::{self, OffsetError, VMLINUX_BTF},
-    sched::SchedMaps,
+    sched::{SchedMaps, ThreadFilter},
 };
 use crate::{config::KernelConfig, discovery::matchers::Matcher};
 
@@ -112,6 +112,12 @@ pub enum LoadError {
         name: &'static str,
         #[source]
         source: aya::maps::MapError,
+    },
+    #[error("kernel map {name}: cannot map it into memory: {source}")]
+    Mmap {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -215,6 +221,7 @@ pub fn load(config: &KernelConfig, matchers: &[Matcher]) -> Result<Kernel, LoadE
         sched: SchedMaps::new(
             take_map(&mut ebpf, "SCHED_THREADS")?,
             take_map(&mut ebpf, "SCHED_STATS")?,
+            thread_filter(&mut ebpf)?,
         ),
         stats_enabled,
         probes,
@@ -257,9 +264,21 @@ fn fill_vcpu_comms(
     Ok(trie)
 }
 
+/// `SCHED_THREAD_FILTER`, mapped into memory.
+fn thread_filter(ebpf: &mut Ebpf) -> Result<ThreadFilter, LoadError> {
+    const NAME: &str = "SCHED_THREAD_FILTER";
+    let Map::Array(data) = ebpf.take_map(NAME).ok_or(LoadError::MissingMap(NAME))? else {
+        return Err(LoadError::Mmap {
+            name: NAME,
+            source: std::io::Error::other("not an array"),
+        });
+    };
+    ThreadFilter::new(data).map_err(|source| LoadError::Mmap { name: NAME, source })
+}
+
 pub(super) fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>
 where
-    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+    M: TryFrom<Map, Error = aya::maps::MapError>,
 {
     let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
     M::try_from(map).map_err(|source| LoadError::Map { name, source })

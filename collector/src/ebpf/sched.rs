@@ -2,10 +2,20 @@
 //! did not see start and forgets processes it stops following; the metrics read the aggregates
 //! at scrape time.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    os::fd::{AsFd, AsRawFd},
+    ptr::NonNull,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use aya::maps::{HashMap, MapData, MapError};
-use collector_common::{SCHED_RUNTIME_UNKNOWN, SchedKey, SchedStats, SchedThread, thread_class};
+use collector_common::{
+    SCHED_FILTER_SLOTS, SCHED_RUNTIME_UNKNOWN, SchedKey, SchedStats, SchedThread,
+    sched_filter_slot, thread_class,
+};
 
 /// `BPF_NOEXIST`: never overwrite what the kernel programs keep up to date.
 const NOEXIST: u64 = 1;
@@ -20,6 +30,86 @@ pub struct ProcessSched {
 pub struct SchedMaps {
     threads: HashMap<MapData, u32, SchedThread>,
     stats: HashMap<MapData, SchedKey, SchedStats>,
+    filter: ThreadFilter,
+}
+
+/// `SCHED_THREAD_FILTER`, mapped into this process: per slot of thread ids, how many entries of
+/// the thread map have an id there (never fewer: an insert counts before it is tried, a removal
+/// after it succeeded). The kernel programs skip a thread whose slot is zero without looking it
+/// up, so every entry userspace adds or removes is counted here. Counts change with atomic adds
+/// on the shared memory, as the kernel's own, so neither side overwrites the other's.
+pub struct ThreadFilter {
+    slots: NonNull<AtomicU64>,
+    /// Keeps the map alive (the memory map would too).
+    _map: MapData,
+}
+
+const FILTER_BYTES: usize = SCHED_FILTER_SLOTS as usize * size_of::<u64>();
+
+// SAFETY: the mapping is owned by the value and only touched through atomics.
+unsafe impl Send for ThreadFilter {}
+// SAFETY: as above.
+unsafe impl Sync for ThreadFilter {}
+
+impl ThreadFilter {
+    /// Maps `map`, an array of [`SCHED_FILTER_SLOTS`] `u64` made with `BPF_F_MMAPABLE`.
+    pub fn new(map: MapData) -> std::io::Result<Self> {
+        let info = map.info().map_err(std::io::Error::other)?;
+        if info.max_entries() != SCHED_FILTER_SLOTS || info.value_size() != 8 {
+            return Err(std::io::Error::other(format!(
+                "expected {SCHED_FILTER_SLOTS} slots of 8 bytes, found {} of {}",
+                info.max_entries(),
+                info.value_size()
+            )));
+        }
+        // SAFETY: a fresh shared mapping of the map's fd, of the map's size (a whole number of
+        // pages), checked for failure; nothing else in this process uses that range.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                FILTER_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let slots = NonNull::new(addr.cast()).ok_or_else(std::io::Error::last_os_error)?;
+        Ok(Self { slots, _map: map })
+    }
+
+    fn slot(&self, tid: u32) -> &AtomicU64 {
+        // SAFETY: the slot index is below SCHED_FILTER_SLOTS, inside the mapping, which lives
+        // as long as `self`; the kernel only changes it with atomic instructions too.
+        unsafe { &*self.slots.as_ptr().add(sched_filter_slot(tid) as usize) }
+    }
+
+    /// Counts an entry for `tid` that is about to be inserted.
+    fn count(&self, tid: u32) {
+        self.slot(tid).fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Takes back a count: an insert that did not add an entry, or a removal that did remove.
+    fn uncount(&self, tid: u32) {
+        self.slot(tid).fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Sum of all slots (tests: it must come back to 0).
+    pub fn total(&self) -> u64 {
+        (0..SCHED_FILTER_SLOTS)
+            .map(|tid| self.slot(tid).load(Ordering::Relaxed))
+            .fold(0, u64::wrapping_add)
+    }
+}
+
+impl Drop for ThreadFilter {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, not used after this.
+        unsafe { libc::munmap(self.slots.as_ptr().cast(), FILTER_BYTES) };
+    }
 }
 
 /// Whether thread `tid` of `tgid` exists and has not started exiting (a zombie's or dying
@@ -47,8 +137,13 @@ impl SchedMaps {
     pub fn new(
         threads: HashMap<MapData, u32, SchedThread>,
         stats: HashMap<MapData, SchedKey, SchedStats>,
+        filter: ThreadFilter,
     ) -> Self {
-        Self { threads, stats }
+        Self {
+            threads,
+            stats,
+            filter,
+        }
     }
 
     /// Follows the running threads `(tid, is_vcpu)` of process `tgid`. Threads the kernel
@@ -65,15 +160,22 @@ impl SchedMaps {
                 queued_ns: 0,
                 runtime_ns: SCHED_RUNTIME_UNKNOWN,
             };
+            self.filter.count(tid);
             match self.threads.insert(&tid, &thread, NOEXIST) {
                 Ok(()) => {}
                 Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => return Err(e),
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+                {
+                    self.filter.uncount(tid);
+                }
+                Err(e) => {
+                    self.filter.uncount(tid);
+                    return Err(e);
+                }
             }
             // A thread that ended before the insert would never free its entry: undo.
             if !thread_alive(tgid, tid) {
-                let _ = self.threads.remove(&tid);
+                self.remove_thread(tid);
             }
         }
         Ok(())
@@ -94,8 +196,14 @@ impl SchedMaps {
                 .map(|(tid, _)| tid)
                 .collect();
             for tid in stale {
-                let _ = self.threads.remove(&tid);
+                self.remove_thread(tid);
             }
+        }
+    }
+
+    fn remove_thread(&mut self, tid: u32) {
+        if self.threads.remove(&tid).is_ok() {
+            self.filter.uncount(tid);
         }
     }
 
@@ -115,5 +223,11 @@ impl SchedMaps {
     /// Entries in the thread and aggregate maps (to see that nothing leaks).
     pub fn entries(&self) -> (usize, usize) {
         (self.threads.keys().count(), self.stats.keys().count())
+    }
+
+    /// The thread filter's counts, summed: the thread map's entries, once no insert is under
+    /// way (to see that the two agree).
+    pub fn filter_total(&self) -> u64 {
+        self.filter.total()
     }
 }

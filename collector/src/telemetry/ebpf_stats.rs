@@ -78,15 +78,22 @@ impl Collector for EbpfStats {
         }
 
         if let Some(sched) = self.sched.get() {
-            let (threads, stats) = sched.lock().expect("sched lock").entries();
+            let ((threads, stats), filter) = {
+                let sched = sched.lock().expect("sched lock");
+                (sched.entries(), sched.filter_total())
+            };
             let mut family = encoder.encode_descriptor(
                 "collector_ebpf_map_entries",
                 "Entries in the kernel's per-thread and per-instance scheduling maps.",
                 None,
                 MetricType::Gauge,
             )?;
-            for (map, entries) in [("sched_threads", threads), ("sched_stats", stats)] {
-                ConstGauge::new(entries as i64).encode(family.encode_family(&[("map", map)])?)?;
+            for (map, entries) in [
+                ("sched_threads", threads as i64),
+                ("sched_stats", stats as i64),
+                ("sched_thread_filter", filter as i64),
+            ] {
+                ConstGauge::new(entries).encode(family.encode_family(&[("map", map)])?)?;
             }
         }
 

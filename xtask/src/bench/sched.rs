@@ -4,9 +4,11 @@
 //! round after round so that a noisy machine disturbs them alike: without any probe; with the
 //! collector and no instance; with 32 idle-ish stand-in VMMs and no probe; with the collector
 //! following those 32; with a bpftrace script that computes the same run-queue histogram for
-//! every process. Per-event costs come from the kernel's BPF statistics (run time / run count
-//! over the load), the slowdown from hackbench's own time. Root only; installs `rt-tests`,
-//! `bpftrace` and `bpftool` if missing.
+//! every process. With `--compare-with COLLECTOR`, another collector binary (one built from main,
+//! say) runs in two more modes, with 0 and with the instances, in the same rounds. Per-event
+//! costs come from the kernel's BPF statistics (run time / run count over the load), the slowdown
+//! from hackbench's own time. Root only; installs `rt-tests`, `bpftrace` and `bpftool` if
+//! missing.
 
 use std::{
     io::{BufRead, BufReader},
@@ -34,6 +36,10 @@ pub struct Options {
     /// Followed instances in the loaded modes.
     #[arg(long, default_value_t = 32)]
     instances: usize,
+    /// Another collector binary (say, one built from main) to run in two more modes, with 0
+    /// and with the instances, interleaved with the others: before/after figures from one run.
+    #[arg(long, value_name = "COLLECTOR")]
+    compare_with: Option<PathBuf>,
 }
 
 /// The programs whose per-event cost is reported (bpftrace has the first three).
@@ -65,26 +71,40 @@ tracepoint:sched:sched_switch {
 enum Mode {
     Detached,
     Collector,
+    /// The `--compare-with` collector.
+    Compared,
     DetachedInstances,
     CollectorInstances,
+    ComparedInstances,
     Bpftrace,
 }
 
-const MODES: [Mode; 5] = [
-    Mode::Detached,
-    Mode::Collector,
-    Mode::DetachedInstances,
-    Mode::CollectorInstances,
-    Mode::Bpftrace,
-];
+/// The modes of each round, in order.
+fn modes(options: &Options) -> Vec<Mode> {
+    let compared = options.compare_with.is_some();
+    [
+        (Mode::Detached, true),
+        (Mode::Collector, true),
+        (Mode::Compared, compared),
+        (Mode::DetachedInstances, true),
+        (Mode::CollectorInstances, true),
+        (Mode::ComparedInstances, compared),
+        (Mode::Bpftrace, true),
+    ]
+    .into_iter()
+    .filter_map(|(mode, on)| on.then_some(mode))
+    .collect()
+}
 
 impl Mode {
     fn label(self, instances: usize) -> String {
         match self {
             Self::Detached => "no probes".into(),
             Self::Collector => "collector, 0 instances".into(),
+            Self::Compared => "compared, 0 instances".into(),
             Self::DetachedInstances => format!("no probes, {instances} stand-ins"),
             Self::CollectorInstances => format!("collector, {instances} instances"),
+            Self::ComparedInstances => format!("compared, {instances} instances"),
             Self::Bpftrace => "bpftrace script".into(),
         }
     }
@@ -92,10 +112,17 @@ impl Mode {
     /// The mode this one's slowdown is measured against.
     fn baseline(self) -> Option<Self> {
         match self {
-            Self::Collector | Self::Bpftrace => Some(Self::Detached),
-            Self::CollectorInstances => Some(Self::DetachedInstances),
+            Self::Collector | Self::Compared | Self::Bpftrace => Some(Self::Detached),
+            Self::CollectorInstances | Self::ComparedInstances => Some(Self::DetachedInstances),
             Self::Detached | Self::DetachedInstances => None,
         }
+    }
+
+    fn with_instances(self) -> bool {
+        matches!(
+            self,
+            Self::DetachedInstances | Self::CollectorInstances | Self::ComparedInstances
+        )
     }
 }
 
@@ -167,9 +194,10 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
 
     // Statistics on for every mode alike (the collector turns them on itself anyway).
     let _stats = BpfStats::enable()?;
-    let mut samples: Vec<Vec<Sample>> = MODES.iter().map(|_| Vec::new()).collect();
+    let modes = modes(options);
+    let mut samples: Vec<Vec<Sample>> = modes.iter().map(|_| Vec::new()).collect();
     for round in 1..=options.rounds {
-        for (i, mode) in MODES.iter().enumerate() {
+        for (i, mode) in modes.iter().enumerate() {
             let sample = bench
                 .run_mode(*mode)
                 .with_context(|| format!("round {round}: {}", mode.label(options.instances)))?;
@@ -184,15 +212,25 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         }
     }
     let _ = std::fs::remove_dir_all(&work);
-    print_table(options, &samples);
+    print_table(options, &modes, &samples);
     Ok(())
 }
 
 impl Bench<'_> {
     fn run_mode(&self, mode: Mode) -> anyhow::Result<Sample> {
-        let with_instances = matches!(mode, Mode::DetachedInstances | Mode::CollectorInstances);
+        let with_instances = mode.with_instances();
         let mut collector = match mode {
-            Mode::Collector | Mode::CollectorInstances => Some(self.start_collector()?),
+            Mode::Collector | Mode::CollectorInstances => {
+                Some(self.start_collector(&self.collector)?)
+            }
+            Mode::Compared | Mode::ComparedInstances => {
+                let binary = self
+                    .options
+                    .compare_with
+                    .as_ref()
+                    .context("--compare-with")?;
+                Some(self.start_collector(binary)?)
+            }
             _ => None,
         };
         let mut standins = Vec::new();
@@ -281,13 +319,13 @@ impl Bench<'_> {
         Ok((wall, cpu))
     }
 
-    fn start_collector(&self) -> anyhow::Result<(Guard, String)> {
+    fn start_collector(&self, binary: &Path) -> anyhow::Result<(Guard, String)> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let addr = format!("127.0.0.1:{port}");
         let child = Guard(
-            Command::new(&self.collector)
+            Command::new(binary)
                 .args(["run", "--listen", &addr, "--log-dir"])
                 .arg(self.work.join("logs"))
                 .stdout(Stdio::null())
@@ -397,7 +435,7 @@ fn process_programs(pid: u32) -> anyhow::Result<Vec<(String, f64, f64)>> {
     Ok(programs)
 }
 
-fn print_table(options: &Options, samples: &[Vec<Sample>]) {
+fn print_table(options: &Options, modes: &[Mode], samples: &[Vec<Sample>]) {
     let n = options.instances;
     let stat = |i: usize, f: &dyn Fn(&Sample) -> f64| {
         median(&samples[i].iter().map(f).collect::<Vec<_>>())
@@ -405,14 +443,16 @@ fn print_table(options: &Options, samples: &[Vec<Sample>]) {
     let load = |i: usize| stat(i, &|s| s.load_seconds);
     let load_cpu = |i: usize| stat(i, &|s| s.load_cpu_seconds);
     let cost = |i: usize, p: usize| stat(i, &|s| s.ns_per_event[p]);
-    let index = |mode: Mode| MODES.iter().position(|m| *m == mode).expect("mode");
+    let index = |mode: Mode| modes.iter().position(|m| *m == mode);
     let slowdown = |mode: Mode| {
         mode.baseline()
-            .map(|base| (load(index(mode)) / load(index(base)) - 1.0) * 100.0)
+            .zip(index(mode))
+            .and_then(|(base, i)| Some((load(i) / load(index(base)?) - 1.0) * 100.0))
     };
     let cpu_slowdown = |mode: Mode| {
         mode.baseline()
-            .map(|base| (load_cpu(index(mode)) / load_cpu(index(base)) - 1.0) * 100.0)
+            .zip(index(mode))
+            .and_then(|(base, i)| Some((load_cpu(i) / load_cpu(index(base)?) - 1.0) * 100.0))
     };
     println!(
         "\nbench sched: hackbench --pipe --threads -g {} -l {}, {} rounds, medians; \
@@ -427,7 +467,7 @@ fn print_table(options: &Options, samples: &[Vec<Sample>]) {
         "| --- | --- | --- | --- | --- | --- |{}",
         " --- |".repeat(PROGRAMS.len())
     );
-    for (i, mode) in MODES.iter().enumerate() {
+    for (i, mode) in modes.iter().enumerate() {
         let slow = slowdown(*mode).map_or("-".to_owned(), |s| format!("{s:+.1}%"));
         let cpu_slow = cpu_slowdown(*mode).map_or("-".to_owned(), |s| format!("{s:+.1}%"));
         let costs: Vec<String> = (0..PROGRAMS.len())
@@ -454,16 +494,23 @@ fn print_table(options: &Options, samples: &[Vec<Sample>]) {
             costs.join(" | ")
         );
     }
-    let bpftrace_switch = cost(index(Mode::Bpftrace), 0);
-    for mode in [Mode::Collector, Mode::CollectorInstances] {
-        let ratio = cost(index(mode), 0) / bpftrace_switch;
+    let measured = [
+        Mode::Collector,
+        Mode::CollectorInstances,
+        Mode::Compared,
+        Mode::ComparedInstances,
+    ];
+    let measured = measured.iter().copied().filter(|m| modes.contains(m));
+    let bpftrace_switch = index(Mode::Bpftrace).map_or(f64::NAN, |i| cost(i, 0));
+    for mode in measured.clone() {
+        let ratio = index(mode).map_or(f64::NAN, |i| cost(i, 0)) / bpftrace_switch;
         println!(
             "{}: sched_switch costs {ratio:.2}x bpftrace's per event (target <= 0.5: {})",
             mode.label(n),
             verdict(ratio <= 0.5)
         );
     }
-    for mode in [Mode::Collector, Mode::CollectorInstances] {
+    for mode in measured {
         let slow = slowdown(mode).unwrap_or(f64::NAN);
         let cpu_slow = cpu_slowdown(mode).unwrap_or(f64::NAN);
         println!(

@@ -482,6 +482,23 @@ pub struct SyscallNumbers {
 /// [`SyscallNumbers`]: the architecture has no such syscall.
 pub const SYSCALL_NONE: u32 = u32::MAX;
 
+/// Field offsets in the records of the per-syscall tracepoints (`syscalls/sys_enter_<name>`,
+/// `syscalls/sys_exit_<name>`), read by userspace from each event's `format` file in tracefs.
+/// One set for all the events the capture attaches to: an event whose layout differs is not
+/// attached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyscallTpOffsets {
+    /// `int __syscall_nr` of an entry record.
+    pub enter_nr: u32,
+    /// The first three arguments (8 bytes each) of an entry record, by position.
+    pub args: [u32; 3],
+    /// `int __syscall_nr` of an exit record.
+    pub exit_nr: u32,
+    /// `long ret` of an exit record.
+    pub ret: u32,
+}
+
 /// Head of each record on the console ring buffer; `len` bytes of output follow it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -514,6 +531,7 @@ mod console_user {
     unsafe impl aya::Pod for super::ConsoleFd {}
     unsafe impl aya::Pod for super::ConsoleRule {}
     unsafe impl aya::Pod for super::SyscallNumbers {}
+    unsafe impl aya::Pod for super::SyscallTpOffsets {}
     unsafe impl aya::Pod for super::ConsoleKernelDrops {}
 }
 
@@ -521,5 +539,6 @@ const _: () = assert!(size_of::<ConsoleFdKey>() == 8);
 const _: () = assert!(size_of::<ConsoleFd>() == 16);
 const _: () = assert!(size_of::<ConsoleRule>() == 8 + CONSOLE_RULE_LEN);
 const _: () = assert!(size_of::<SyscallNumbers>() == 14 * 4);
+const _: () = assert!(size_of::<SyscallTpOffsets>() == 6 * 4);
 const _: () = assert!(size_of::<ConsoleRecordHeader>() == 32);
 const _: () = assert!(size_of::<ConsoleKernelDrops>() == 16);

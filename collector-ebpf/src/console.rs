@@ -1,10 +1,16 @@
 //! Console capture: the bytes tracked VMMs write to their stdout, stderr and console files.
 //!
-//! Two raw syscall tracepoints (`sys_enter`, `sys_exit`, as `tp_btf`) do the work:
+//! Two programs do the work, one at syscall entry and one at exit, attached to the per-syscall
+//! tracepoints (`syscalls/sys_enter_<name>`, `syscalls/sys_exit_<name>`) of the dozen syscalls
+//! that matter, so no other syscall on the host runs them. On a kernel without those
+//! tracepoints (no `CONFIG_FTRACE_SYSCALLS`) userspace attaches the same logic as `tp_btf`
+//! programs on the raw `sys_enter`/`sys_exit` tracepoints instead, which run for every syscall
+//! and filter by number. Both pairs only fetch the number and arguments and call [`on_enter`]
+//! and [`on_exit`]:
 //!
-//! - At entry, for the few syscalls that matter (writes, opens, closes, dups) of a tracked
-//!   process, the arguments are stashed per thread in [`CONSOLE_PENDING`]. A write is stashed only
-//!   when its descriptor is a console (see [`stream_of`]).
+//! - At entry, for a tracked process, the arguments are stashed per thread in
+//!   [`CONSOLE_PENDING`]. A write is stashed only when its descriptor is a console (see
+//!   [`stream_of`]).
 //! - At exit, with the return value: a write sends exactly the bytes the kernel accepted (`ret`,
 //!   so a partial write or an `EAGAIN` the VMM retries neither loses nor repeats a byte) to
 //!   [`CONSOLE_EVENTS`]; an open whose path ends with a console-file rule of the process's
@@ -13,9 +19,6 @@
 //! Descriptors 1 and 2 are stdout and stderr from the exec on, with no map entry, so nothing
 //! written before userspace has seen the process is missed; an entry with
 //! [`console_stream::NONE`] overrides that after `close(1)` or a `dup2` of another file.
-//!
-//! The untracked path costs at most one hash lookup: at entry the syscall number is compared
-//! with a dozen constants before the tracked-process lookup, at exit before the pending lookup.
 
 use core::ptr::{read_volatile, write_volatile};
 
@@ -28,14 +31,15 @@ use aya_ebpf::{
             bpf_probe_read_user_str, bpf_ringbuf_output,
         },
     },
-    macros::{btf_tracepoint, map},
+    macros::{btf_tracepoint, map, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuHashMap, RingBuf},
-    programs::BtfTracePointContext,
+    programs::{BtfTracePointContext, TracePointContext},
 };
 use collector_common::{
     CONSOLE_MAX_IOVECS, CONSOLE_MAX_RULES, CONSOLE_MAX_WRITE, CONSOLE_RULE_LEN, ConsoleFd,
     ConsoleFdKey, ConsoleKernelDrops, ConsoleRecordHeader, ConsoleRule, DEFAULT_MAX_CONSOLE_FDS,
-    DEFAULT_MAX_TRACKED_PROCESSES, SYSCALL_NONE, SyscallNumbers, console_stream, drop_kind,
+    DEFAULT_MAX_TRACKED_PROCESSES, SYSCALL_NONE, SyscallNumbers, SyscallTpOffsets, console_stream,
+    drop_kind,
 };
 
 use crate::{
@@ -66,6 +70,15 @@ pub static SYSCALLS: Global<SyscallNumbers> = Global::new(SyscallNumbers {
     dup3: SYSCALL_NONE,
     fcntl: SYSCALL_NONE,
     _pad: 0,
+});
+
+/// Record layout of the per-syscall tracepoints, set by userspace from tracefs at load time.
+#[unsafe(no_mangle)]
+pub static TP_OFFSETS: Global<SyscallTpOffsets> = Global::new(SyscallTpOffsets {
+    enter_nr: 0,
+    args: [0; 3],
+    exit_nr: 0,
+    ret: 0,
 });
 
 /// Console output to userspace: a [`ConsoleRecordHeader`] and the bytes. Its own ring, so a
@@ -214,16 +227,63 @@ fn set_stream(tgid: u32, fd: u32, stream: u32, start: u64) {
     }
 }
 
-/// `sys_enter(struct pt_regs *regs, long id)`
-#[btf_tracepoint(function = "sys_enter")]
-pub fn console_sys_enter(ctx: BtfTracePointContext) -> i32 {
-    let _ = try_sys_enter(&ctx);
+/// Entry of one of the followed syscalls (`syscalls/sys_enter_<name>`).
+#[tracepoint]
+pub fn console_enter(ctx: TracePointContext) -> u32 {
+    let _ = try_enter(&ctx);
     0
 }
 
-fn try_sys_enter(ctx: &BtfTracePointContext) -> Result<(), i64> {
-    let id: i64 = ctx.arg(1);
-    let Some(kind) = classify(id, &SYSCALLS.load()) else {
+fn try_enter(ctx: &TracePointContext) -> Result<(), i64> {
+    let offsets = TP_OFFSETS.load();
+    // SAFETY: offsets of this tracepoint's record, from its format in tracefs.
+    let nr = unsafe { ctx.read_at::<i32>(offsets.enter_nr as usize) }?;
+    on_enter(i64::from(nr), |i| {
+        // SAFETY: as above.
+        unsafe { ctx.read_at::<u64>(offsets.args[i] as usize) }.map_err(i64::from)
+    })
+}
+
+/// Exit of one of the followed syscalls (`syscalls/sys_exit_<name>`).
+#[tracepoint]
+pub fn console_exit(ctx: TracePointContext) -> u32 {
+    let _ = try_exit(&ctx);
+    0
+}
+
+fn try_exit(ctx: &TracePointContext) -> Result<(), i64> {
+    let offsets = TP_OFFSETS.load();
+    // SAFETY: offsets of this tracepoint's record, from its format in tracefs.
+    let nr = unsafe { ctx.read_at::<i32>(offsets.exit_nr as usize) }?;
+    // SAFETY: as above.
+    let ret = unsafe { ctx.read_at::<i64>(offsets.ret as usize) }?;
+    on_exit(i64::from(nr), ret)
+}
+
+/// Fallback without per-syscall tracepoints: `sys_enter(struct pt_regs *regs, long id)`, run
+/// for every syscall.
+#[btf_tracepoint(function = "sys_enter")]
+pub fn console_sys_enter(ctx: BtfTracePointContext) -> i32 {
+    let regs: *const u8 = ctx.arg(0);
+    let _ = on_enter(ctx.arg(1), |i| read_at::<u64>(regs, syscall_arg_offset(i)));
+    0
+}
+
+/// Fallback: `sys_exit(struct pt_regs *regs, long ret)`, run for every syscall.
+#[btf_tracepoint(function = "sys_exit")]
+pub fn console_sys_exit(ctx: BtfTracePointContext) -> i32 {
+    let regs: *const u8 = ctx.arg(0);
+    if let Ok(nr) = read_at::<i64>(regs, offset!(pt_regs_syscall_nr)) {
+        let _ = on_exit(nr, ctx.arg(1));
+    }
+    0
+}
+
+/// Syscall `nr` enters; `arg(i)` reads its argument `i` (0 to 2). Cheap for an untracked
+/// process: a comparison of the number (against a dozen constants) and one hash lookup.
+#[inline(always)]
+fn on_enter(nr: i64, arg: impl Fn(usize) -> Result<u64, i64>) -> Result<(), i64> {
+    let Some(kind) = classify(nr, &SYSCALLS.load()) else {
         return Ok(());
     };
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -233,11 +293,10 @@ fn try_sys_enter(ctx: &BtfTracePointContext) -> Result<(), i64> {
     };
     // SAFETY: pointer from a successful lookup.
     let (matcher_id, start) = unsafe { ((*tracked).matcher_id, (*tracked).start_boot_ns) };
-    let regs: *const u8 = ctx.arg(0);
-    let arg0 = read_at::<u64>(regs, syscall_arg_offset(0))?;
+    let arg0 = arg(0)?;
     let fd = arg0 as u32;
     let mut pending = Pending {
-        nr: id as u32,
+        nr: nr as u32,
         kind,
         fd,
         stream: console_stream::NONE,
@@ -253,18 +312,18 @@ fn try_sys_enter(ctx: &BtfTracePointContext) -> Result<(), i64> {
             if pending.stream == console_stream::NONE {
                 return Ok(());
             }
-            pending.arg = read_at::<u64>(regs, syscall_arg_offset(1))?;
-            pending.count = read_at::<u64>(regs, syscall_arg_offset(2))?;
+            pending.arg = arg(1)?;
+            pending.count = arg(2)?;
         }
         kind::OPEN_ARG0 => pending.arg = arg0,
-        kind::OPEN_ARG1 => pending.arg = read_at::<u64>(regs, syscall_arg_offset(1))?,
+        kind::OPEN_ARG1 => pending.arg = arg(1)?,
         kind::CLOSE => {
             // Linux frees the descriptor whatever close returns: forget it now.
             set_stream(tgid, fd, console_stream::NONE, start);
             return Ok(());
         }
         kind::FCNTL => {
-            let cmd = read_at::<u64>(regs, syscall_arg_offset(1))?;
+            let cmd = arg(1)?;
             if cmd != F_DUPFD && cmd != F_DUPFD_CLOEXEC {
                 return Ok(());
             }
@@ -276,17 +335,10 @@ fn try_sys_enter(ctx: &BtfTracePointContext) -> Result<(), i64> {
         .map_err(i64::from)
 }
 
-/// `sys_exit(struct pt_regs *regs, long ret)`
-#[btf_tracepoint(function = "sys_exit")]
-pub fn console_sys_exit(ctx: BtfTracePointContext) -> i32 {
-    let _ = try_sys_exit(&ctx);
-    0
-}
-
-fn try_sys_exit(ctx: &BtfTracePointContext) -> Result<(), i64> {
-    let regs: *const u8 = ctx.arg(0);
-    let ret: i64 = ctx.arg(1);
-    let nr = read_at::<i64>(regs, offset!(pt_regs_syscall_nr))?;
+/// Syscall `nr` returns `ret`. Cheap when nothing is pending: one hash lookup (after a
+/// comparison of the number).
+#[inline(always)]
+fn on_exit(nr: i64, ret: i64) -> Result<(), i64> {
     if classify(nr, &SYSCALLS.load()).is_none() {
         return Ok(());
     }

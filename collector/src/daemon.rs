@@ -140,6 +140,7 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
     *probes.write().expect("probe lock") = kernel.probes.clone();
     let _ = drops.set(kernel.drops);
     let attached = kernel.probes.iter().filter(|p| p.attached).count();
+    let probes_total = kernel.probes.len();
     // Keeps the programs attached until the end of `run`, and the BPF statistics on.
     *ebpf.lock().expect("ebpf lock") = Some(kernel.ebpf);
     let stats_enabled = kernel.stats_enabled;
@@ -190,7 +191,7 @@ pub async fn run(mut config: Config, overrides: Overrides) -> anyhow::Result<()>
     info!(
         listen = %listen,
         probes_attached = attached,
-        probes_total = loader::PROBES.len(),
+        probes_total,
         matchers = matchers.len(),
         "collector running"
     );

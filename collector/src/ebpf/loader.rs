@@ -8,14 +8,17 @@ use std::{os::fd::OwnedFd, path::Path};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::BtfTracePoint,
+    programs::{BtfTracePoint, TracePoint},
 };
-use collector_common::{COMM_LEN, CommKey, ExecMatch, TrackedProcess, VcpuCommKey, thread_class};
+use collector_common::{
+    COMM_LEN, CommKey, ExecMatch, SyscallTpOffsets, TrackedProcess, VcpuCommKey, thread_class,
+};
 use tracing::{info, warn};
 
 use super::{
     btf_offsets::{self, OffsetError, VMLINUX_BTF},
     sched::{SchedMaps, ThreadFilter},
+    tracefs::{self, ConsoleHooks},
 };
 use crate::{config::KernelConfig, discovery::matchers::Matcher};
 
@@ -34,7 +37,8 @@ pub struct ProbeSpec {
     pub feature: &'static str,
 }
 
-/// Every probe, in attach order.
+/// Every probe but console capture's, in attach order (console capture's depend on the kernel,
+/// see [`ConsoleHooks`]).
 pub const PROBES: &[ProbeSpec] = &[
     ProbeSpec {
         program: "sched_process_exec",
@@ -71,6 +75,11 @@ pub const PROBES: &[ProbeSpec] = &[
         tracepoint: "task_rename",
         feature: "telling vCPU threads from other VMM threads",
     },
+];
+
+/// Console capture's fallback on a kernel without per-syscall tracepoints: the raw syscall
+/// tracepoints, which run for every syscall.
+const CONSOLE_RAW_PROBES: &[ProbeSpec] = &[
     ProbeSpec {
         program: "console_sys_enter",
         tracepoint: "sys_enter",
@@ -162,6 +171,12 @@ pub fn load(config: &KernelConfig, matchers: &[Matcher]) -> Result<Kernel, LoadE
     }
     let offsets = btf_offsets::kernel_offsets(Path::new(VMLINUX_BTF))?;
     let btf = Btf::from_sys_fs()?;
+    let syscalls = super::console::syscall_numbers();
+    let console_hooks = tracefs::console_hooks(&syscalls);
+    let tp_offsets = match &console_hooks {
+        ConsoleHooks::PerSyscall { offsets, .. } => *offsets,
+        ConsoleHooks::Raw(_) => SyscallTpOffsets::default(),
+    };
 
     let mut ebpf = EbpfLoader::new()
         .btf(&btf)
@@ -175,7 +190,8 @@ pub fn load(config: &KernelConfig, matchers: &[Matcher]) -> Result<Kernel, LoadE
                 .max_tracked_processes
                 .saturating_mul(thread_class::COUNT),
         )
-        .override_global("SYSCALLS", &super::console::syscall_numbers(), true)
+        .override_global("SYSCALLS", &syscalls, true)
+        .override_global("TP_OFFSETS", &tp_offsets, true)
         .map_max_entries("CONSOLE_EVENTS", config.console_ring_bytes)
         .map_max_entries("CONSOLE_FDS", config.max_console_fds)
         // One scratch record per possible CPU (the programs index it by CPU number).
@@ -210,10 +226,11 @@ pub fn load(config: &KernelConfig, matchers: &[Matcher]) -> Result<Kernel, LoadE
         }
     };
 
-    let probes = PROBES
+    let mut probes: Vec<ProbeState> = PROBES
         .iter()
         .map(|spec| attach(&mut ebpf, &btf, spec))
         .collect();
+    probes.extend(attach_console(&mut ebpf, &btf, console_hooks));
     Ok(Kernel {
         tracked_processes: take_map(&mut ebpf, "TRACKED_PROCESSES")?,
         process_events: take_map(&mut ebpf, "PROCESS_EVENTS")?,
@@ -301,29 +318,88 @@ fn attach(ebpf: &mut Ebpf, btf: &Btf, spec: &ProbeSpec) -> ProbeState {
         program.attach().map_err(|e| format!("attach: {e}"))?;
         Ok(())
     })();
+    probe_state(spec.program, spec.tracepoint, spec.feature, result)
+}
+
+/// Console capture's programs: on every per-syscall tracepoint of the followed syscalls (one
+/// probe each: a missing tracepoint loses only its syscall), or on the raw syscall tracepoints.
+fn attach_console(ebpf: &mut Ebpf, btf: &Btf, hooks: ConsoleHooks) -> Vec<ProbeState> {
+    let events = match hooks {
+        ConsoleHooks::Raw(reason) => {
+            info!(
+                %reason,
+                "console capture on the raw sys_enter/sys_exit tracepoints: they run for every \
+                 syscall on the host"
+            );
+            return CONSOLE_RAW_PROBES
+                .iter()
+                .map(|spec| attach(ebpf, btf, spec))
+                .collect();
+        }
+        ConsoleHooks::PerSyscall { events, .. } => events,
+    };
+    let mut load = |name: &str| -> Result<(), String> {
+        let program: &mut TracePoint = ebpf
+            .program_mut(name)
+            .ok_or("program missing from the object")?
+            .try_into()
+            .map_err(|e| format!("{e}"))?;
+        program.load().map_err(|e| format!("load: {e}"))
+    };
+    let loaded = [load("console_enter"), load("console_exit")];
+    events
+        .into_iter()
+        .map(|event| {
+            let (program, loaded) = if event.enter {
+                ("console_enter", &loaded[0])
+            } else {
+                ("console_exit", &loaded[1])
+            };
+            let result = loaded.clone().and_then(|()| {
+                if let Some(why) = event.unusable {
+                    return Err(why);
+                }
+                let program: &mut TracePoint = ebpf
+                    .program_mut(program)
+                    .and_then(|p| p.try_into().ok())
+                    .ok_or("program missing from the object")?;
+                program
+                    .attach("syscalls", &event.name)
+                    .map(drop)
+                    .map_err(|e| format!("attach: {e}"))
+            });
+            let feature = format!("console capture through {}", event.syscall);
+            probe_state(event.probe, &event.name, &feature, result)
+        })
+        .collect()
+}
+
+/// Logs what became of a probe.
+fn probe_state(
+    probe: &'static str,
+    tracepoint: &str,
+    feature: &str,
+    result: Result<(), String>,
+) -> ProbeState {
     match result {
         Ok(()) => {
-            info!(
-                probe = spec.program,
-                tracepoint = spec.tracepoint,
-                "probe attached"
-            );
+            info!(probe, tracepoint, "probe attached");
             ProbeState {
-                probe: spec.program,
+                probe,
                 attached: true,
                 error: None,
             }
         }
         Err(error) => {
             warn!(
-                probe = spec.program,
-                tracepoint = spec.tracepoint,
-                disabled = spec.feature,
+                probe,
+                tracepoint,
+                disabled = feature,
                 %error,
                 "probe not attached; its feature is off, the rest keeps running"
             );
             ProbeState {
-                probe: spec.program,
+                probe,
                 attached: false,
                 error: Some(error),
             }

@@ -6,3 +6,4 @@ pub mod console;
 pub mod loader;
 pub mod process_events;
 pub mod sched;
+pub mod tracefs;

@@ -254,17 +254,26 @@ pub fn sched_wakeup_new(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-fn try_sched_wakeup_new(ctx: &BtfTracePointContext) -> Result<(), i64> {
-    let task: *const u8 = ctx.arg(0);
+/// A task of a followed process: (tgid, tid, matcher id), or `None` for any other task.
+///
+/// `task` must be a `struct task_struct *` argument of the tracepoint (see [`load_at`]).
+#[inline(always)]
+fn followed_task(task: *const u8) -> Option<(u32, u32, u32)> {
     // SAFETY: `task` is the tracepoint's `struct task_struct *`, `task_tgid` its `tgid`.
     let tgid: u32 = unsafe { load_at(task, offset!(task_tgid)) };
-    let Some(tracked) = TRACKED_PROCESSES.get_ptr(&tgid) else {
-        return Ok(());
-    };
+    let tracked = TRACKED_PROCESSES.get_ptr(&tgid)?;
     // SAFETY: pointer from a successful lookup.
     let matcher_id = unsafe { (*tracked).matcher_id };
     // SAFETY: as above, `task_pid` is its `pid`.
     let tid: u32 = unsafe { load_at(task, offset!(task_pid)) };
+    Some((tgid, tid, matcher_id))
+}
+
+fn try_sched_wakeup_new(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    let task: *const u8 = ctx.arg(0);
+    let Some((tgid, tid, matcher_id)) = followed_task(task) else {
+        return Ok(());
+    };
     let comm = read_at::<CommKey>(task, offset!(task_comm)).unwrap_or([0; COMM_LEN]);
     let thread = SchedThread {
         tgid,
@@ -288,15 +297,9 @@ pub fn task_rename(ctx: BtfTracePointContext) -> i32 {
 
 fn try_task_rename(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let task: *const u8 = ctx.arg(0);
-    // SAFETY: `task` is the tracepoint's `struct task_struct *`, `task_tgid` its `tgid`.
-    let tgid: u32 = unsafe { load_at(task, offset!(task_tgid)) };
-    let Some(tracked) = TRACKED_PROCESSES.get_ptr(&tgid) else {
+    let Some((tgid, tid, matcher_id)) = followed_task(task) else {
         return Ok(());
     };
-    // SAFETY: pointer from a successful lookup.
-    let matcher_id = unsafe { (*tracked).matcher_id };
-    // SAFETY: as above, `task_pid` is its `pid`.
-    let tid: u32 = unsafe { load_at(task, offset!(task_pid)) };
     let new_name: *const u8 = ctx.arg(1);
     let mut comm = [0u8; COMM_LEN];
     // SAFETY: the helper checks the address and bounds the copy by the buffer.

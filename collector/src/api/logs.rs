@@ -2,7 +2,7 @@
 //! lines as NDJSON, like `kubectl logs [-f]`. History comes from the in-memory store
 //! (`console.history_bytes` per instance); with `follow=true` the response then streams each
 //! new line until the instance exits. A follower that falls more than 8192 lines behind gets
-//! an `{"error": ..., "skipped": N}` line and continues from the newest.
+//! a `{"lagged": N}` line (the N lines it missed) and continues from the newest.
 
 use std::{convert::Infallible, sync::Arc, time::SystemTime};
 

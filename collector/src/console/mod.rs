@@ -65,6 +65,22 @@ pub struct LogRecord {
     pub end: LineEnd,
 }
 
+#[cfg(test)]
+impl LogRecord {
+    /// A whole, valid line at time zero, for tests.
+    pub fn test_line(uuid: &str, stream: Stream, seq: u64, message: &str) -> Arc<Self> {
+        Arc::new(Self {
+            ts: SystemTime::UNIX_EPOCH,
+            instance_uuid: uuid.into(),
+            stream,
+            message: message.into(),
+            seq,
+            invalid_utf8: false,
+            end: LineEnd::Newline,
+        })
+    }
+}
+
 /// The NDJSON form of a [`LogRecord`] (files, API, CLI). Flags appear only when set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogRecordView {

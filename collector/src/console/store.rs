@@ -128,21 +128,11 @@ impl LiveStore {
 
 #[cfg(test)]
 mod tests {
-    use std::time::SystemTime;
-
     use super::*;
-    use crate::console::{Stream, lines::LineEnd};
+    use crate::console::Stream;
 
     fn record(uuid: &str, seq: u64, message: &str) -> Arc<LogRecord> {
-        Arc::new(LogRecord {
-            ts: SystemTime::UNIX_EPOCH,
-            instance_uuid: uuid.into(),
-            stream: Stream::Stdout,
-            message: message.into(),
-            seq,
-            invalid_utf8: false,
-            end: LineEnd::Newline,
-        })
+        LogRecord::test_line(uuid, Stream::Stdout, seq, message)
     }
 
     #[test]

@@ -5,11 +5,33 @@ use std::time::UNIX_EPOCH;
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric},
+    encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric},
     metrics::{MetricType, gauge::ConstGauge},
 };
 
-use crate::registry::SnapshotReceiver;
+use crate::registry::{Instance, SnapshotReceiver};
+
+/// Encodes the gauge family `name` with one `{instance_uuid}` sample per instance for which
+/// `value` has one.
+pub fn encode_instance_gauge<'a, N>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    instances: impl IntoIterator<Item = &'a Instance>,
+    value: impl Fn(&Instance) -> Option<N>,
+) -> Result<(), std::fmt::Error>
+where
+    N: EncodeGaugeValue + Send + Sync + std::fmt::Debug + 'static,
+{
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for instance in instances {
+        if let Some(v) = value(instance) {
+            let labels = [("instance_uuid", instance.instance_uuid.as_str())];
+            ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
+}
 
 #[derive(Debug)]
 pub struct InstanceMetrics {
@@ -34,20 +56,19 @@ impl Collector for InstanceMetrics {
             ConstGauge::new(1).encode(family.encode_family(&labels)?)?;
         }
 
-        let mut family = encoder.encode_descriptor(
+        encode_instance_gauge(
+            &mut encoder,
             "compute_instance_start_time_seconds",
             "When the instance's hypervisor process started, in seconds since the Unix epoch.",
-            None,
-            MetricType::Gauge,
+            snapshot.by_pid.values(),
+            |i| {
+                Some(
+                    i.start_time
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0.0, |d| d.as_secs_f64()),
+                )
+            },
         )?;
-        for i in snapshot.by_pid.values() {
-            let seconds = i
-                .start_time
-                .duration_since(UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64());
-            ConstGauge::new(seconds)
-                .encode(family.encode_family(&[("instance_uuid", i.instance_uuid.as_str())])?)?;
-        }
 
         let family = encoder.encode_descriptor(
             "collector_instances",

@@ -12,9 +12,10 @@ use collector_common::{SCHED_LATENCY_BUCKETS, SchedStats};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{MetricType, counter::ConstCounter, exemplar::Exemplar, gauge::ConstGauge},
+    metrics::{MetricType, counter::ConstCounter, exemplar::Exemplar},
 };
 
+use super::metrics::encode_instance_gauge;
 use crate::{
     ebpf::sched::{ProcessSched, SharedSched},
     registry::SnapshotReceiver,
@@ -70,48 +71,28 @@ impl Collector for UsageMetrics {
             encode_sched(&mut encoder, &per_instance)?;
         }
 
-        let mut family = encoder.encode_descriptor(
+        encode_instance_gauge(
+            &mut encoder,
             "compute_instance_memory_rss_bytes",
             "Resident memory of the instance's VMM process (VmRSS): guest memory the guest has \
              touched plus the VMM's own.",
-            None,
-            MetricType::Gauge,
+            instances.iter().copied(),
+            |i| resident_bytes(i.pid).map(|b| b as i64),
         )?;
-        for i in &instances {
-            if let Some(bytes) = resident_bytes(i.pid) {
-                ConstGauge::new(bytes as i64).encode(
-                    family.encode_family(&[("instance_uuid", i.instance_uuid.as_str())])?,
-                )?;
-            }
-        }
-
-        let mut family = encoder.encode_descriptor(
+        encode_instance_gauge(
+            &mut encoder,
             "compute_instance_memory_allocated_bytes",
             "Memory the instance was configured with (VMM configuration).",
-            None,
-            MetricType::Gauge,
+            instances.iter().copied(),
+            |i| i.allocation.memory_bytes.map(|b| b as i64),
         )?;
-        for i in &instances {
-            if let Some(bytes) = i.allocation.memory_bytes {
-                ConstGauge::new(bytes as i64).encode(
-                    family.encode_family(&[("instance_uuid", i.instance_uuid.as_str())])?,
-                )?;
-            }
-        }
-
-        let mut family = encoder.encode_descriptor(
+        encode_instance_gauge(
+            &mut encoder,
             "compute_instance_vcpus",
             "vCPUs the instance was configured with (VMM configuration).",
-            None,
-            MetricType::Gauge,
+            instances.iter().copied(),
+            |i| i.allocation.vcpus.map(i64::from),
         )?;
-        for i in &instances {
-            if let Some(vcpus) = i.allocation.vcpus {
-                ConstGauge::new(i64::from(vcpus)).encode(
-                    family.encode_family(&[("instance_uuid", i.instance_uuid.as_str())])?,
-                )?;
-            }
-        }
         Ok(())
     }
 }

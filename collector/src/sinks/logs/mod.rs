@@ -449,18 +449,10 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::console::{Stream, lines::LineEnd};
+    use crate::console::Stream;
 
     fn record(uuid: &str, seq: u64, message: &str) -> Arc<LogRecord> {
-        Arc::new(LogRecord {
-            ts: SystemTime::UNIX_EPOCH,
-            instance_uuid: uuid.into(),
-            stream: Stream::Console,
-            message: message.into(),
-            seq,
-            invalid_utf8: false,
-            end: LineEnd::Newline,
-        })
+        LogRecord::test_line(uuid, Stream::Console, seq, message)
     }
 
     fn config(file_max_bytes: u64, rotations: u32, disk_max_bytes: u64) -> ConsoleConfig {

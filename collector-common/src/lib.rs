@@ -6,6 +6,89 @@
 //! as `_pad` fields) so that both sides agree byte for byte; the size assertions at the bottom
 //! keep them honest.
 #![no_std]
+// ABI padding is spelled out as `_pad` fields that both sides must set.
+#![allow(clippy::pub_underscore_fields)]
+
+/// Names of the maps and programs in the kernel object. The kernel side declares each with
+/// exactly this identifier (aya names a map or program after its Rust item); userspace finds
+/// them only through these constants, and a privileged test loads the object and checks the
+/// two lists against it both ways.
+pub mod names {
+    /// Maps.
+    pub mod map {
+        pub const EXEC_MATCHERS: &str = "EXEC_MATCHERS";
+        pub const TRACKED_PROCESSES: &str = "TRACKED_PROCESSES";
+        pub const PROCESS_EVENTS: &str = "PROCESS_EVENTS";
+        pub const DROPS: &str = "DROPS";
+        pub const SCHED_THREADS: &str = "SCHED_THREADS";
+        pub const SCHED_STATS: &str = "SCHED_STATS";
+        pub const SCHED_VCPU_COMMS: &str = "SCHED_VCPU_COMMS";
+        pub const SCHED_THREAD_FILTER: &str = "SCHED_THREAD_FILTER";
+        pub const SCHED_ON_CPU: &str = "SCHED_ON_CPU";
+        pub const CONSOLE_EVENTS: &str = "CONSOLE_EVENTS";
+        pub const CONSOLE_FDS: &str = "CONSOLE_FDS";
+        pub const CONSOLE_RULES: &str = "CONSOLE_RULES";
+        pub const CONSOLE_PENDING: &str = "CONSOLE_PENDING";
+        pub const CONSOLE_SCRATCH: &str = "CONSOLE_SCRATCH";
+        pub const CONSOLE_DROPS: &str = "CONSOLE_DROPS";
+        /// Every map of the object.
+        pub const ALL: &[&str] = &[
+            EXEC_MATCHERS,
+            TRACKED_PROCESSES,
+            PROCESS_EVENTS,
+            DROPS,
+            SCHED_THREADS,
+            SCHED_STATS,
+            SCHED_VCPU_COMMS,
+            SCHED_THREAD_FILTER,
+            SCHED_ON_CPU,
+            CONSOLE_EVENTS,
+            CONSOLE_FDS,
+            CONSOLE_RULES,
+            CONSOLE_PENDING,
+            CONSOLE_SCRATCH,
+            CONSOLE_DROPS,
+        ];
+    }
+
+    /// Read-only globals set at load.
+    pub mod global {
+        pub const OFFSETS: &str = "OFFSETS";
+        pub const SYSCALLS: &str = "SYSCALLS";
+        pub const TP_OFFSETS: &str = "TP_OFFSETS";
+    }
+
+    /// Programs.
+    pub mod program {
+        pub const SCHED_PROCESS_EXEC: &str = "sched_process_exec";
+        pub const SCHED_PROCESS_EXIT: &str = "sched_process_exit";
+        pub const MARK_VICTIM: &str = "mark_victim";
+        pub const SCHED_SWITCH: &str = "sched_switch";
+        pub const SCHED_WAKEUP: &str = "sched_wakeup";
+        pub const SCHED_WAKEUP_NEW: &str = "sched_wakeup_new";
+        pub const TASK_RENAME: &str = "task_rename";
+        /// Console capture on the per-syscall tracepoints.
+        pub const CONSOLE_ENTER: &str = "console_enter";
+        pub const CONSOLE_EXIT: &str = "console_exit";
+        /// Console capture's fallback on the raw syscall tracepoints.
+        pub const CONSOLE_SYS_ENTER: &str = "console_sys_enter";
+        pub const CONSOLE_SYS_EXIT: &str = "console_sys_exit";
+        /// Every program of the object.
+        pub const ALL: &[&str] = &[
+            SCHED_PROCESS_EXEC,
+            SCHED_PROCESS_EXIT,
+            MARK_VICTIM,
+            SCHED_SWITCH,
+            SCHED_WAKEUP,
+            SCHED_WAKEUP_NEW,
+            TASK_RENAME,
+            CONSOLE_ENTER,
+            CONSOLE_EXIT,
+            CONSOLE_SYS_ENTER,
+            CONSOLE_SYS_EXIT,
+        ];
+    }
+}
 
 /// Length of a task's `comm` in the kernel (`TASK_COMM_LEN`), terminating NUL included.
 pub const COMM_LEN: usize = 16;
@@ -220,8 +303,11 @@ pub mod drop_kind {
     pub const OOM_EVENT_RESERVE: u32 = 3;
     /// A console descriptor could not be recorded: the console-fd map was full.
     pub const CONSOLE_FD_MAP_FULL: u32 = 4;
-    /// Number of kinds (size of the `DROPS` array).
-    pub const COUNT: u32 = 8;
+    /// A thread of a followed process could not be followed: the thread map was full.
+    pub const SCHED_THREAD_MAP_FULL: u32 = 5;
+    /// Number of kinds (size of the `DROPS` array). Kinds are dense: every index below it is
+    /// one of the kinds above, and userspace exports each (its table checks that it has all).
+    pub const COUNT: u32 = 6;
 }
 
 /// Default capacity of the tracked-process map (processes, not threads).
@@ -229,13 +315,19 @@ pub const DEFAULT_MAX_TRACKED_PROCESSES: u32 = 8192;
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY (all impls): `#[repr(C)]`, `Copy`, only integer fields, and no implicit padding
-    // (checked by the size assertions below), so any byte pattern is a valid value.
+    // Any byte pattern is a valid value of these types (the size assertions below check that
+    // there is no implicit padding).
+    // SAFETY: `KernelOffsets` is `#[repr(C)]`, `Copy`, integers only, without implicit padding.
     unsafe impl aya::Pod for super::KernelOffsets {}
+    // SAFETY: `ExecMatch` is `#[repr(C)]`, `Copy`, integers only, without implicit padding.
     unsafe impl aya::Pod for super::ExecMatch {}
+    // SAFETY: `TrackedProcess` is `#[repr(C)]`, `Copy`, integers only, without implicit padding.
     unsafe impl aya::Pod for super::TrackedProcess {}
+    // SAFETY: `ProcessEventHeader` is `#[repr(C)]`, `Copy`, integers only, without implicit padding.
     unsafe impl aya::Pod for super::ProcessEventHeader {}
+    // SAFETY: `ExitEvent` is `#[repr(C)]`, `Copy`, integers only, without implicit padding.
     unsafe impl aya::Pod for super::ExitEvent {}
+    // SAFETY: `OomEvent` is `#[repr(C)]`, `Copy`, integers only, without implicit padding.
     unsafe impl aya::Pod for super::OomEvent {}
 }
 
@@ -271,6 +363,10 @@ pub const SCHED_LATENCY_BUCKETS: usize = 22;
 /// The histogram bucket of a run-queue wait of `ns` nanoseconds: the smallest `i` with
 /// `ns <= 2^i µs`, or the last bucket. Shared by the kernel (which counts) and userspace (which
 /// labels the buckets), so both agree on the bounds.
+#[allow(
+    clippy::inline_always,
+    reason = "called from the kernel programs' hot path: a BPF call costs"
+)]
 #[inline(always)]
 pub fn latency_bucket(ns: u64) -> usize {
     let last = SCHED_LATENCY_BUCKETS - 1;
@@ -294,6 +390,10 @@ pub const DEFAULT_MAX_TRACKED_THREADS: u32 = 65536;
 pub const SCHED_FILTER_SLOTS: u32 = 1 << 16;
 
 /// The filter slot of thread `tid`.
+#[allow(
+    clippy::inline_always,
+    reason = "called from the kernel programs' hot path: a BPF call costs"
+)]
 #[inline(always)]
 pub fn sched_filter_slot(tid: u32) -> u32 {
     tid & (SCHED_FILTER_SLOTS - 1)
@@ -353,15 +453,15 @@ pub struct VcpuCommKey {
     pub comm: CommKey,
 }
 
-/// Drop kind: a thread of a followed process could not be followed (thread map full).
-pub const DROP_SCHED_THREAD_MAP_FULL: u32 = drop_kind::COUNT - 1;
-
 #[cfg(feature = "user")]
 mod sched_user {
-    // SAFETY: as above: `#[repr(C)]`, `Copy`, integer fields only, no implicit padding.
+    // SAFETY: `SchedThread` is `#[repr(C)]`, `Copy`, integers only, without implicit padding.
     unsafe impl aya::Pod for super::SchedThread {}
+    // SAFETY: `SchedKey` is `#[repr(C)]`, `Copy`, integers only, without implicit padding.
     unsafe impl aya::Pod for super::SchedKey {}
+    // SAFETY: `SchedStats` is `#[repr(C)]`, `Copy`, integers only, without implicit padding.
     unsafe impl aya::Pod for super::SchedStats {}
+    // SAFETY: `VcpuCommKey` is `#[repr(C)]`, `Copy`, integers only, without implicit padding.
     unsafe impl aya::Pod for super::VcpuCommKey {}
 }
 
@@ -525,13 +625,19 @@ pub struct ConsoleKernelDrops {
 
 #[cfg(feature = "user")]
 mod console_user {
-    // SAFETY (all impls): `#[repr(C)]`, `Copy`, only integer fields, and no implicit padding
-    // (checked by the size assertions below), so any byte pattern is a valid value.
+    // Any byte pattern is a valid value of these types (the size assertions below check that
+    // there is no implicit padding).
+    // SAFETY: `ConsoleFdKey` is `#[repr(C)]`, `Copy`, integers only, without implicit padding.
     unsafe impl aya::Pod for super::ConsoleFdKey {}
+    // SAFETY: `ConsoleFd` is `#[repr(C)]`, `Copy`, integers only, without implicit padding.
     unsafe impl aya::Pod for super::ConsoleFd {}
+    // SAFETY: `ConsoleRule` is `#[repr(C)]`, `Copy`, integers only, without implicit padding.
     unsafe impl aya::Pod for super::ConsoleRule {}
+    // SAFETY: `SyscallNumbers` is `#[repr(C)]`, `Copy`, integers only, without implicit padding.
     unsafe impl aya::Pod for super::SyscallNumbers {}
+    // SAFETY: `SyscallTpOffsets` is `#[repr(C)]`, `Copy`, integers only, without implicit padding.
     unsafe impl aya::Pod for super::SyscallTpOffsets {}
+    // SAFETY: `ConsoleKernelDrops` is `#[repr(C)]`, `Copy`, integers only, without implicit padding.
     unsafe impl aya::Pod for super::ConsoleKernelDrops {}
 }
 

@@ -55,7 +55,7 @@ fn syscall_arg_offset(n: usize) -> u32 {
 
 /// Syscall numbers of the running architecture, set by userspace at load time.
 #[unsafe(no_mangle)]
-pub static SYSCALLS: Global<SyscallNumbers> = Global::new(SyscallNumbers {
+pub(crate) static SYSCALLS: Global<SyscallNumbers> = Global::new(SyscallNumbers {
     write: SYSCALL_NONE,
     pwrite64: SYSCALL_NONE,
     writev: SYSCALL_NONE,
@@ -74,7 +74,7 @@ pub static SYSCALLS: Global<SyscallNumbers> = Global::new(SyscallNumbers {
 
 /// Record layout of the per-syscall tracepoints, set by userspace from tracefs at load time.
 #[unsafe(no_mangle)]
-pub static TP_OFFSETS: Global<SyscallTpOffsets> = Global::new(SyscallTpOffsets {
+pub(crate) static TP_OFFSETS: Global<SyscallTpOffsets> = Global::new(SyscallTpOffsets {
     enter_nr: 0,
     args: [0; 3],
     exit_nr: 0,
@@ -127,16 +127,16 @@ struct Scratch {
 
 /// What kind of syscall a number is, for this module.
 mod kind {
-    pub const WRITE: u32 = 1;
-    pub const WRITEV: u32 = 2;
+    pub(crate) const WRITE: u32 = 1;
+    pub(crate) const WRITEV: u32 = 2;
     /// `open`, `creat`: path in the first argument.
-    pub const OPEN_ARG0: u32 = 3;
+    pub(crate) const OPEN_ARG0: u32 = 3;
     /// `openat`: path in the second argument.
-    pub const OPEN_ARG1: u32 = 4;
-    pub const CLOSE: u32 = 5;
+    pub(crate) const OPEN_ARG1: u32 = 4;
+    pub(crate) const CLOSE: u32 = 5;
     /// `dup`, `dup2`, `dup3`, `fcntl(F_DUPFD*)`: the new descriptor is the return value.
-    pub const DUP: u32 = 6;
-    pub const FCNTL: u32 = 7;
+    pub(crate) const DUP: u32 = 6;
+    pub(crate) const FCNTL: u32 = 7;
 }
 
 const F_DUPFD: u64 = 0;
@@ -229,7 +229,7 @@ fn set_stream(tgid: u32, fd: u32, stream: u32, start: u64) {
 
 /// Entry of one of the followed syscalls (`syscalls/sys_enter_<name>`).
 #[tracepoint]
-pub fn console_enter(ctx: TracePointContext) -> u32 {
+pub(crate) fn console_enter(ctx: TracePointContext) -> u32 {
     let _ = try_enter(&ctx);
     0
 }
@@ -246,7 +246,7 @@ fn try_enter(ctx: &TracePointContext) -> Result<(), i64> {
 
 /// Exit of one of the followed syscalls (`syscalls/sys_exit_<name>`).
 #[tracepoint]
-pub fn console_exit(ctx: TracePointContext) -> u32 {
+pub(crate) fn console_exit(ctx: TracePointContext) -> u32 {
     let _ = try_exit(&ctx);
     0
 }
@@ -263,7 +263,7 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i64> {
 /// Fallback without per-syscall tracepoints: `sys_enter(struct pt_regs *regs, long id)`, run
 /// for every syscall.
 #[btf_tracepoint(function = "sys_enter")]
-pub fn console_sys_enter(ctx: BtfTracePointContext) -> i32 {
+pub(crate) fn console_sys_enter(ctx: BtfTracePointContext) -> i32 {
     let regs: *const u8 = ctx.arg(0);
     let _ = on_enter(ctx.arg(1), |i| read_at::<u64>(regs, syscall_arg_offset(i)));
     0
@@ -271,7 +271,7 @@ pub fn console_sys_enter(ctx: BtfTracePointContext) -> i32 {
 
 /// Fallback: `sys_exit(struct pt_regs *regs, long ret)`, run for every syscall.
 #[btf_tracepoint(function = "sys_exit")]
-pub fn console_sys_exit(ctx: BtfTracePointContext) -> i32 {
+pub(crate) fn console_sys_exit(ctx: BtfTracePointContext) -> i32 {
     let regs: *const u8 = ctx.arg(0);
     if let Ok(nr) = read_at::<i64>(regs, offset!(pt_regs_syscall_nr)) {
         let _ = on_exit(nr, ctx.arg(1));
@@ -434,8 +434,9 @@ fn capture(tgid: u32, pending: &Pending, total: u64) {
 #[inline(always)]
 unsafe fn copy_iovecs(scratch: *mut Scratch, iov: u64, count: u64, want: u64) -> u64 {
     let max = CONSOLE_MAX_WRITE as u64;
-    // SAFETY (whole body): `scratch` is valid; every copy starts below `CONSOLE_MAX_WRITE`
-    // in `data` and is at most `CONSOLE_MAX_WRITE` long, and `data` is twice that.
+    // SAFETY: `scratch` is valid (the caller's contract); every copy starts below
+    // `CONSOLE_MAX_WRITE` in `data` and is at most `CONSOLE_MAX_WRITE` long, and `data` is twice
+    // that.
     unsafe {
         let done_at = &raw mut (*scratch).header.total;
         write_volatile(done_at, 0);

@@ -14,7 +14,7 @@ use aya_ebpf::helpers::bpf_probe_read_kernel;
 
 /// Reads a `T` at `base + offset` in kernel memory.
 #[inline(always)]
-pub fn read_at<T>(base: *const u8, offset: u32) -> Result<T, i64> {
+pub(crate) fn read_at<T>(base: *const u8, offset: u32) -> Result<T, i64> {
     // SAFETY: bpf_probe_read_kernel checks the address; a bad one is an error, not a fault.
     unsafe { bpf_probe_read_kernel(base.add(offset as usize).cast::<T>()) }.map_err(i64::from)
 }
@@ -27,7 +27,7 @@ pub fn read_at<T>(base: *const u8, offset: u32) -> Result<T, i64> {
 /// of `base`'s type of at least `size_of::<T>()` bytes (the verifier refuses the program
 /// otherwise; a load it accepts cannot fault).
 #[inline(always)]
-pub unsafe fn load_at<T: Copy>(base: *const u8, offset: u32) -> T {
+pub(crate) unsafe fn load_at<T: Copy>(base: *const u8, offset: u32) -> T {
     // SAFETY: see above; the verifier turns this into a fault-safe load of a checked field.
     unsafe { base.add(offset as usize).cast::<T>().read() }
 }

@@ -14,7 +14,7 @@ use collector_common::{
 /// event. A plain static rather than `aya_ebpf::Global`, whose `load()` copies it all, so that
 /// a field can be addressed directly.
 #[unsafe(no_mangle)]
-pub static OFFSETS: KernelOffsets = KernelOffsets {
+pub(crate) static OFFSETS: KernelOffsets = KernelOffsets {
     task_pid: 0,
     task_tgid: 0,
     task_exit_code: 0,
@@ -60,33 +60,33 @@ pub(crate) use offset;
 
 /// See [`offset!`].
 #[inline(always)]
-pub fn read_offset(field: &'static u32) -> u32 {
+pub(crate) fn read_offset(field: &'static u32) -> u32 {
     // SAFETY: a reference to a field of a static: aligned, initialised.
     unsafe { core::ptr::read_volatile(field) }
 }
 
 /// `comm` prefixes of the executables the matchers claim (see [`CommKey`]).
 #[map]
-pub static EXEC_MATCHERS: LpmTrie<CommKey, ExecMatch> = LpmTrie::with_max_entries(256, 0);
+pub(crate) static EXEC_MATCHERS: LpmTrie<CommKey, ExecMatch> = LpmTrie::with_max_entries(256, 0);
 
 /// Processes being followed, by thread-group id. Written by the exec program (candidates), by
 /// userspace (confirmations, processes found at start-up) and emptied by the exit program.
 #[map]
-pub static TRACKED_PROCESSES: HashMap<u32, TrackedProcess> =
+pub(crate) static TRACKED_PROCESSES: HashMap<u32, TrackedProcess> =
     HashMap::with_max_entries(DEFAULT_MAX_TRACKED_PROCESSES, 0);
 
 /// Lifecycle records to userspace (exec, exit). Low volume; never shared with console bytes or
 /// other high-volume data so a burst there cannot cost a lifecycle event. Size set by config.
 #[map]
-pub static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+pub(crate) static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 /// What the kernel side gave up, by [`drop_kind`].
 #[map]
-pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_kind::COUNT, 0);
+pub(crate) static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_kind::COUNT, 0);
 
 /// Counts one drop of `kind`.
 #[inline(always)]
-pub fn count_drop(kind: u32) {
+pub(crate) fn count_drop(kind: u32) {
     if let Some(counter) = DROPS.get_ptr_mut(kind) {
         // SAFETY: per-CPU slot; programs do not preempt each other on one CPU for these hooks.
         unsafe { *counter += 1 };

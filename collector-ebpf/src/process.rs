@@ -30,7 +30,7 @@ use crate::{
 
 /// `sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`
 #[btf_tracepoint(function = "sched_process_exec")]
-pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
+pub(crate) fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
     let _ = try_sched_process_exec(&ctx);
     0
 }
@@ -114,7 +114,7 @@ fn try_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
 
 /// `sched_process_exit(struct task_struct *p[, bool group_dead])`: runs in the exiting task.
 #[btf_tracepoint(function = "sched_process_exit")]
-pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
+pub(crate) fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
     let _ = try_sched_process_exit();
     0
 }
@@ -176,7 +176,7 @@ fn send_untrack(tgid: u32) {
 /// killer chose its victim and has sent it SIGKILL. Runs in the task that hit the OOM, so the
 /// victim comes from the argument, never from "current".
 #[btf_tracepoint(function = "mark_victim")]
-pub fn mark_victim(ctx: BtfTracePointContext) -> i32 {
+pub(crate) fn mark_victim(ctx: BtfTracePointContext) -> i32 {
     let _ = try_mark_victim(&ctx);
     0
 }

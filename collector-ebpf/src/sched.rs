@@ -27,8 +27,8 @@ use aya_ebpf::{
 };
 use collector_common::{
     COMM_LEN, CommKey, DEFAULT_MAX_TRACKED_PROCESSES, DEFAULT_MAX_TRACKED_THREADS,
-    DROP_SCHED_THREAD_MAP_FULL, SCHED_FILTER_SLOTS, SCHED_RUNTIME_UNKNOWN, SchedKey, SchedStats,
-    SchedThread, VcpuCommKey, latency_bucket, sched_filter_slot, thread_class,
+    SCHED_FILTER_SLOTS, SCHED_RUNTIME_UNKNOWN, SchedKey, SchedStats, SchedThread, VcpuCommKey,
+    drop_kind, latency_bucket, sched_filter_slot, thread_class,
 };
 
 use crate::{
@@ -38,7 +38,7 @@ use crate::{
 
 /// Threads of followed processes, by thread id.
 #[map]
-pub static SCHED_THREADS: HashMap<u32, SchedThread> =
+pub(crate) static SCHED_THREADS: HashMap<u32, SchedThread> =
     HashMap::with_max_entries(DEFAULT_MAX_TRACKED_THREADS, 0);
 
 /// For each slot `tid % SCHED_FILTER_SLOTS`, how many [`SCHED_THREADS`] entries have their
@@ -49,7 +49,7 @@ pub static SCHED_THREADS: HashMap<u32, SchedThread> =
 /// counts it, with an atomic add: the programs here, and userspace through its memory map of the
 /// array (`BPF_F_MMAPABLE`, kernels >= 5.5), so the two never overwrite each other's counts.
 #[map]
-pub static SCHED_THREAD_FILTER: Array<u64> =
+pub(crate) static SCHED_THREAD_FILTER: Array<u64> =
     Array::with_max_entries(SCHED_FILTER_SLOTS, BPF_F_MMAPABLE);
 
 /// `BPF_F_MMAPABLE`
@@ -57,17 +57,17 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Aggregates per (process, thread class). Two per followed process; sized by userspace.
 #[map]
-pub static SCHED_STATS: HashMap<SchedKey, SchedStats> =
+pub(crate) static SCHED_STATS: HashMap<SchedKey, SchedStats> =
     HashMap::with_max_entries(DEFAULT_MAX_TRACKED_PROCESSES * thread_class::COUNT, 0);
 
 /// Literal prefixes of each matcher's vCPU thread-name pattern, set by userspace at load.
 #[map]
-pub static SCHED_VCPU_COMMS: LpmTrie<VcpuCommKey, u32> = LpmTrie::with_max_entries(256, 0);
+pub(crate) static SCHED_VCPU_COMMS: LpmTrie<VcpuCommKey, u32> = LpmTrie::with_max_entries(256, 0);
 
 /// The followed thread running on this CPU, if any: the `prev` of this CPU's next switch.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct OnCpu {
+pub(crate) struct OnCpu {
     /// `task_struct` address; 0 when the running task is not followed.
     task: u64,
     tid: u32,
@@ -92,7 +92,7 @@ const ERR_EXIST: i32 = -17;
 /// Only the first three arguments exist on every kernel since 5.10; prev's state is read from
 /// the task.
 #[btf_tracepoint(function = "sched_switch")]
-pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
+pub(crate) fn sched_switch(ctx: BtfTracePointContext) -> i32 {
     let _ = try_sched_switch(&ctx);
     0
 }
@@ -132,10 +132,9 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), i64> {
 /// if it is still runnable (as the kernel's own `sched_info` does).
 fn switch_out(prev: *const u8, tid: u32, preempt: bool) -> Result<(), i64> {
     let thread = SCHED_THREADS.get_ptr_mut(&tid).ok_or(0)?;
-    // SAFETY (both): `prev` is the tracepoint's `struct task_struct *`; `task_state` is its
+    // SAFETY: `prev` is the tracepoint's `struct task_struct *`; `task_state` is its
     // `__state` (4 bytes) or `state` (8 bytes, before 5.14), as `task_state_size` says (a
-    // constant to the verifier, which drops the other branch), `task_sum_exec_runtime` its
-    // `se.sum_exec_runtime`.
+    // constant to the verifier, which drops the other branch).
     let state = unsafe {
         if offset!(task_state_size) == 8 {
             load_at::<u64>(prev, offset!(task_state))
@@ -143,6 +142,7 @@ fn switch_out(prev: *const u8, tid: u32, preempt: bool) -> Result<(), i64> {
             u64::from(load_at::<u32>(prev, offset!(task_state)))
         }
     };
+    // SAFETY: as above; `task_sum_exec_runtime` is its `se.sum_exec_runtime`.
     let runtime: u64 = unsafe { load_at(prev, offset!(task_sum_exec_runtime)) };
     // SAFETY: pointer from a successful lookup; only the thread's own switches and wakeups write
     // it, and the kernel serialises those through the run queue lock.
@@ -221,7 +221,7 @@ fn switch_in(next: *const u8, thread: *mut SchedThread) {
 
 /// `sched_wakeup(struct task_struct *p)`: `p` is on a run queue now.
 #[btf_tracepoint(function = "sched_wakeup")]
-pub fn sched_wakeup(ctx: BtfTracePointContext) -> i32 {
+pub(crate) fn sched_wakeup(ctx: BtfTracePointContext) -> i32 {
     let _ = try_sched_wakeup(&ctx);
     0
 }
@@ -249,7 +249,7 @@ fn try_sched_wakeup(ctx: &BtfTracePointContext) -> Result<(), i64> {
 /// `sched_wakeup_new(struct task_struct *p)`: a new thread or process is runnable for the first
 /// time. A new thread of a followed process is followed from here.
 #[btf_tracepoint(function = "sched_wakeup_new")]
-pub fn sched_wakeup_new(ctx: BtfTracePointContext) -> i32 {
+pub(crate) fn sched_wakeup_new(ctx: BtfTracePointContext) -> i32 {
     let _ = try_sched_wakeup_new(&ctx);
     0
 }
@@ -290,7 +290,7 @@ fn try_sched_wakeup_new(ctx: &BtfTracePointContext) -> Result<(), i64> {
 /// `task_rename(struct task_struct *task, const char *comm)`: a thread got its name (vCPU
 /// threads are named right after they start).
 #[btf_tracepoint(function = "task_rename")]
-pub fn task_rename(ctx: BtfTracePointContext) -> i32 {
+pub(crate) fn task_rename(ctx: BtfTracePointContext) -> i32 {
     let _ = try_task_rename(&ctx);
     0
 }
@@ -328,7 +328,7 @@ fn try_task_rename(ctx: &BtfTracePointContext) -> Result<(), i64> {
 /// Called by the exec program once it follows the current task's process: the exec'ing thread
 /// (now the only one) is followed from here, and is the task running on this CPU.
 #[inline(always)]
-pub fn follow_exec(tgid: u32, tid: u32, matcher_id: u32, comm: CommKey) {
+pub(crate) fn follow_exec(tgid: u32, tid: u32, matcher_id: u32, comm: CommKey) {
     // SAFETY: plain helper call; the current task is valid while it runs.
     let task = unsafe { bpf_get_current_task() } as *const u8;
     let runtime =
@@ -347,7 +347,7 @@ pub fn follow_exec(tgid: u32, tid: u32, matcher_id: u32, comm: CommKey) {
 /// (`TASK_DEAD`), the next one on this CPU, must be seen to free its entry, even if the thread
 /// started being followed while it ran.
 #[inline(always)]
-pub fn follow_exit(tid: u32) {
+pub(crate) fn follow_exit(tid: u32) {
     if SCHED_THREADS.get_ptr(&tid).is_some() {
         mark_on_cpu(tid);
     }
@@ -368,7 +368,7 @@ fn mark_on_cpu(tid: u32) {
 /// Called when a process stops being followed (its last thread exits, or it exec'd something
 /// that is not a VMM): its aggregates go. Userspace removes what is left of its threads.
 #[inline(always)]
-pub fn forget_process(tgid: u32) {
+pub(crate) fn forget_process(tgid: u32) {
     for class in [thread_class::VMM, thread_class::VCPU] {
         let _ = SCHED_STATS.remove(&SchedKey { tgid, class });
     }
@@ -386,7 +386,7 @@ fn insert_thread(tid: u32, thread: &SchedThread) {
                 // Already followed (and counted): update. Not if it went meanwhile.
                 let _ = SCHED_THREADS.insert(&tid, thread, EXIST);
             } else {
-                count_drop(DROP_SCHED_THREAD_MAP_FULL);
+                count_drop(drop_kind::SCHED_THREAD_MAP_FULL);
             }
         }
     }

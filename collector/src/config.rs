@@ -7,31 +7,31 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Default address of the HTTP server (`/metrics`, `/healthz`, `/readyz`, `/v1`).
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:9478";
+pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:9478";
 /// Default folder of per-instance logs.
-pub const DEFAULT_LOG_DIR: &str = "/var/log/compute-collector";
+pub(crate) const DEFAULT_LOG_DIR: &str = "/var/log/compute-collector";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Config {
+pub(crate) struct Config {
     /// Address the HTTP server listens on.
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// Folder of per-instance log and event files.
-    pub log_dir: PathBuf,
+    pub(crate) log_dir: PathBuf,
     /// Names of built-in matchers to turn off (`firecracker`, `qemu`, `cloud-hypervisor`).
-    pub disable_builtin_matchers: Vec<String>,
+    pub(crate) disable_builtin_matchers: Vec<String>,
     /// Extra matchers, tried after the built-ins.
     #[serde(rename = "matcher")]
-    pub matchers: Vec<MatcherConfig>,
+    pub(crate) matchers: Vec<MatcherConfig>,
     /// Sizes of the kernel side's maps and buffers.
-    pub kernel: KernelConfig,
+    pub(crate) kernel: KernelConfig,
     /// Retention of lifecycle events.
-    pub events: EventsConfig,
+    pub(crate) events: EventsConfig,
     /// Console capture: which files are consoles, line assembly, log files and their caps.
-    pub console: ConsoleConfig,
+    pub(crate) console: ConsoleConfig,
 }
 
 impl Default for Config {
@@ -49,19 +49,19 @@ impl Default for Config {
 }
 
 /// How long and how many lifecycle events stay queryable, and their per-instance files.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct EventsConfig {
+pub(crate) struct EventsConfig {
     /// Seconds an exited instance's events stay queryable.
-    pub retention_seconds: u64,
+    pub(crate) retention_seconds: u64,
     /// Most events kept per instance (oldest dropped first).
-    pub max_per_instance: usize,
+    pub(crate) max_per_instance: usize,
     /// Most instances whose events are kept (those that ended longest ago dropped first).
-    pub max_instances: usize,
+    pub(crate) max_instances: usize,
     /// Size at which `<log_dir>/<instance>/events.log` is rotated.
-    pub file_max_bytes: u64,
+    pub(crate) file_max_bytes: u64,
     /// Rotated files kept (`events.log.1` ... `events.log.N`).
-    pub file_keep: u32,
+    pub(crate) file_rotations: u32,
 }
 
 impl Default for EventsConfig {
@@ -71,44 +71,57 @@ impl Default for EventsConfig {
             max_per_instance: 256,
             max_instances: 10_000,
             file_max_bytes: 1 << 20,
-            file_keep: 2,
+            file_rotations: 2,
         }
     }
 }
 
 /// A matcher for a hypervisor the built-ins do not know.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct MatcherConfig {
+pub(crate) struct MatcherConfig {
     /// Unique name of the matcher.
-    pub name: String,
+    pub(crate) name: String,
     /// Value of the `hypervisor` label (default: the name).
-    pub hypervisor: Option<String>,
+    pub(crate) hypervisor: Option<String>,
     /// Glob over the executable's path (with a `/`) or base name (without). Its base name must
     /// start with a literal prefix: the kernel matches that at exec.
-    pub executable: String,
+    pub(crate) executable: String,
     /// Regex over the command line (arguments joined by spaces); its first group is the id.
-    pub instance_id: String,
+    pub(crate) instance_id: String,
     /// Regex over thread names that picks the vCPU threads; its first group is the vCPU index.
-    pub vcpu_thread: String,
+    pub(crate) vcpu_thread: String,
     /// Per-instance folder, with `{id}` for the instance id.
-    pub instance_dir: Option<String>,
+    pub(crate) instance_dir: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct KernelConfig {
+pub(crate) struct KernelConfig {
     /// Bytes of the process lifecycle ring buffer (a power of two, at least one page).
-    pub process_events_ring_bytes: u32,
+    pub(crate) process_events_ring_bytes: u32,
     /// Most processes the kernel follows at once.
-    pub max_tracked_processes: u32,
+    pub(crate) max_tracked_processes: u32,
     /// Most threads of those processes the kernel follows at once (scheduling metrics).
-    pub max_tracked_threads: u32,
+    pub(crate) max_tracked_threads: u32,
     /// Bytes of the console-output ring buffer (a power of two, at least 128 KiB). When it is
     /// full, writes are counted as dropped (`where="kernel"`), never waited for.
-    pub console_ring_bytes: u32,
+    pub(crate) console_ring_bytes: u32,
     /// Most console descriptors (beyond fds 1 and 2) the kernel follows at once.
-    pub max_console_fds: u32,
+    pub(crate) max_console_fds: u32,
+    /// How console capture hooks syscalls: `auto` (the per-syscall tracepoints when the kernel
+    /// has them, else the raw syscall tracepoints) or `raw_syscalls` (always the raw ones; for
+    /// testing the fallback).
+    pub(crate) console_hooks: ConsoleHooksMode,
+}
+
+/// See [`KernelConfig::console_hooks`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum ConsoleHooksMode {
+    #[default]
+    Auto,
+    RawSyscalls,
 }
 
 impl Default for KernelConfig {
@@ -119,38 +132,39 @@ impl Default for KernelConfig {
             max_tracked_threads: collector_common::DEFAULT_MAX_TRACKED_THREADS,
             console_ring_bytes: 8 * 1024 * 1024,
             max_console_fds: collector_common::DEFAULT_MAX_CONSOLE_FDS,
+            console_hooks: ConsoleHooksMode::Auto,
         }
     }
 }
 
 /// Console capture. Sizes are per instance unless named otherwise.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ConsoleConfig {
+pub(crate) struct ConsoleConfig {
     /// Console files by matcher name: globs of the form `*SUFFIX` over the path the VMM opens
     /// (a `SUFFIX` starting with `/` also matches the bare name). The kernel decides at `open`,
     /// before the first write, so only a literal suffix (at most 63 bytes) can be matched.
     /// Setting this replaces the default (`firecracker = ["*/vm.log"]`).
-    pub files: BTreeMap<String, Vec<String>>,
+    pub(crate) files: BTreeMap<String, Vec<String>>,
     /// Longest line, in bytes; a longer one is split and its pieces marked `split`.
-    pub max_line_bytes: usize,
+    pub(crate) max_line_bytes: usize,
     /// A line without its newline is flushed (marked `partial`) after this much idle time.
-    pub partial_flush_ms: u64,
-    /// How long the logs of an exited instance stay readable through the API.
-    pub retention_secs: u64,
+    pub(crate) partial_flush_ms: u64,
+    /// Seconds the logs of an exited instance stay readable through the API.
+    pub(crate) retention_seconds: u64,
     /// Bytes of recent lines kept in memory for the API's `tail`, `since` and `follow`.
-    pub history_bytes: usize,
+    pub(crate) history_bytes: usize,
     /// Lines waiting for the log files; beyond it lines are dropped and counted
     /// (`where="queue"`), so a slow disk never holds up the kernel reader.
-    pub queue_lines: usize,
+    pub(crate) queue_lines: usize,
     /// A log file is rotated (`console.log` -> `console.log.1` ...) when it reaches this size.
-    pub file_max_bytes: u64,
+    pub(crate) file_max_bytes: u64,
     /// Rotated files kept per instance (the per-instance cap is
     /// `file_max_bytes * (file_rotations + 1)`).
-    pub file_rotations: u32,
+    pub(crate) file_rotations: u32,
     /// Cap on all console log files together; the oldest rotated files (and the files of
     /// instances that are gone) are deleted first, then lines are dropped (`where="sink"`).
-    pub disk_max_bytes: u64,
+    pub(crate) disk_max_bytes: u64,
 }
 
 impl Default for ConsoleConfig {
@@ -159,7 +173,7 @@ impl Default for ConsoleConfig {
             files: BTreeMap::from([("firecracker".to_owned(), vec!["*/vm.log".to_owned()])]),
             max_line_bytes: 16 * 1024,
             partial_flush_ms: 500,
-            retention_secs: 600,
+            retention_seconds: 600,
             history_bytes: 4 * 1024 * 1024,
             queue_lines: 65536,
             file_max_bytes: 16 * 1024 * 1024,
@@ -170,8 +184,8 @@ impl Default for ConsoleConfig {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("config {path}: {source}")]
+pub(crate) enum ConfigError {
+    #[error("config {path}")]
     Read {
         path: String,
         #[source]
@@ -190,7 +204,7 @@ pub enum ConfigError {
 
 impl Config {
     /// Reads and checks the file at `path`.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+    pub(crate) fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
@@ -199,7 +213,7 @@ impl Config {
     }
 
     /// Parses and checks `text`, naming `origin` in errors.
-    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+    pub(crate) fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
         let config: Self = toml::from_str(text).map_err(|err| {
             let offset = err.span().map_or(0, |s| s.start);
             let before = &text[..offset.min(text.len())];
@@ -296,7 +310,7 @@ process_events_ring_bytes = 1048576
 
 [console]
 max_line_bytes = 1024
-retention_secs = 60
+retention_seconds = 60
 
 [console.files]
 qemu = ["*/serial.log"]
@@ -341,5 +355,65 @@ vcpu_thread = '^crosvm_vcpu(\d+)$'
         );
         let err = Config::parse("[kernel]\nprocess_events_ring_bytes = 1000\n", "c").unwrap_err();
         assert!(err.to_string().contains("power of two"), "{err}");
+    }
+
+    /// The TOML block of docs/config.md.
+    fn documented_example() -> &'static str {
+        let doc = include_str!("../../docs/config.md");
+        let start = doc
+            .find("```toml\n")
+            .expect("a toml block in docs/config.md")
+            + 8;
+        let len = doc[start..].find("```").expect("the block ends");
+        &doc[start..start + len]
+    }
+
+    /// Every key path of `value` (tables walked, arrays of tables by their first element).
+    fn key_paths(value: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+        match value {
+            toml::Value::Table(table) => {
+                for (key, value) in table {
+                    let path = if prefix.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
+                    out.push(path.clone());
+                    key_paths(value, &path, out);
+                }
+            }
+            toml::Value::Array(items) if items.first().is_some_and(toml::Value::is_table) => {
+                key_paths(&items[0], prefix, out);
+            }
+            _ => {}
+        }
+    }
+
+    /// docs/config.md's example is a valid config that names every key the code has.
+    #[test]
+    fn documented_example_is_complete_and_valid() {
+        let text = documented_example();
+        let parsed = Config::parse(text, "docs/config.md").expect("the documented example parses");
+        assert_eq!(parsed.kernel.console_ring_bytes, 8 * 1024 * 1024);
+        assert_eq!(parsed.matchers[0].name, "crosvm");
+        let documented: toml::Value = toml::from_str(text).unwrap();
+        let mut documented_keys = Vec::new();
+        key_paths(&documented, "", &mut documented_keys);
+        let mut full = Config {
+            matchers: parsed.matchers.clone(),
+            ..Config::default()
+        };
+        full.matchers[0].hypervisor = Some("h".into());
+        full.matchers[0].instance_dir = Some("d".into());
+        let mut code_keys = Vec::new();
+        key_paths(&toml::Value::try_from(&full).unwrap(), "", &mut code_keys);
+        let missing: Vec<&String> = code_keys
+            .iter()
+            .filter(|k| !k.starts_with("console.files.") && !documented_keys.contains(k))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "keys missing from docs/config.md: {missing:?}"
+        );
     }
 }

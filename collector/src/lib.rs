@@ -1,18 +1,26 @@
 //! The compute telemetry collector.
 //!
-//! The folders follow the data path: [`ebpf`] (kernel programs, loading, ring readers) ->
-//! [`decode`] (records to typed events) -> [`discovery`] (which processes are instances) ->
-//! [`registry`] (the one owner of instance state) -> [`sinks`] (metrics) -> [`api`] (HTTP).
-//! [`telemetry`] is the collector's own health; [`daemon`] wires it all.
+//! Layers, bottom to top; each imports only from the ones below it (`cargo xtask test` checks
+//! it from the `use crate::` paths):
+//! 1. [`model`], [`config`], [`util`]: the vocabulary, the configuration, generic pieces;
+//! 2. [`matching`]: matchers, command-line and allocation parsing, console rules, the kernel
+//!    plan;
+//! 3. [`host`]: `/proc`, cgroups, VMM config files, the files under the log folder;
+//! 4. [`kernel`]: loading the programs, map handles, ring readers and decoders;
+//! 5. [`sources`]: discovery and console line assembly;
+//! 6. [`registry`]: the one owner of the instances; publishes a snapshot and lifecycle events;
+//! 7. [`sinks`]: subscribers and readers (Prometheus, events, console logs);
+//! 8. [`api`], then [`runtime`] (start-up and shutdown), then [`cli`].
 
-pub mod api;
-pub mod clock;
-pub mod config;
-pub mod console;
-pub mod daemon;
-pub mod decode;
-pub mod discovery;
-pub mod ebpf;
-pub mod registry;
-pub mod sinks;
-pub mod telemetry;
+mod api;
+pub mod cli;
+mod config;
+mod host;
+mod kernel;
+mod matching;
+mod model;
+mod registry;
+mod runtime;
+mod sinks;
+mod sources;
+mod util;

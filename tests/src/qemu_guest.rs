@@ -46,14 +46,13 @@ fn run(cmd: &mut Command) -> String {
 /// Downloads `package` with apt into `dir` (unless a .deb of it is there) and unpacks it into
 /// `dir/root`.
 fn fetch(dir: &Path, package: &str) {
-    let have = std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten().any(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                name.starts_with(&format!("{package}_")) && name.ends_with(".deb")
-            })
+    let have = std::fs::read_dir(dir).is_ok_and(|d| {
+        d.flatten().any(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(&format!("{package}_"))
+                && Path::new(&name).extension().is_some_and(|e| e == "deb")
         })
-        .unwrap_or(false);
+    });
     if !have {
         run(Command::new("apt-get")
             .args(["download", package])
@@ -61,7 +60,9 @@ fn fetch(dir: &Path, package: &str) {
     }
     for entry in std::fs::read_dir(dir).expect("cache dir").flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(&format!("{package}_")) && name.ends_with(".deb") {
+        if name.starts_with(&format!("{package}_"))
+            && Path::new(&name).extension().is_some_and(|e| e == "deb")
+        {
             run(Command::new("dpkg")
                 .arg("-x")
                 .arg(entry.path())

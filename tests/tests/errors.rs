@@ -26,6 +26,39 @@ fn assert_one_line(stderr: &str, expected: &str) {
         !stderr.contains("panicked") && !stderr.contains("stack backtrace"),
         "{stderr}"
     );
+    // Each cause once: no part of the chain (`a: b: c`) repeats a part before it.
+    let parts: Vec<&str> = lines[0]["error:".len()..]
+        .split(": ")
+        .map(str::trim)
+        .collect();
+    for (i, part) in parts.iter().enumerate() {
+        assert!(
+            !parts[..i]
+                .iter()
+                .any(|earlier| earlier.contains(part) && part.len() > 3),
+            "cause {part:?} printed twice in {:?}",
+            lines[0]
+        );
+    }
+}
+
+#[test]
+fn bad_matcher_regex_names_the_matcher_and_the_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("collector.toml");
+    std::fs::write(
+        &path,
+        "[[matcher]]\nname = \"crosvm\"\nexecutable = \"crosvm\"\ninstance_id = '(unclosed'\n\
+         vcpu_thread = '^vcpu(\\d+)$'\n",
+    )
+    .unwrap();
+    let (ok, stderr) = run(&["run", "--config", path.to_str().unwrap()]);
+    assert!(!ok);
+    assert_one_line(
+        &stderr,
+        "matcher crosvm: bad instance_id regex: regex parse error",
+    );
+    assert_eq!(stderr.matches("unclosed group").count(), 1, "{stderr}");
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Instant};
 use crate::toolchain;
 
 /// Bootstraps and builds; returns the folder holding bpf-linker (for later cargo calls).
-pub fn build(release: bool) -> anyhow::Result<PathBuf> {
+pub(crate) fn build(release: bool) -> anyhow::Result<PathBuf> {
     let started = Instant::now();
     toolchain::ensure_toolchains()?;
     let linker_dir = toolchain::ensure_bpf_linker()?;

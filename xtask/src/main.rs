@@ -5,6 +5,7 @@
 
 mod bench;
 mod build;
+mod layers;
 mod run;
 mod test;
 mod toolchain;
@@ -39,6 +40,11 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Check the collector crate's layers: no import cycle, no upward or sibling import.
+    Layers {
+        /// Source folder to check (default: collector/src).
+        src: Option<std::path::PathBuf>,
+    },
     /// Benchmarks (root): print a table of figures, assert nothing.
     Bench {
         #[command(subcommand)]
@@ -51,6 +57,7 @@ fn main() -> std::process::ExitCode {
         Task::BuildEbpf { release } => build::build(release).map(|_| ()),
         Task::Run { args } => run::run(&args),
         Task::Test { args } => test::test(&args),
+        Task::Layers { src } => layers::layers(src.as_deref()),
         Task::Bench { bench } => bench::bench(bench),
     };
     match result {

@@ -6,7 +6,7 @@ use anyhow::Context;
 
 use crate::{build, toolchain};
 
-pub fn run(args: &[String]) -> anyhow::Result<()> {
+pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     build::build(true)?;
     let binary = toolchain::workspace_root().join("target/release/collector");
     let mut cmd = std::process::Command::new(&binary);

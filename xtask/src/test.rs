@@ -10,7 +10,9 @@ use anyhow::{Context, bail};
 
 use crate::{build, toolchain};
 
-pub fn test(args: &[String]) -> anyhow::Result<()> {
+pub(crate) fn test(args: &[String]) -> anyhow::Result<()> {
+    // The cheapest check first: the module layers, from the sources alone.
+    crate::layers::layers(None)?;
     let linker_dir = build::build(false)?;
     toolchain::run(toolchain::cargo(&linker_dir).args(["fmt", "--all", "--check"]))?;
     toolchain::run(toolchain::cargo(&linker_dir).args([
@@ -21,6 +23,31 @@ pub fn test(args: &[String]) -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The kernel programs, linted for their own target as aya-build compiles them.
+    toolchain::run(
+        toolchain::cargo_with(toolchain::EBPF_TOOLCHAIN, &linker_dir)
+            .env(
+                "CARGO_ENCODED_RUSTFLAGS",
+                "--cfg=bpf_target_arch=\"x86_64\"",
+            )
+            .args([
+                "clippy",
+                "--locked",
+                "--package",
+                "collector-ebpf",
+                "--bins",
+                "--release",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--target-dir",
+                "target/ebpf-clippy",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+    )?;
     // The integration tests start target/debug/collector and the stand-in VMM binary.
     toolchain::run(toolchain::cargo(&linker_dir).args(["build", "--locked", "--bins"]))?;
 

@@ -18,12 +18,12 @@ use std::{
 
 use anyhow::{Context, bail};
 
-pub const HOST_TOOLCHAIN: &str = "1.99.1";
-pub const EBPF_TOOLCHAIN: &str = "nightly-2026-10-30";
-pub const BPF_LINKER_VERSION: &str = "0.13.0";
+pub(crate) const HOST_TOOLCHAIN: &str = "1.99.1";
+pub(crate) const EBPF_TOOLCHAIN: &str = "nightly-2026-10-30";
+pub(crate) const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Runs `cmd`, failing with its description when it does not succeed.
-pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd
         .status()
         .with_context(|| format!("cannot start {cmd:?}"))?;
@@ -42,11 +42,10 @@ fn output(cmd: &mut Command) -> Option<String> {
 }
 
 fn cargo_home() -> PathBuf {
-    env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo")
-        })
+    env::var_os("CARGO_HOME").map_or_else(
+        || PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo"),
+        PathBuf::from,
+    )
 }
 
 fn sysroot(toolchain: &str) -> Option<PathBuf> {
@@ -84,7 +83,7 @@ fn ensure_toolchain(
 }
 
 /// The pinned toolchains, installed if missing.
-pub fn ensure_toolchains() -> anyhow::Result<()> {
+pub(crate) fn ensure_toolchains() -> anyhow::Result<()> {
     ensure_toolchain(HOST_TOOLCHAIN, &["clippy", "rustfmt"], |root| {
         root.join("bin/cargo-clippy").exists() && root.join("bin/rustfmt").exists()
     })?;
@@ -114,7 +113,7 @@ fn llvm_major() -> anyhow::Result<u32> {
 
 /// Installs bpf-linker (built against the eBPF nightly's libLLVM) if missing; returns the
 /// folder to put first on PATH.
-pub fn ensure_bpf_linker() -> anyhow::Result<PathBuf> {
+pub(crate) fn ensure_bpf_linker() -> anyhow::Result<PathBuf> {
     let root = cargo_home()
         .join("collector-tools")
         .join(format!("bpf-linker-{BPF_LINKER_VERSION}-{EBPF_TOOLCHAIN}"));
@@ -173,19 +172,19 @@ pub fn ensure_bpf_linker() -> anyhow::Result<PathBuf> {
 }
 
 /// PATH with `dir` first.
-pub fn path_with(dir: &Path) -> std::ffi::OsString {
+pub(crate) fn path_with(dir: &Path) -> std::ffi::OsString {
     let mut paths = vec![dir.to_path_buf()];
     paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
     env::join_paths(paths).expect("PATH entries are valid")
 }
 
 /// A `cargo +<host toolchain>` command with bpf-linker on PATH, run from the workspace root.
-pub fn cargo(linker_dir: &Path) -> Command {
+pub(crate) fn cargo(linker_dir: &Path) -> Command {
     cargo_with(HOST_TOOLCHAIN, linker_dir)
 }
 
 /// A `cargo +<toolchain>` command with bpf-linker on PATH, run from the workspace root.
-pub fn cargo_with(toolchain: &str, linker_dir: &Path) -> Command {
+pub(crate) fn cargo_with(toolchain: &str, linker_dir: &Path) -> Command {
     let mut cmd = Command::new("cargo");
     cmd.arg(format!("+{toolchain}"))
         .env("PATH", path_with(linker_dir))
@@ -193,7 +192,7 @@ pub fn cargo_with(toolchain: &str, linker_dir: &Path) -> Command {
     cmd
 }
 
-pub fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root")

@@ -4,15 +4,17 @@
 //! new line until the instance exits. A follower that falls more than 8192 lines behind gets
 //! a `{"lagged": N}` line (the N lines it missed) and continues from the newest.
 
-use std::{convert::Infallible, sync::Arc, time::SystemTime};
+use std::{
+    convert::Infallible,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use axum::{
-    Json, Router,
     body::Body,
     extract::{Path, Query, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
-    routing::get,
 };
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -20,25 +22,17 @@ use serde::Deserialize;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::sync::broadcast::{self, error::RecvError};
 
-use crate::{
-    console::{LogRecord, Stream, store::LiveStore},
-    registry::SnapshotReceiver,
-};
+use super::{ApiState, NDJSON, error};
+use crate::model::console::{LogRecord, Stream};
 
-#[derive(Clone)]
-pub struct LogsState {
-    pub store: Arc<LiveStore>,
-    pub snapshot: SnapshotReceiver,
-}
-
-pub fn router(state: LogsState) -> Router {
-    Router::new()
-        .route("/v1/instances/{uuid}/logs", get(logs))
-        .with_state(state)
-}
+/// How long a request for a listed instance waits for the console source to begin its log
+/// (the registry publishes the instance a moment before the source sees it).
+const BEGIN_WAIT: Duration = Duration::from_secs(2);
+/// Records per chunk of a streamed history.
+const CHUNK_RECORDS: usize = 256;
 
 #[derive(Debug, Deserialize)]
-pub struct LogsQuery {
+pub(super) struct LogsQuery {
     /// Only the last N lines of the history.
     tail: Option<usize>,
     /// Only lines from this time on (RFC 3339).
@@ -61,12 +55,8 @@ impl Filter {
     }
 }
 
-fn error(status: StatusCode, message: &str) -> Response {
-    (status, Json(serde_json::json!({ "error": message }))).into_response()
-}
-
-async fn logs(
-    State(state): State<LogsState>,
+pub(super) async fn logs(
+    State(state): State<ApiState>,
     Path(uuid): Path<String>,
     Query(query): Query<LogsQuery>,
 ) -> Response {
@@ -83,31 +73,41 @@ async fn logs(
         since,
         stream: query.stream,
     };
-    let mut subscription = state.store.subscribe(&uuid, query.follow);
-    if subscription.is_none() && state.snapshot.borrow().by_uuid(&uuid).next().is_some() {
-        // Listed, but the console pipeline has not caught up with it yet.
-        state.store.begin(&uuid.as_str().into());
-        subscription = state.store.subscribe(&uuid, query.follow);
-    }
-    let Some(subscription) = subscription else {
+    let listed = state.snapshot.borrow().by_uuid(&uuid).next().is_some();
+    let wait = if listed { BEGIN_WAIT } else { Duration::ZERO };
+    let Some(subscription) = state.logs.subscribe(&uuid, query.follow, wait).await else {
         return error(
             StatusCode::NOT_FOUND,
             "no such instance (or its logs expired)",
         );
     };
-    let kept: Vec<&Arc<LogRecord>> = subscription
+    let kept: Vec<Arc<LogRecord>> = subscription
         .history
-        .iter()
+        .into_iter()
         .filter(|r| filter.keep(r))
         .collect();
     let skip = query.tail.map_or(0, |n| kept.len().saturating_sub(n));
-    let history: String = kept[skip..].iter().map(|r| r.to_ndjson()).collect();
-    let head = futures_util::stream::iter([Ok::<_, Infallible>(Bytes::from(history))]);
+    // The history goes out in chunks, each encoded only when the client takes it.
+    let chunks: Vec<Vec<Arc<LogRecord>>> = kept[skip..]
+        .chunks(CHUNK_RECORDS)
+        .map(<[Arc<LogRecord>]>::to_vec)
+        .collect();
+    let head = futures_util::stream::iter(chunks).map(|chunk| {
+        let mut out = Vec::new();
+        for record in &chunk {
+            record.write_ndjson(&mut out);
+        }
+        Ok::<_, Infallible>(Bytes::from(out))
+    });
     let body = match subscription.live {
-        Some(live) => Body::from_stream(head.chain(follow(live, filter))),
+        Some(live) => {
+            let shutdown = state.shutdown.clone();
+            let tail = follow(live, filter).take_until(async move { shutdown.cancelled().await });
+            Body::from_stream(head.chain(tail))
+        }
         None => Body::from_stream(head),
     };
-    ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+    ([(header::CONTENT_TYPE, NDJSON)], body).into_response()
 }
 
 /// Each later record that passes `filter`, until the instance's log ends.

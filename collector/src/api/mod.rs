@@ -1,10 +1,11 @@
-//! The HTTP API and the CLI's client for it.
+//! The HTTP API: one router over one state.
 //!
 //! Routes:
-//! - `GET /metrics`: OpenMetrics exposition.
+//! - `GET /metrics`: OpenMetrics, or Prometheus text 0.0.4 to a scraper that prefers it.
 //! - `GET /healthz`: 200 while the process serves.
-//! - `GET /readyz`: 200 once every probe is attached and the start-up scan is done, else 503;
-//!   the body lists the probes either way.
+//! - `GET /readyz`: 200 once the programs are loaded, the start-up scan is done and the core
+//!   probes (`sched_process_exec`, `sched_process_exit`) are attached, else 503; the body
+//!   lists every probe, and those not attached as `degraded`, either way.
 //! - `GET /v1/instances`: JSON array of the instances on this host.
 //! - `GET /v1/instances/{uuid}`: one instance, 404 if unknown.
 //! - `GET /v1/instances/{uuid}/events`: the instance's lifecycle events (NDJSON, oldest first),
@@ -13,8 +14,130 @@
 //!   `follow`) new ones as they happen (NDJSON stream).
 //! - `GET /v1/instances/{uuid}/logs?tail=N&since=TS&follow=true&stream=S`: console lines,
 //!   NDJSON, streaming with `follow` ([`logs`]).
+//!
+//! Follow streams end when the collector shuts down, so that shutdown never waits for a reader.
 
-pub mod client;
-pub mod logs;
-pub mod server;
-pub mod views;
+mod events;
+mod health;
+mod instances;
+mod logs;
+pub(crate) mod views;
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use axum::{
+    Json, Router,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    matching::Matchers,
+    model::{
+        instance::SnapshotReceiver,
+        probe::{CORE_PROBES, ProbeState},
+    },
+    sinks::{console_logs::history::ConsoleHistory, events::EventStore, prometheus::Exposition},
+};
+
+/// Whether the collector is ready, as `/readyz` tells it.
+#[derive(Debug, Clone)]
+pub(crate) struct Readiness {
+    pub(crate) probes: Arc<Vec<ProbeState>>,
+    /// Set once the start-up scan is done.
+    pub(crate) scanned: Arc<AtomicBool>,
+}
+
+impl Readiness {
+    pub(crate) fn new(probes: Vec<ProbeState>) -> Self {
+        Self {
+            probes: Arc::new(probes),
+            scanned: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// The start-up scan is done.
+    pub(crate) fn scanned(&self) {
+        self.scanned.store(true, Ordering::Release);
+    }
+
+    /// Ready: scanned, and the core probes attached (others may be off: their features are).
+    pub(crate) fn is_ready(&self) -> bool {
+        let core_attached = CORE_PROBES
+            .iter()
+            .all(|core| self.probes.iter().any(|p| p.probe == *core && p.attached));
+        self.scanned.load(Ordering::Acquire) && core_attached
+    }
+}
+
+/// What every route reads.
+#[derive(Debug, Clone)]
+pub(crate) struct ApiState {
+    pub(crate) exposition: Exposition,
+    pub(crate) snapshot: SnapshotReceiver,
+    pub(crate) readiness: Readiness,
+    pub(crate) matchers: Matchers,
+    pub(crate) events: EventStore,
+    pub(crate) logs: ConsoleHistory,
+    /// Cancelled at shutdown: every follow stream ends.
+    pub(crate) shutdown: CancellationToken,
+}
+
+pub(crate) fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/metrics", get(health::metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(health::readyz))
+        .route("/v1/instances", get(instances::list))
+        .route("/v1/instances/{uuid}", get(instances::one))
+        .route("/v1/instances/{uuid}/events", get(events::of_instance))
+        .route("/v1/instances/{uuid}/logs", get(logs::logs))
+        .route("/v1/events", get(events::all))
+        .with_state(state)
+}
+
+/// `{"error": message}` with `status`.
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+const NDJSON: &str = "application/x-ndjson";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probe(probe: &'static str, attached: bool) -> ProbeState {
+        ProbeState {
+            probe,
+            attached,
+            error: (!attached).then(|| "not on this kernel".to_owned()),
+        }
+    }
+
+    #[test]
+    fn readiness_waits_for_the_scan_and_the_core_probes_only() {
+        let degraded = Readiness::new(vec![
+            probe("sched_process_exec", true),
+            probe("sched_process_exit", true),
+            probe("mark_victim", false),
+        ]);
+        assert!(!degraded.is_ready(), "not before the scan");
+        degraded.scanned();
+        assert!(
+            degraded.is_ready(),
+            "an optional probe does not hold readiness"
+        );
+        let broken = Readiness::new(vec![
+            probe("sched_process_exec", true),
+            probe("sched_process_exit", false),
+        ]);
+        broken.scanned();
+        assert!(!broken.is_ready());
+    }
+}

@@ -1,8 +1,6 @@
-//! Where instance telemetry leaves the collector.
+//! Where data leaves the collector. Each sink is a subscriber of a source or of the registry,
+//! or a reader of their handles, and never imports a sibling.
 
-pub mod console_metrics;
-pub mod events;
-pub mod files;
-pub mod logs;
-pub mod metrics;
-pub mod usage;
+pub(crate) mod console_logs;
+pub(crate) mod events;
+pub(crate) mod prometheus;

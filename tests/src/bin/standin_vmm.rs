@@ -91,14 +91,14 @@ fn setup_process() {
             rlim_max: libc::RLIM_INFINITY,
         };
         // SAFETY: valid rlimit pointer.
-        unsafe { libc::setrlimit(libc::RLIMIT_CORE, &unlimited) };
+        unsafe { libc::setrlimit(libc::RLIMIT_CORE, &raw const unlimited) };
     } else {
         let none = libc::rlimit {
             rlim_cur: 0,
             rlim_max: libc::RLIM_INFINITY,
         };
         // SAFETY: valid rlimit pointer.
-        unsafe { libc::setrlimit(libc::RLIMIT_CORE, &none) };
+        unsafe { libc::setrlimit(libc::RLIMIT_CORE, &raw const none) };
     }
     if let Some(cgroup) = env::var_os("STANDIN_CGROUP") {
         let procs = std::path::Path::new(&cgroup).join("cgroup.procs");
@@ -112,7 +112,7 @@ fn pin_to(cpu: usize) {
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
-        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
         assert_eq!(rc, 0, "sched_setaffinity to CPU {cpu}");
     }
 }
@@ -180,7 +180,9 @@ fn write_console(fd: i32, lines: u32) {
         let bytes = line.as_bytes();
         // SAFETY (all three): valid buffers of the given lengths.
         let n = match i % 3 {
+            // SAFETY: `bytes` outlives the call and its length is passed with it.
             0 => unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) },
+            // SAFETY: as above.
             1 => unsafe { libc::pwrite(fd, bytes.as_ptr().cast(), bytes.len(), offset) },
             _ => {
                 let (a, b) = bytes.split_at(5);
@@ -194,6 +196,7 @@ fn write_console(fd: i32, lines: u32) {
                         iov_len: b.len(),
                     },
                 ];
+                // SAFETY: both iovecs point into live buffers of their stated lengths.
                 unsafe { libc::writev(fd, iov.as_ptr(), 2) }
             }
         };
@@ -268,7 +271,7 @@ fn cpu_seconds() -> f64 {
     // SAFETY: zeroed rusage is a valid out-parameter.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: valid pointer.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &raw mut usage) };
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     secs(usage.ru_utime) + secs(usage.ru_stime)
 }

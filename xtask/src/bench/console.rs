@@ -29,7 +29,7 @@ use anyhow::{Context, ensure};
 use crate::toolchain;
 
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Stand-in VMMs writing at once.
     #[arg(long, default_value_t = 16)]
     writers: usize,
@@ -77,7 +77,7 @@ struct Books {
     unattributed: u64,
 }
 
-pub fn run(args: &Args) -> anyhow::Result<()> {
+pub(super) fn run(args: &Args) -> anyhow::Result<()> {
     ensure!(
         4096 % args.line_bytes == 0 && args.line_bytes >= 64,
         "--line-bytes must divide 4096 and be at least 64"

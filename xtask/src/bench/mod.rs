@@ -6,18 +6,13 @@
 mod console;
 mod sched;
 
-use std::{
-    io::{Read, Write},
-    net::TcpStream,
-    process::Command,
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
 
 #[derive(Subcommand)]
-pub enum Bench {
+pub(crate) enum Bench {
     /// Cost of the scheduling programs under a context-switch-heavy load (hackbench), with 0 and
     /// 32 followed instances, side by side with a bpftrace script computing the same histogram.
     Sched(sched::Options),
@@ -26,7 +21,7 @@ pub enum Bench {
     Console(console::Args),
 }
 
-pub fn bench(bench: Bench) -> anyhow::Result<()> {
+pub(crate) fn bench(bench: Bench) -> anyhow::Result<()> {
     match bench {
         Bench::Sched(options) => sched::run(&options),
         Bench::Console(args) => console::run(&args),
@@ -66,23 +61,21 @@ fn on_path(binary: &str) -> bool {
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(binary).is_file()))
 }
 
-/// A GET over plain HTTP/1.1; the body of a 200.
+/// A GET of the collector at `addr`; the body of a 200.
 fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
-    let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
-    }
-    Ok(body.to_owned())
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    agent
+        .get(format!("http://{addr}{path}"))
+        .call()
+        .with_context(|| format!("GET {path}"))?
+        .body_mut()
+        .with_config()
+        .limit(256 << 20)
+        .read_to_string()
+        .with_context(|| format!("GET {path}: reading the body"))
 }
 
 /// Median of `values` (NaN when empty).
@@ -94,7 +87,7 @@ fn median(values: &[f64]) -> f64 {
     sorted.sort_by(f64::total_cmp);
     let mid = sorted.len() / 2;
     if sorted.len().is_multiple_of(2) {
-        (sorted[mid - 1] + sorted[mid]) / 2.0
+        f64::midpoint(sorted[mid - 1], sorted[mid])
     } else {
         sorted[mid]
     }

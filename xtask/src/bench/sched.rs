@@ -23,7 +23,7 @@ use super::{ensure_debian_packages, median};
 use crate::{build, toolchain};
 
 #[derive(clap::Args)]
-pub struct Options {
+pub(crate) struct Options {
     /// Rounds; each runs every mode once.
     #[arg(long, default_value_t = 7)]
     rounds: usize,
@@ -148,7 +148,7 @@ struct Bench<'a> {
     work: PathBuf,
 }
 
-pub fn run(options: &Options) -> anyhow::Result<()> {
+pub(super) fn run(options: &Options) -> anyhow::Result<()> {
     if !is_root() {
         bail!("bench sched loads kernel programs: run it as root");
     }
@@ -263,9 +263,9 @@ impl Bench<'_> {
             _ => None,
         };
 
-        let before = self.program_stats(collector.as_ref(), bpftrace.as_ref())?;
+        let before = Self::program_stats(collector.as_ref(), bpftrace.as_ref())?;
         let (load_seconds, load_cpu_seconds) = self.load()?;
-        let after = self.program_stats(collector.as_ref(), bpftrace.as_ref())?;
+        let after = Self::program_stats(collector.as_ref(), bpftrace.as_ref())?;
         let mut ns_per_event = [f64::NAN; 4];
         let mut probe_ns = 0.0;
         for (i, ((t0, n0), (t1, n1))) in before.iter().zip(&after).enumerate() {
@@ -274,7 +274,7 @@ impl Bench<'_> {
             }
             probe_ns += t1 - t0;
         }
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
         let probe_share = probe_ns / (load_seconds * 1e9 * cpus);
         drop(standins);
         if let Some(child) = bpftrace.as_mut() {
@@ -363,7 +363,6 @@ impl Bench<'_> {
 
     /// `(run time ns, run count)` of each of [`PROGRAMS`] of the running collector or bpftrace.
     fn program_stats(
-        &self,
         collector: Option<&(Guard, String)>,
         bpftrace: Option<&Guard>,
     ) -> anyhow::Result<[(f64, f64); 4]> {

@@ -1,0 +1,56 @@
+//! `/metrics` and `/readyz`.
+
+use axum::{
+    Json,
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+
+use super::{
+    ApiState,
+    views::{ProbeView, ReadinessView},
+};
+use crate::sinks::prometheus::Format;
+
+pub(super) async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = Format::negotiate(accept);
+    // The exposition reads /proc for every instance: not on the async workers, which also
+    // read the kernel's rings.
+    let exposition = state.exposition.clone();
+    match tokio::task::spawn_blocking(move || exposition.render(format)).await {
+        Ok(body) => ([(header::CONTENT_TYPE, format.content_type())], body).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+pub(super) async fn readyz(State(state): State<ApiState>) -> Response {
+    let probes: Vec<ProbeView> = state
+        .readiness
+        .probes
+        .iter()
+        .map(|p| ProbeView {
+            probe: p.probe.to_owned(),
+            attached: p.attached,
+            error: p.error.clone(),
+        })
+        .collect();
+    let ready = state.readiness.is_ready();
+    let degraded = probes
+        .iter()
+        .filter(|p| !p.attached)
+        .map(|p| p.probe.clone())
+        .collect();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let view = ReadinessView {
+        ready,
+        degraded,
+        probes,
+    };
+    (status, Json(view)).into_response()
+}

@@ -1,0 +1,318 @@
+//! The command line: `collector run` (the daemon) and the commands that read a running
+//! collector's API.
+
+mod client;
+
+use std::{io::Write, net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+
+use crate::{
+    api::views::InstanceView,
+    config::{Config, DEFAULT_LISTEN},
+    model::console::LogRecordView,
+    runtime::{
+        self,
+        logging::{self, LogFormat},
+    },
+};
+
+/// What a query value keeps unencoded: RFC 3986's unreserved characters.
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Compute telemetry collector: eBPF probes on hypervisor processes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the collector (needs root or CAP_BPF + CAP_PERFMON).
+    Run {
+        /// TOML config file (defaults work without one).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address of the HTTP server (/metrics, /healthz, /readyz, /v1).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Folder of per-instance logs.
+        #[arg(long)]
+        log_dir: Option<PathBuf>,
+        /// Log format: text for a terminal, json in production.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
+    /// Print an instance's console lines from a running collector (like `kubectl logs`).
+    Logs {
+        /// The instance's id.
+        uuid: String,
+        /// Keep printing new lines until the instance exits.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines of what the collector kept.
+        #[arg(long)]
+        tail: Option<usize>,
+        /// Only lines from this time on (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this stream: stdout, stderr or console.
+        #[arg(long)]
+        stream: Option<String>,
+        /// Print the NDJSON records instead of the text.
+        #[arg(long)]
+        json: bool,
+        /// Address of the running collector.
+        #[arg(long, default_value = DEFAULT_LISTEN)]
+        addr: String,
+    },
+    /// Show the instances a running collector follows.
+    Instances {
+        /// Address of the running collector.
+        #[arg(long, default_value = DEFAULT_LISTEN)]
+        addr: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show instance lifecycle events (start, stop, crash, oom_kill) from a running collector.
+    Events {
+        /// Address of the running collector.
+        #[arg(long, default_value = DEFAULT_LISTEN)]
+        addr: String,
+        /// Keep running and print new events as they happen.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only this instance's events.
+        #[arg(long)]
+        instance: Option<String>,
+        /// Print the NDJSON records as they come.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The `collector` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line, each cause once, joined: no backtrace for a user's mistake. A cause that
+            // spans lines (a regex error's caret) is folded onto the line.
+            let message = format!("{err:#}");
+            let folded: Vec<&str> = message.split_whitespace().collect();
+            eprintln!("error: {}", folded.join(" "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run {
+            config,
+            listen,
+            log_dir,
+            log_format,
+        } => {
+            let config = match &config {
+                Some(path) => Config::load(path)?,
+                None => Config::default(),
+            };
+            logging::init(log_format);
+            let tokio = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            tokio.block_on(runtime::run(config, runtime::Overrides { listen, log_dir }))
+        }
+        Command::Logs {
+            uuid,
+            follow,
+            tail,
+            since,
+            stream,
+            json,
+            addr,
+        } => {
+            let mut path = format!(
+                "/v1/instances/{}/logs?follow={follow}",
+                percent_encode(&uuid)
+            );
+            if let Some(tail) = tail {
+                path.push_str(&format!("&tail={tail}"));
+            }
+            if let Some(since) = since {
+                path.push_str(&format!("&since={}", percent_encode(&since)));
+            }
+            if let Some(stream) = stream {
+                path.push_str(&format!("&stream={}", percent_encode(&stream)));
+            }
+            client::get_lines(&addr, &path, |line| {
+                // A closed pipe (`| head`) ends the output; nothing to report.
+                let _ = print_log_line(line, json);
+            })
+        }
+        Command::Instances { addr, json } => {
+            let body = client::get(&addr, "/v1/instances")?;
+            if json {
+                println!("{}", String::from_utf8_lossy(&body));
+                return Ok(());
+            }
+            let instances: Vec<InstanceView> =
+                serde_json::from_slice(&body).context("decoding /v1/instances")?;
+            print!("{}", instances_table(&instances));
+            Ok(())
+        }
+        Command::Events {
+            addr,
+            follow,
+            instance,
+            json,
+        } => {
+            let mut path = format!("/v1/events?follow={follow}");
+            if let Some(instance) = &instance {
+                path.push_str("&instance=");
+                path.push_str(&percent_encode(instance));
+            }
+            let mut stdout = std::io::stdout().lock();
+            client::get_lines(&addr, &path, |line| {
+                let text = if json {
+                    String::from_utf8_lossy(line).into_owned()
+                } else {
+                    event_line(line)
+                };
+                // A closed pipe (`| head`) ends the command; nothing to report.
+                let _ = writeln!(stdout, "{text}");
+                let _ = stdout.flush();
+            })
+        }
+    }
+}
+
+/// One NDJSON line of the logs API: as is with `--json`, else its text (a piece of a split
+/// or partial line without a newline, so the line reads whole).
+fn print_log_line(line: &[u8], json: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if json {
+        out.write_all(line)?;
+        out.write_all(b"\n")?;
+    } else if let Ok(record) = serde_json::from_slice::<LogRecordView>(line) {
+        out.write_all(record.message.as_bytes())?;
+        if let Some(cut) = record.cut_bytes {
+            write!(out, " [{cut} bytes cut]")?;
+        }
+        if !(record.split || record.partial) {
+            out.write_all(b"\n")?;
+        }
+    } else if let Ok(notice) = serde_json::from_slice::<serde_json::Value>(line)
+        && let Some(missed) = notice.get("lagged")
+    {
+        eprintln!("(missed {missed} lines: this reader was too slow)");
+    } else {
+        eprintln!("{}", String::from_utf8_lossy(line));
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Percent-encodes a query value or path segment.
+fn percent_encode(value: &str) -> String {
+    utf8_percent_encode(value, QUERY_VALUE).to_string()
+}
+
+/// One readable line for an event record: time, instance, hypervisor, event, then details.
+fn event_line(record: &[u8]) -> String {
+    let Ok(event) = serde_json::from_slice::<serde_json::Value>(record) else {
+        return String::from_utf8_lossy(record).into_owned();
+    };
+    if let Some(missed) = event.get("lagged") {
+        return format!("(missed {missed} events: this reader was too slow)");
+    }
+    let field = |name: &str| event.get(name).filter(|v| !v.is_null());
+    let text = |name: &str| {
+        field(name)
+            .and_then(|v| v.as_str())
+            .unwrap_or("-")
+            .to_owned()
+    };
+    let mut line = format!(
+        "{}  {}  {}  {:<10} reason={}",
+        text("ts"),
+        text("instance_uuid").escape_debug(),
+        text("hypervisor"),
+        text("event"),
+        text("reason"),
+    );
+    if let Some(code) = field("exit_code") {
+        line.push_str(&format!(" exit_code={code}"));
+    }
+    if let Some(name) = field("signal_name").and_then(|v| v.as_str()) {
+        line.push_str(&format!(" signal={name}"));
+    }
+    if event
+        .get("core_dumped")
+        .and_then(serde_json::Value::as_bool)
+        == Some(true)
+    {
+        line.push_str(" core_dumped");
+    }
+    if let Some(uptime) = field("uptime_seconds").and_then(serde_json::Value::as_f64) {
+        line.push_str(&format!(" uptime={uptime:.3}s"));
+    }
+    if let Some(oom) = field("oom") {
+        line.push_str(&format!(" oom={oom}"));
+    }
+    line
+}
+
+fn instances_table(instances: &[InstanceView]) -> String {
+    let mut rows = vec![[
+        "INSTANCE_UUID".to_owned(),
+        "HYPERVISOR".to_owned(),
+        "PID".to_owned(),
+        "VCPUS".to_owned(),
+        "ORIGIN".to_owned(),
+        "STARTED".to_owned(),
+    ]];
+    for i in instances {
+        rows.push([
+            i.instance_uuid.escape_debug().to_string(),
+            i.hypervisor.clone(),
+            i.pid.to_string(),
+            i.vcpu_threads.len().to_string(),
+            i.origin.clone(),
+            i.start_time.clone(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    if instances.is_empty() {
+        out.push_str("(no instances)\n");
+    }
+    out
+}

@@ -1,0 +1,137 @@
+//! The console capture's kernel maps, seen from userspace: the rules and syscall numbers set at
+//! load, the ring reader, and the descriptor set userspace keeps current (descriptors found in
+//! `/proc/PID/fd`, entries of exited processes removed).
+
+use std::collections::{HashMap as StdHashMap, HashSet};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, PerCpuHashMap, RingBuf},
+};
+use collector_common::{
+    ConsoleFd, ConsoleFdKey, ConsoleKernelDrops, ConsoleRule, console_stream, names::map,
+};
+use tokio::io::{
+    Interest,
+    unix::{AsyncFd, AsyncFdReadyMutGuard},
+};
+
+use super::loader::{LoadError, take_map};
+
+/// Handles on the console maps.
+pub(crate) struct ConsoleKernel {
+    /// Held, not read: the programs refer to the map by this descriptor.
+    _rules: Array<MapData, ConsoleRule>,
+    fds: HashMap<MapData, ConsoleFdKey, ConsoleFd>,
+    drops: PerCpuHashMap<MapData, u32, ConsoleKernelDrops>,
+}
+
+impl ConsoleKernel {
+    /// Takes the console maps out of the loaded object and loads the rules. Returns the ring
+    /// apart: its reader owns it.
+    pub(crate) fn take(
+        ebpf: &mut Ebpf,
+        rules: &[ConsoleRule],
+    ) -> Result<(Self, RingBuf<MapData>), LoadError> {
+        let mut kernel_rules: Array<_, ConsoleRule> = take_map(ebpf, map::CONSOLE_RULES)?;
+        for (index, rule) in rules.iter().enumerate() {
+            kernel_rules
+                .set(index as u32, rule, 0)
+                .map_err(|source| LoadError::Map {
+                    name: map::CONSOLE_RULES,
+                    source,
+                })?;
+        }
+        let console = Self {
+            _rules: kernel_rules,
+            fds: take_map(ebpf, map::CONSOLE_FDS)?,
+            drops: take_map(ebpf, map::CONSOLE_DROPS)?,
+        };
+        Ok((console, take_map(ebpf, map::CONSOLE_EVENTS)?))
+    }
+
+    /// Marks descriptor `fd` of `tgid` (whose tracked entry started at `start_boot_ns`) a
+    /// console file.
+    pub(crate) fn add_console_fd(
+        &mut self,
+        tgid: u32,
+        fd: u32,
+        start_boot_ns: u64,
+    ) -> Result<(), aya::maps::MapError> {
+        let value = ConsoleFd {
+            stream: console_stream::CONSOLE,
+            _pad: 0,
+            start_boot_ns,
+        };
+        self.fds.insert(&ConsoleFdKey { tgid, fd }, &value, 0)
+    }
+
+    /// Removes every descriptor entry of a process for which `gone(tgid)` holds.
+    pub(crate) fn forget_fds(&mut self, gone: impl Fn(u32) -> bool) {
+        let stale: Vec<ConsoleFdKey> = self.fds.keys().flatten().filter(|k| gone(k.tgid)).collect();
+        for key in stale {
+            let _ = self.fds.remove(&key);
+        }
+    }
+
+    /// Bytes the kernel could not put on the ring, summed over CPUs, by tgid.
+    pub(crate) fn drops(&self) -> StdHashMap<u32, u64> {
+        self.drops
+            .iter()
+            .flatten()
+            .map(|(tgid, per_cpu)| (tgid, per_cpu.iter().map(|d| d.bytes).sum()))
+            .collect()
+    }
+
+    /// Removes the drop counters of these processes (after their last read).
+    pub(crate) fn forget_drops(&mut self, tgids: &HashSet<u32>) {
+        for tgid in tgids {
+            let _ = self.drops.remove(tgid);
+        }
+    }
+}
+
+/// Reader of the console ring. Records are handed out in place (no copy) while the reader
+/// holds them.
+pub(crate) struct ConsoleReader {
+    ring: AsyncFd<RingBuf<MapData>>,
+}
+
+/// Records ready on the ring.
+pub(crate) struct Ready<'a> {
+    guard: AsyncFdReadyMutGuard<'a, RingBuf<MapData>>,
+}
+
+impl ConsoleReader {
+    pub(crate) fn new(ring: RingBuf<MapData>) -> std::io::Result<Self> {
+        // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, for as long as
+        // it is inside the AsyncFd.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE)? };
+        Ok(Self { ring })
+    }
+
+    /// Waits until the kernel has written.
+    pub(crate) async fn ready(&mut self) -> std::io::Result<Ready<'_>> {
+        Ok(Ready {
+            guard: self.ring.readable_mut().await?,
+        })
+    }
+}
+
+impl Ready<'_> {
+    /// Passes up to `max` records to `each`, in order; returns how many.
+    pub(crate) fn drain(mut self, max: usize, mut each: impl FnMut(&[u8])) -> usize {
+        let ring = self.guard.get_inner_mut();
+        let mut n = 0;
+        while n < max {
+            let Some(record) = ring.next() else { break };
+            each(&record);
+            n += 1;
+        }
+        if n < max {
+            // Drained: wait for the next wake-up.
+            self.guard.clear_ready();
+        }
+        n
+    }
+}

@@ -1,0 +1,162 @@
+//! Decoding of console-ring records. Pure: every malformed input is a table test away.
+
+use collector_common::{CONSOLE_MAX_WRITE, ConsoleRecordHeader, console_stream};
+
+use crate::model::console::Stream;
+
+/// One write of a tracked process, as the kernel captured it, borrowed from the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Chunk<'a> {
+    pub(crate) tgid: u32,
+    pub(crate) stream: Stream,
+    /// `CLOCK_BOOTTIME` when the write returned.
+    pub(crate) boot_ns: u64,
+    pub(crate) data: &'a [u8],
+    /// Bytes the write accepted beyond `data` (a write over 64 KiB): cut in the kernel.
+    pub(crate) cut: u64,
+}
+
+/// A [`Chunk`] kept beyond its ring record (its process is not named yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OwnedChunk {
+    pub(crate) tgid: u32,
+    pub(crate) stream: Stream,
+    pub(crate) boot_ns: u64,
+    pub(crate) data: Vec<u8>,
+    pub(crate) cut: u64,
+}
+
+impl Chunk<'_> {
+    pub(crate) fn to_owned_chunk(self) -> OwnedChunk {
+        OwnedChunk {
+            tgid: self.tgid,
+            stream: self.stream,
+            boot_ns: self.boot_ns,
+            data: self.data.to_vec(),
+            cut: self.cut,
+        }
+    }
+}
+
+impl OwnedChunk {
+    pub(crate) fn as_chunk(&self) -> Chunk<'_> {
+        Chunk {
+            tgid: self.tgid,
+            stream: self.stream,
+            boot_ns: self.boot_ns,
+            data: &self.data,
+            cut: self.cut,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ConsoleDecodeError {
+    #[error("console record of {0} bytes is shorter than its header")]
+    Short(usize),
+    #[error("console record announces {len} bytes but carries {have}")]
+    Length { len: u32, have: usize },
+    #[error("console record with unknown stream {0}")]
+    UnknownStream(u32),
+}
+
+impl ConsoleDecodeError {
+    /// Bounded label value for metrics.
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            Self::Short(_) => "short_record",
+            Self::Length { .. } => "bad_length",
+            Self::UnknownStream(_) => "unknown_stream",
+        }
+    }
+}
+
+pub(crate) fn chunk(bytes: &[u8]) -> Result<Chunk<'_>, ConsoleDecodeError> {
+    let header_len = size_of::<ConsoleRecordHeader>();
+    if bytes.len() < header_len {
+        return Err(ConsoleDecodeError::Short(bytes.len()));
+    }
+    // SAFETY: length checked; the header is plain integers.
+    let header: ConsoleRecordHeader = unsafe {
+        bytes
+            .as_ptr()
+            .cast::<ConsoleRecordHeader>()
+            .read_unaligned()
+    };
+    let data = &bytes[header_len..];
+    let len = header.len as usize;
+    if len > data.len() || len > CONSOLE_MAX_WRITE || u64::from(header.len) > header.total {
+        return Err(ConsoleDecodeError::Length {
+            len: header.len,
+            have: data.len(),
+        });
+    }
+    let stream = match header.stream {
+        console_stream::STDOUT => Stream::Stdout,
+        console_stream::STDERR => Stream::Stderr,
+        console_stream::CONSOLE => Stream::Console,
+        other => return Err(ConsoleDecodeError::UnknownStream(other)),
+    };
+    Ok(Chunk {
+        tgid: header.tgid,
+        stream,
+        boot_ns: header.boot_ns,
+        data: &data[..len],
+        cut: header.total - u64::from(header.len),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(stream: u32, len: u32, total: u64, data: &[u8]) -> Vec<u8> {
+        let header = ConsoleRecordHeader {
+            tgid: 7,
+            fd: 1,
+            stream,
+            len,
+            total,
+            boot_ns: 99,
+        };
+        // SAFETY: reading the bytes of a plain ABI struct.
+        let mut bytes = unsafe {
+            std::slice::from_raw_parts((&raw const header).cast::<u8>(), size_of_val(&header))
+        }
+        .to_vec();
+        bytes.extend_from_slice(data);
+        bytes
+    }
+
+    #[test]
+    fn records() {
+        let bytes = record(console_stream::STDERR, 3, 3, b"abc\0\0");
+        let c = chunk(&bytes).unwrap();
+        assert_eq!(
+            c,
+            Chunk {
+                tgid: 7,
+                stream: Stream::Stderr,
+                boot_ns: 99,
+                data: b"abc",
+                cut: 0
+            }
+        );
+        assert_eq!(c.to_owned_chunk().as_chunk(), c);
+        let bytes = record(console_stream::CONSOLE, 2, 1 << 20, b"ab");
+        let c = chunk(&bytes).unwrap();
+        assert_eq!(c.cut, (1 << 20) - 2);
+        assert_eq!(c.stream, Stream::Console);
+    }
+
+    #[test]
+    fn malformed() {
+        assert_eq!(chunk(&[0; 5]).unwrap_err().reason(), "short_record");
+        let e = chunk(&record(console_stream::STDOUT, 9, 9, b"abc")).unwrap_err();
+        assert_eq!(e.reason(), "bad_length");
+        let e = chunk(&record(console_stream::STDOUT, 3, 2, b"abc")).unwrap_err();
+        assert_eq!(e.reason(), "bad_length");
+        let e = chunk(&record(console_stream::NONE, 0, 0, b"")).unwrap_err();
+        assert_eq!(e, ConsoleDecodeError::UnknownStream(0));
+    }
+}

@@ -1,0 +1,502 @@
+//! Loads the embedded kernel object, fills its settings and attaches each program.
+//!
+//! A program that cannot attach (a kernel lacking that hook) disables only its own feature: the
+//! failure is logged once, shown by `collector_probe_attached{probe}` = 0, and the rest runs.
+
+use std::{
+    os::fd::OwnedFd,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{LpmTrie, Map, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{BtfTracePoint, TracePoint},
+};
+use collector_common::{
+    COMM_LEN, CommKey, ExecMatch, SyscallTpOffsets, VcpuCommKey,
+    names::{global, map, program},
+    thread_class,
+};
+use tracing::{info, warn};
+
+use super::{
+    btf_offsets::{self, OffsetError, VMLINUX_BTF},
+    console::ConsoleKernel,
+    sched::{SchedMaps, SharedSched, ThreadFilter},
+    syscalls,
+    tracefs::{self, ConsoleHooks},
+    tracked::TrackedProcesses,
+};
+use crate::{
+    config::{ConsoleHooksMode, KernelConfig},
+    host::proc::effective_capabilities,
+    matching::KernelPlan,
+    model::probe::ProbeState,
+};
+
+/// The kernel object built by `build.rs` from `collector-ebpf`.
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/collector-ebpf"));
+
+/// A hook the collector attaches, by its `probe` label value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ProbeSpec {
+    /// Program name in the object (the Rust function's name).
+    pub(crate) program: &'static str,
+    /// The BTF tracepoint it attaches to.
+    pub(crate) tracepoint: &'static str,
+    /// What stops working without it.
+    pub(crate) feature: &'static str,
+}
+
+/// Every probe but console capture's, in attach order (console capture's depend on the kernel,
+/// see [`ConsoleHooks`]).
+pub(crate) const PROBES: &[ProbeSpec] = &[
+    ProbeSpec {
+        program: program::SCHED_PROCESS_EXEC,
+        tracepoint: "sched_process_exec",
+        feature: "discovery of new hypervisor processes",
+    },
+    ProbeSpec {
+        program: program::SCHED_PROCESS_EXIT,
+        tracepoint: "sched_process_exit",
+        feature: "instance exit",
+    },
+    ProbeSpec {
+        program: program::MARK_VICTIM,
+        tracepoint: "mark_victim",
+        feature: "OOM kill attribution (OOM kills then read as stop/killed)",
+    },
+    ProbeSpec {
+        program: program::SCHED_SWITCH,
+        tracepoint: "sched_switch",
+        feature: "run-queue latency, CPU time and context switches of instances",
+    },
+    ProbeSpec {
+        program: program::SCHED_WAKEUP,
+        tracepoint: "sched_wakeup",
+        feature: "run-queue latency after a wake-up",
+    },
+    ProbeSpec {
+        program: program::SCHED_WAKEUP_NEW,
+        tracepoint: "sched_wakeup_new",
+        feature: "following the threads a VMM creates",
+    },
+    ProbeSpec {
+        program: program::TASK_RENAME,
+        tracepoint: "task_rename",
+        feature: "telling vCPU threads from other VMM threads",
+    },
+];
+
+/// Console capture's fallback on a kernel without per-syscall tracepoints: the raw syscall
+/// tracepoints, which run for every syscall.
+const CONSOLE_RAW_PROBES: &[ProbeSpec] = &[
+    ProbeSpec {
+        program: program::CONSOLE_SYS_ENTER,
+        tracepoint: "sys_enter",
+        feature: "console capture",
+    },
+    ProbeSpec {
+        program: program::CONSOLE_SYS_EXIT,
+        tracepoint: "sys_exit",
+        feature: "console capture",
+    },
+];
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LoadError {
+    #[error(
+        "the collector needs root, or CAP_BPF and CAP_PERFMON, to load its kernel programs \
+         (this process has effective capabilities {0:#x})"
+    )]
+    NotPrivileged(u64),
+    #[error(transparent)]
+    Offsets(#[from] OffsetError),
+    #[error("cannot read kernel BTF for attaching")]
+    Btf(#[from] aya::BtfError),
+    #[error("the kernel refused the collector's programs")]
+    Load(#[source] aya::EbpfError),
+    #[error("kernel map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("kernel map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("kernel map {name}: cannot map it into memory")]
+    Mmap {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The loaded programs, shared by the metrics (their statistics) and the runtime (which
+/// detaches them at shutdown).
+#[derive(Clone)]
+pub(crate) struct Programs(Arc<Mutex<Option<Ebpf>>>);
+
+impl std::fmt::Debug for Programs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Programs").finish_non_exhaustive()
+    }
+}
+
+/// Run count and run time of one program, from the kernel's BPF statistics.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ProgramStats {
+    pub(crate) program: String,
+    pub(crate) runs: u64,
+    pub(crate) run_seconds: f64,
+}
+
+impl Programs {
+    /// Every loaded program's statistics, by name; empty once detached.
+    pub(crate) fn stats(&self) -> Vec<ProgramStats> {
+        let guard = self.0.lock().expect("programs lock");
+        let Some(ebpf) = guard.as_ref() else {
+            return Vec::new();
+        };
+        let mut stats: Vec<ProgramStats> = ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let info = program.info().ok()?;
+                Some(ProgramStats {
+                    program: name.to_owned(),
+                    runs: info.run_count(),
+                    run_seconds: info.run_time().as_secs_f64(),
+                })
+            })
+            .collect();
+        stats.sort_by(|a, b| a.program.cmp(&b.program));
+        stats
+    }
+
+    /// Detaches and unloads every program.
+    pub(crate) fn detach(&self) {
+        drop(self.0.lock().expect("programs lock").take());
+    }
+}
+
+/// The kernel's drop counters (`DROPS`), summed over CPUs on read.
+#[derive(Clone)]
+pub(crate) struct KernelDrops(Arc<PerCpuArray<MapData, u64>>);
+
+impl std::fmt::Debug for KernelDrops {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelDrops").finish_non_exhaustive()
+    }
+}
+
+impl KernelDrops {
+    /// The count of drop kind `kind` (one of `collector_common::drop_kind`).
+    pub(crate) fn get(&self, kind: u32) -> u64 {
+        self.0.get(&kind, 0).map_or(0, |v| v.iter().sum())
+    }
+}
+
+/// The loaded programs and the maps userspace works with.
+pub(crate) struct Kernel {
+    pub(crate) programs: Programs,
+    pub(crate) probes: Vec<ProbeState>,
+    pub(crate) tracked: TrackedProcesses,
+    pub(crate) process_events: RingBuf<MapData>,
+    pub(crate) drops: KernelDrops,
+    pub(crate) sched: SharedSched,
+    pub(crate) console: ConsoleKernel,
+    pub(crate) console_events: RingBuf<MapData>,
+    /// Keeps the kernel's BPF run-time statistics on (`collector_ebpf_program_*`); `None` when
+    /// the kernel refused (logged).
+    pub(crate) stats_enabled: Option<OwnedFd>,
+}
+
+const CAP_SYS_ADMIN: u64 = 21;
+const CAP_PERFMON: u64 = 38;
+const CAP_BPF: u64 = 39;
+
+/// Loads and attaches everything. Errors only for what makes the collector useless (no
+/// privileges, no BTF, the object refused); a single probe failing is recorded in
+/// [`Kernel::probes`] instead.
+pub(crate) fn load(config: &KernelConfig, plan: &KernelPlan) -> Result<Kernel, LoadError> {
+    let caps = effective_capabilities();
+    let has = |cap: u64| caps & (1 << cap) != 0;
+    if !(has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))) {
+        return Err(LoadError::NotPrivileged(caps));
+    }
+    let offsets = btf_offsets::kernel_offsets(Path::new(VMLINUX_BTF))?;
+    let btf = Btf::from_sys_fs()?;
+    let syscalls = syscalls::numbers();
+    let console_hooks = match config.console_hooks {
+        ConsoleHooksMode::Auto => tracefs::console_hooks(),
+        ConsoleHooksMode::RawSyscalls => {
+            ConsoleHooks::Raw("kernel.console_hooks = \"raw_syscalls\"".to_owned())
+        }
+    };
+    let tp_offsets = match &console_hooks {
+        ConsoleHooks::PerSyscall { offsets, .. } => *offsets,
+        ConsoleHooks::Raw(_) => SyscallTpOffsets::default(),
+    };
+
+    let mut ebpf = EbpfLoader::new()
+        .btf(&btf)
+        .override_global(global::OFFSETS, &offsets, true)
+        .map_max_entries(map::TRACKED_PROCESSES, config.max_tracked_processes)
+        .map_max_entries(map::PROCESS_EVENTS, config.process_events_ring_bytes)
+        .map_max_entries(map::SCHED_THREADS, config.max_tracked_threads)
+        .map_max_entries(
+            map::SCHED_STATS,
+            config
+                .max_tracked_processes
+                .saturating_mul(thread_class::COUNT),
+        )
+        .override_global(global::SYSCALLS, &syscalls, true)
+        .override_global(global::TP_OFFSETS, &tp_offsets, true)
+        .map_max_entries(map::CONSOLE_EVENTS, config.console_ring_bytes)
+        .map_max_entries(map::CONSOLE_FDS, config.max_console_fds)
+        // One scratch record per possible CPU (the programs index it by CPU number).
+        .map_max_entries(map::CONSOLE_SCRATCH, possible_cpus())
+        .load(EBPF_OBJECT)
+        .map_err(LoadError::Load)?;
+
+    let mut exec_matchers: LpmTrie<_, CommKey, ExecMatch> =
+        take_map(&mut ebpf, map::EXEC_MATCHERS)?;
+    for (matcher_id, bytes, len) in &plan.exec_prefixes {
+        let key = Key::new((len * 8) as u32, *bytes);
+        let value = ExecMatch {
+            matcher_id: *matcher_id,
+        };
+        exec_matchers
+            .insert(&key, &value, 0)
+            .map_err(|source| LoadError::Map {
+                name: map::EXEC_MATCHERS,
+                source,
+            })?;
+    }
+
+    // Kept until the programs are loaded below: they refer to the map by this fd.
+    let _vcpu_comms = fill_vcpu_comms(&mut ebpf, plan)?;
+    let stats_enabled = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+        Ok(fd) => Some(fd),
+        Err(error) => {
+            warn!(%error, "kernel BPF statistics unavailable; collector_ebpf_program_* stay at 0");
+            None
+        }
+    };
+
+    // The console rules are in place before the first program can see an open.
+    let (console, console_events) = ConsoleKernel::take(&mut ebpf, &plan.console_rules)?;
+    let mut probes: Vec<ProbeState> = PROBES
+        .iter()
+        .map(|spec| attach(&mut ebpf, &btf, spec))
+        .collect();
+    probes.extend(attach_console(&mut ebpf, &btf, console_hooks));
+    Ok(Kernel {
+        tracked: TrackedProcesses::new(take_map(&mut ebpf, map::TRACKED_PROCESSES)?),
+        process_events: take_map(&mut ebpf, map::PROCESS_EVENTS)?,
+        drops: KernelDrops(Arc::new(take_map(&mut ebpf, map::DROPS)?)),
+        sched: Arc::new(Mutex::new(SchedMaps::new(
+            take_map(&mut ebpf, map::SCHED_THREADS)?,
+            take_map(&mut ebpf, map::SCHED_STATS)?,
+            thread_filter(&mut ebpf)?,
+        ))),
+        console,
+        console_events,
+        stats_enabled,
+        probes,
+        programs: Programs(Arc::new(Mutex::new(Some(ebpf)))),
+    })
+}
+
+/// The literal prefixes of each matcher's vCPU thread names, for the kernel to classify threads
+/// when they are named.
+fn fill_vcpu_comms(
+    ebpf: &mut Ebpf,
+    plan: &KernelPlan,
+) -> Result<LpmTrie<MapData, VcpuCommKey, u32>, LoadError> {
+    let mut trie: LpmTrie<_, VcpuCommKey, u32> = take_map(ebpf, map::SCHED_VCPU_COMMS)?;
+    for matcher in &plan.without_vcpu_prefix {
+        warn!(
+            matcher,
+            "vcpu_thread pattern has no literal start: threads named after the instance was \
+             found count as vmm"
+        );
+    }
+    for (matcher_id, prefix) in &plan.vcpu_prefixes {
+        let mut comm = [0u8; COMM_LEN];
+        comm[..prefix.len()].copy_from_slice(prefix);
+        let key = Key::new(
+            ((4 + prefix.len()) * 8) as u32,
+            VcpuCommKey {
+                matcher_id: *matcher_id,
+                comm,
+            },
+        );
+        trie.insert(&key, &1, 0).map_err(|source| LoadError::Map {
+            name: map::SCHED_VCPU_COMMS,
+            source,
+        })?;
+    }
+    Ok(trie)
+}
+
+/// `SCHED_THREAD_FILTER`, mapped into memory.
+fn thread_filter(ebpf: &mut Ebpf) -> Result<ThreadFilter, LoadError> {
+    const NAME: &str = map::SCHED_THREAD_FILTER;
+    let Map::Array(data) = ebpf.take_map(NAME).ok_or(LoadError::MissingMap(NAME))? else {
+        return Err(LoadError::Mmap {
+            name: NAME,
+            source: std::io::Error::other("not an array"),
+        });
+    };
+    ThreadFilter::new(data).map_err(|source| LoadError::Mmap { name: NAME, source })
+}
+
+pub(crate) fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>
+where
+    M: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
+    M::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
+fn possible_cpus() -> u32 {
+    aya::util::nr_cpus().map_or(1024, std::num::NonZeroU32::get)
+}
+
+fn attach(ebpf: &mut Ebpf, btf: &Btf, spec: &ProbeSpec) -> ProbeState {
+    let result = (|| -> Result<(), String> {
+        let program: &mut BtfTracePoint = ebpf
+            .program_mut(spec.program)
+            .ok_or("program missing from the object")?
+            .try_into()
+            .map_err(|e| format!("{e}"))?;
+        program
+            .load(spec.tracepoint, btf)
+            .map_err(|e| format!("load: {e}"))?;
+        program.attach().map_err(|e| format!("attach: {e}"))?;
+        Ok(())
+    })();
+    probe_state(spec.program, spec.tracepoint, spec.feature, result)
+}
+
+/// Console capture's programs: on every per-syscall tracepoint of the followed syscalls (one
+/// probe each: a missing tracepoint loses only its syscall), or on the raw syscall tracepoints.
+fn attach_console(ebpf: &mut Ebpf, btf: &Btf, hooks: ConsoleHooks) -> Vec<ProbeState> {
+    let events = match hooks {
+        ConsoleHooks::Raw(reason) => {
+            info!(
+                %reason,
+                "console capture on the raw sys_enter/sys_exit tracepoints: they run for every \
+                 syscall on the host"
+            );
+            return CONSOLE_RAW_PROBES
+                .iter()
+                .map(|spec| attach(ebpf, btf, spec))
+                .collect();
+        }
+        ConsoleHooks::PerSyscall { events, .. } => events,
+    };
+    let mut load = |name: &str| -> Result<(), String> {
+        let program: &mut TracePoint = ebpf
+            .program_mut(name)
+            .ok_or("program missing from the object")?
+            .try_into()
+            .map_err(|e| format!("{e}"))?;
+        program.load().map_err(|e| format!("load: {e}"))
+    };
+    let loaded = [load(program::CONSOLE_ENTER), load(program::CONSOLE_EXIT)];
+    events
+        .into_iter()
+        .map(|event| {
+            let (program, loaded) = if event.enter {
+                (program::CONSOLE_ENTER, &loaded[0])
+            } else {
+                (program::CONSOLE_EXIT, &loaded[1])
+            };
+            let result = loaded.clone().and_then(|()| {
+                if let Some(why) = event.unusable {
+                    return Err(why);
+                }
+                let program: &mut TracePoint = ebpf
+                    .program_mut(program)
+                    .and_then(|p| p.try_into().ok())
+                    .ok_or("program missing from the object")?;
+                program
+                    .attach("syscalls", &event.name)
+                    .map(drop)
+                    .map_err(|e| format!("attach: {e}"))
+            });
+            let feature = format!("console capture through {}", event.syscall);
+            probe_state(event.probe, &event.name, &feature, result)
+        })
+        .collect()
+}
+
+/// Logs what became of a probe.
+fn probe_state(
+    probe: &'static str,
+    tracepoint: &str,
+    feature: &str,
+    result: Result<(), String>,
+) -> ProbeState {
+    match result {
+        Ok(()) => {
+            info!(probe, tracepoint, "probe attached");
+            ProbeState {
+                probe,
+                attached: true,
+                error: None,
+            }
+        }
+        Err(error) => {
+            warn!(
+                probe,
+                tracepoint,
+                disabled = feature,
+                %error,
+                "probe not attached; its feature is off, the rest keeps running"
+            );
+            ProbeState {
+                probe,
+                attached: false,
+                error: Some(error),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The object's maps and programs are exactly the ones `collector_common::names` lists:
+    /// userspace never looks one up by a name the kernel side does not declare, and nothing
+    /// the kernel side declares is unknown here.
+    #[test]
+    fn object_names_match_the_contract() {
+        let ebpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .expect("the object loads (maps created; programs are verified only when attached)");
+        let mut maps: Vec<&str> = ebpf
+            .maps()
+            .map(|(name, _)| name)
+            .filter(|name| !name.starts_with('.'))
+            .collect();
+        maps.sort_unstable();
+        let mut want: Vec<&str> = map::ALL.to_vec();
+        want.sort_unstable();
+        assert_eq!(maps, want);
+        let mut programs: Vec<&str> = ebpf.programs().map(|(name, _)| name).collect();
+        programs.sort_unstable();
+        let mut want: Vec<&str> = program::ALL.to_vec();
+        want.sort_unstable();
+        assert_eq!(programs, want);
+        for spec in PROBES.iter().chain(CONSOLE_RAW_PROBES) {
+            assert!(program::ALL.contains(&spec.program), "{}", spec.program);
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! Console output, as the collector carries it: the stream a line was written to, how it
+//! ended, the record itself and its NDJSON form (files, API, CLI), and where bytes can be given
+//! up. docs/console.md tells the whole story.
+
+use std::{
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+
+#[cfg(test)]
+use super::time;
+
+/// Where a line was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Stream {
+    Stdout,
+    Stderr,
+    /// A console file (`vm.log`, `-serial file:`).
+    Console,
+}
+
+impl Stream {
+    pub(crate) const ALL: [Self; 3] = [Self::Stdout, Self::Stderr, Self::Console];
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Stdout => "stdout",
+            Self::Stderr => "stderr",
+            Self::Console => "console",
+        }
+    }
+}
+
+/// How a line ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LineEnd {
+    /// A line terminator.
+    Newline,
+    /// The line was longer than the maximum; the next piece continues it.
+    Split,
+    /// Flushed without its terminator (idle, or the process left); may continue later.
+    Partial,
+    /// The kernel cut this many bytes of the write here.
+    Cut(u64),
+}
+
+/// Where console bytes were given up (the `where` label of
+/// `compute_instance_console_dropped_bytes_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DropWhere {
+    /// The kernel's console ring was full, or a write was over 64 KiB (the cut part).
+    Kernel,
+    /// The queue to the log files was full.
+    Queue,
+    /// The log files could not take them (disk cap reached, write error).
+    Sink,
+}
+
+impl DropWhere {
+    pub(crate) const ALL: [Self; 3] = [Self::Kernel, Self::Queue, Self::Sink];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Kernel => "kernel",
+            Self::Queue => "queue",
+            Self::Sink => "sink",
+        }
+    }
+}
+
+/// A consumer of the console source's output: the calls come in order, from the source's
+/// task, and must not block it (a subscriber that does I/O queues, bounded, and counts what it
+/// drops).
+pub(crate) trait ConsoleSubscriber: Send {
+    /// An instance's console is being captured (again, if it ran before).
+    fn begin(&mut self, uuid: &Arc<str>);
+    /// New records, in order per (instance, stream); runs of one instance share the `Arc`.
+    fn records(&mut self, batch: &[Arc<LogRecord>]);
+    /// The instance is gone and its last lines are in.
+    fn end(&mut self, uuid: &Arc<str>);
+    /// The instance's retention ran out: forget it.
+    fn expire(&mut self, uuid: &Arc<str>);
+    /// The source stops: write out what is held (bounded), then return.
+    fn close(self: Box<Self>);
+}
+
+/// One line of an instance's console output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LogRecord {
+    /// Kernel time of the write that began the line.
+    pub(crate) ts: SystemTime,
+    pub(crate) instance_uuid: Arc<str>,
+    pub(crate) stream: Stream,
+    /// The line without its terminator; invalid UTF-8 replaced by U+FFFD.
+    pub(crate) message: String,
+    /// Per (instance, stream), from 1, without gaps.
+    pub(crate) seq: u64,
+    pub(crate) invalid_utf8: bool,
+    pub(crate) end: LineEnd,
+}
+
+#[cfg(test)]
+impl LogRecord {
+    /// A whole, valid line at time zero, for tests.
+    pub(crate) fn test_line(uuid: &str, stream: Stream, seq: u64, message: &str) -> Arc<Self> {
+        Arc::new(Self {
+            ts: SystemTime::UNIX_EPOCH,
+            instance_uuid: uuid.into(),
+            stream,
+            message: message.into(),
+            seq,
+            invalid_utf8: false,
+            end: LineEnd::Newline,
+        })
+    }
+}
+
+/// The NDJSON form of a [`LogRecord`] (files, API, CLI). Flags appear only when set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct LogRecordView {
+    /// RFC 3339, nanoseconds, UTC.
+    pub(crate) ts: String,
+    pub(crate) instance_uuid: String,
+    pub(crate) stream: Stream,
+    pub(crate) message: String,
+    pub(crate) seq: u64,
+    /// The bytes were not valid UTF-8; `message` is the lossy text.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub(crate) invalid_utf8: bool,
+    /// Longer than `console.max_line_bytes`: the next record of the stream continues it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub(crate) split: bool,
+    /// Flushed without its newline (idle or exit); the next record may continue it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub(crate) partial: bool,
+    /// The kernel cut this many bytes of a write over 64 KiB right after this text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) cut_bytes: Option<u64>,
+}
+
+#[allow(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde passes a reference"
+)]
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+impl LogRecord {
+    /// The record as its NDJSON form's type (the fast writer below must agree with it).
+    #[cfg(test)]
+    pub(crate) fn view(&self) -> LogRecordView {
+        LogRecordView {
+            ts: time::rfc3339(self.ts),
+            instance_uuid: self.instance_uuid.to_string(),
+            stream: self.stream,
+            message: self.message.clone(),
+            seq: self.seq,
+            invalid_utf8: self.invalid_utf8,
+            split: self.end == LineEnd::Split,
+            partial: self.end == LineEnd::Partial,
+            cut_bytes: match self.end {
+                LineEnd::Cut(n) => Some(n),
+                _ => None,
+            },
+        }
+    }
+
+    /// The record as one NDJSON line, newline included.
+    pub(crate) fn to_ndjson(&self) -> String {
+        let mut out = Vec::with_capacity(self.message.len() + 128);
+        self.write_ndjson(&mut out);
+        // SAFETY: only UTF-8 was written: ASCII, and strings escaped by serde_json.
+        unsafe { String::from_utf8_unchecked(out) }
+    }
+
+    /// Appends the NDJSON line of [`Self::view`], written directly: this runs for every line,
+    /// and building the view (two copies, a generic serializer, a date formatter) cost more
+    /// than the rest of a line's handling.
+    pub(crate) fn write_ndjson(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"ts\":\"");
+        write_rfc3339(self.ts, out);
+        out.extend_from_slice(b"\",\"instance_uuid\":");
+        let _ = serde_json::to_writer(&mut *out, &*self.instance_uuid);
+        out.extend_from_slice(b",\"stream\":\"");
+        out.extend_from_slice(self.stream.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"message\":");
+        push_json_str(out, &self.message);
+        out.extend_from_slice(b",\"seq\":");
+        push_digits(out, self.seq, 1);
+        if self.invalid_utf8 {
+            out.extend_from_slice(b",\"invalid_utf8\":true");
+        }
+        match self.end {
+            LineEnd::Split => out.extend_from_slice(b",\"split\":true"),
+            LineEnd::Partial => out.extend_from_slice(b",\"partial\":true"),
+            LineEnd::Cut(n) => {
+                out.extend_from_slice(b",\"cut_bytes\":");
+                push_digits(out, n, 1);
+            }
+            LineEnd::Newline => {}
+        }
+        out.extend_from_slice(b"}\n");
+    }
+
+    /// Bytes the record holds, for memory and queue accounting.
+    pub(crate) fn size(&self) -> usize {
+        self.message.len() + 64
+    }
+}
+
+/// RFC 3339 in UTC, as [`time::rfc3339`] writes it (fraction without trailing zeros), without
+/// its allocations.
+fn write_rfc3339(t: SystemTime, out: &mut Vec<u8>) {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let (era, doe) = (z / 146_097, z % 146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    push_digits(out, year, 4);
+    out.push(b'-');
+    push_digits(out, month, 2);
+    out.push(b'-');
+    push_digits(out, day, 2);
+    out.push(b'T');
+    push_digits(out, rem / 3600, 2);
+    out.push(b':');
+    push_digits(out, rem / 60 % 60, 2);
+    out.push(b':');
+    push_digits(out, rem % 60, 2);
+    let mut nanos = u64::from(d.subsec_nanos());
+    if nanos != 0 {
+        let mut width = 9;
+        while nanos % 10 == 0 {
+            nanos /= 10;
+            width -= 1;
+        }
+        out.push(b'.');
+        push_digits(out, nanos, width);
+    }
+    out.push(b'Z');
+}
+
+/// Appends `s` as a JSON string. Most console text needs no escape: that is checked eight
+/// bytes at a time and copied as is; the rest goes through serde_json.
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    if needs_escape(s.as_bytes()) {
+        let _ = serde_json::to_writer(&mut *out, s);
+    } else {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    }
+}
+
+/// Whether `bytes` hold a control character, `"` or `\\`.
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    // A byte of `w` is zero (the classic "has zero byte" bit trick).
+    let zero_byte = |w: u64| w.wrapping_sub(ONES) & !w & HIGHS != 0;
+    let (words, rest) = bytes.as_chunks::<8>();
+    for word in words {
+        let w = u64::from_le_bytes(*word);
+        // Bytes below 0x20: subtracting 0x20 borrows into the high bit of a byte that had it
+        // clear (bytes >= 0x80 are UTF-8 and never need escaping).
+        let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGHS != 0;
+        if below_space
+            || zero_byte(w ^ (ONES * u64::from(b'"')))
+            || zero_byte(w ^ (ONES * u64::from(b'\\')))
+        {
+            return true;
+        }
+    }
+    rest.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+}
+
+/// Appends `n` in decimal, zero-padded to `width` digits.
+fn push_digits(out: &mut Vec<u8>, mut n: u64, width: usize) {
+    let mut buf = [b'0'; 20];
+    let mut i = buf.len();
+    while n > 0 || buf.len() - i < width {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn ndjson_shape() {
+        let record = LogRecord {
+            ts: UNIX_EPOCH + Duration::new(1_795_845_042, 260_170_791),
+            instance_uuid: "i-1".into(),
+            stream: Stream::Console,
+            message: "a\0b".into(),
+            seq: 3,
+            invalid_utf8: false,
+            end: LineEnd::Cut(10),
+        };
+        assert_eq!(
+            record.to_ndjson(),
+            "{\"ts\":\"2026-11-28T05:50:42.260170791Z\",\"instance_uuid\":\"i-1\",\
+             \"stream\":\"console\",\"message\":\"a\\u0000b\",\"seq\":3,\"cut_bytes\":10}\n"
+        );
+        let back: LogRecordView = serde_json::from_str(&record.to_ndjson()).unwrap();
+        assert_eq!(back, record.view());
+    }
+
+    #[test]
+    fn escape_check_agrees_with_a_plain_scan() {
+        let plain = |b: &[u8]| b.iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\');
+        let mut cases: Vec<Vec<u8>> = vec![
+            b"".to_vec(),
+            b"plain ascii text, long enough for words".to_vec(),
+            "é ü \u{fffd} 漢字 over eight bytes".as_bytes().to_vec(),
+        ];
+        for special in [
+            0u8, 0x1f, b'\t', b'"', b'\\', 0x7f, 0x20, 0x80, 0xff, b'!', b'#',
+        ] {
+            for at in 0..17 {
+                let mut v = vec![b'a'; 17];
+                v[at] = special;
+                cases.push(v);
+            }
+        }
+        for case in cases {
+            assert_eq!(needs_escape(&case), plain(&case), "{case:?}");
+        }
+    }
+
+    #[test]
+    fn fast_ndjson_is_the_view() {
+        for (secs, nanos) in [
+            (0, 0),
+            (951_782_400, 5),
+            (1_795_845_042, 260_170_790),
+            (4_102_444_799, 999_999_999),
+            (1_709_164_800, 100_000_000),
+        ] {
+            for end in [
+                LineEnd::Newline,
+                LineEnd::Split,
+                LineEnd::Partial,
+                LineEnd::Cut(7),
+            ] {
+                let record = LogRecord {
+                    ts: UNIX_EPOCH + Duration::new(secs, nanos),
+                    instance_uuid: "a\"b/\u{1}".into(),
+                    stream: Stream::Stderr,
+                    message: "tab\t \"q\" \\ é \u{fffd}".into(),
+                    seq: 9,
+                    invalid_utf8: true,
+                    end,
+                };
+                let line = record.to_ndjson();
+                assert!(line.ends_with("}\n"));
+                let parsed: LogRecordView = serde_json::from_str(&line).unwrap();
+                assert_eq!(parsed, record.view(), "{line}");
+            }
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Instances: a VMM process and the instance it runs, as the registry publishes them, and the
+//! one place that says which labels name an instance in every output.
+
+use std::{collections::BTreeMap, time::SystemTime};
+
+use serde::Serialize;
+
+use super::{lifecycle::OomDetails, process::ProcessExit};
+
+/// How the collector learned of an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Origin {
+    /// Seen exec'ing by the kernel program.
+    Exec,
+    /// Already running when the collector started (found by the `/proc` scan).
+    Discovered,
+}
+
+impl Origin {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Exec => "exec",
+            Self::Discovered => "discovered",
+        }
+    }
+}
+
+/// vCPUs and memory an instance was configured with; `None` when the configuration does not say.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Allocation {
+    pub(crate) vcpus: Option<u32>,
+    pub(crate) memory_bytes: Option<u64>,
+}
+
+/// One instance: a VMM process and the instance it runs.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Instance {
+    pub(crate) instance_uuid: String,
+    pub(crate) hypervisor: String,
+    /// Name of the matcher that claimed it.
+    pub(crate) matcher: String,
+    /// Thread-group id of the VMM.
+    pub(crate) pid: u32,
+    /// When the VMM exec'd (discovered instances: when the process started).
+    pub(crate) start_time: SystemTime,
+    /// The same instant on `CLOCK_BOOTTIME`, the clock of kernel timestamps.
+    pub(crate) start_boot_ns: u64,
+    /// `CLOCK_BOOTTIME` of the exec or of the scan that found it; orders exec events against the
+    /// scan.
+    pub(crate) seen_boot_ns: u64,
+    pub(crate) origin: Origin,
+    pub(crate) executable: String,
+    /// Per-instance folder (console log, VMM config), when the runtime keeps one.
+    pub(crate) instance_dir: Option<String>,
+    /// Set when the OOM killer chose this instance; reported with its exit.
+    pub(crate) oom: Option<OomDetails>,
+    /// vCPUs and memory from the VMM's configuration.
+    pub(crate) allocation: Allocation,
+}
+
+/// Which labels an output wants for an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LabelSet {
+    /// Every per-instance series (usage, console, start time): only the join key, so that the
+    /// series never churn when what names the instance changes.
+    Series,
+    /// `compute_instance_info`: the join key and everything that names the instance.
+    Info,
+}
+
+impl Instance {
+    /// The instance's labels, in the order they are exposed. Every encoder takes its instance
+    /// labels from here, so that a new identity label is added in one place.
+    pub(crate) fn labels(&self, set: LabelSet) -> Vec<(&'static str, &str)> {
+        let mut labels = vec![("instance_uuid", self.instance_uuid.as_str())];
+        if set == LabelSet::Info {
+            labels.push(("hypervisor", self.hypervisor.as_str()));
+        }
+        labels
+    }
+}
+
+/// A change to the set of instances, from discovery to the registry.
+#[derive(Debug)]
+pub(crate) enum InstanceUpdate {
+    /// A VMM started, or was found running.
+    Add(Instance),
+    /// The OOM killer chose the VMM with this pid.
+    OomVictim { pid: u32, details: OomDetails },
+    /// The last thread of the VMM with this pid exited.
+    Exit { pid: u32, exit: ProcessExit },
+    /// The VMM with this pid exec'd a program that is not a VMM.
+    Untracked { pid: u32, boot_ns: u64 },
+    /// Discovery decided this pid is not an instance after all (no event).
+    Forget { pid: u32 },
+    /// Answered once every update sent before it is applied and published.
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Instances by VMM pid, as published by the registry after each change.
+#[derive(Debug, Default)]
+pub(crate) struct Snapshot {
+    pub(crate) by_pid: BTreeMap<u32, Instance>,
+}
+
+/// The registry's latest snapshot, for readers that never block the writer.
+pub(crate) type SnapshotReceiver = tokio::sync::watch::Receiver<std::sync::Arc<Snapshot>>;
+
+impl Snapshot {
+    /// Instances with this id (normally one; a misconfigured runtime may start two).
+    pub(crate) fn by_uuid<'a>(&'a self, uuid: &'a str) -> impl Iterator<Item = &'a Instance> + 'a {
+        self.by_pid
+            .values()
+            .filter(move |i| i.instance_uuid == uuid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_labels_are_the_join_key_only() {
+        let instance = Instance {
+            instance_uuid: "u".into(),
+            hypervisor: "qemu".into(),
+            matcher: "qemu".into(),
+            pid: 1,
+            start_time: SystemTime::UNIX_EPOCH,
+            start_boot_ns: 0,
+            seen_boot_ns: 0,
+            origin: Origin::Exec,
+            executable: "/usr/bin/qemu-system-x86_64".into(),
+            instance_dir: None,
+            oom: None,
+            allocation: Allocation::default(),
+        };
+        assert_eq!(instance.labels(LabelSet::Series), [("instance_uuid", "u")]);
+        assert_eq!(
+            instance.labels(LabelSet::Info),
+            [("instance_uuid", "u"), ("hypervisor", "qemu")]
+        );
+    }
+}

@@ -1,0 +1,310 @@
+//! Lifecycle events of instances and how an exit is classified. Pure: the wait status and the
+//! OOM mark in, the event kind and its fields out. docs/lifecycle.md states the same rules.
+
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use super::{process::OomCounters, time};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum EventKind {
+    /// The VMM exec'd while the collector watched.
+    Start,
+    /// The VMM was already running when the collector started.
+    Discovered,
+    /// Ended as asked: exit 0, SIGTERM/SIGINT/SIGHUP, or SIGKILL without OOM.
+    Stop,
+    /// Ended on its own terms but badly: non-zero exit, or a fatal or unexpected signal.
+    Crash,
+    /// Chosen by the kernel's OOM killer and then killed by it.
+    OomKill,
+}
+
+impl EventKind {
+    /// Every kind, for pre-set metric series.
+    pub(crate) const ALL: [Self; 5] = [
+        Self::Start,
+        Self::Discovered,
+        Self::Stop,
+        Self::Crash,
+        Self::OomKill,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::Discovered => "discovered",
+            Self::Stop => "stop",
+            Self::Crash => "crash",
+            Self::OomKill => "oom_kill",
+        }
+    }
+}
+
+/// How an exit reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ExitClass {
+    pub(crate) event: EventKind,
+    /// `exited`, `terminated`, `killed`, `exit_code`, `fatal_signal`, `signal`, `oom_killer`.
+    pub(crate) reason: &'static str,
+    /// The exit code, when the process exited (not signalled).
+    pub(crate) exit_code: Option<i32>,
+    /// The terminating signal, when signalled.
+    pub(crate) signal: Option<u32>,
+    pub(crate) core_dumped: bool,
+}
+
+const SIGHUP: u32 = 1;
+const SIGINT: u32 = 2;
+const SIGKILL: u32 = 9;
+const SIGTERM: u32 = 15;
+/// Signals whose default action is a core dump: the process crashed.
+const FATAL_SIGNALS: [u32; 7] = [4, 5, 6, 7, 8, 11, 31]; // ILL TRAP ABRT BUS FPE SEGV SYS
+
+/// Classifies a wait status (`exit_code << 8`, or the signal with 0x80 for a core dump).
+pub(crate) fn classify_exit(wait_status: u32, oom_victim: bool) -> ExitClass {
+    let signal = wait_status & 0x7f;
+    if signal == 0 {
+        let code = ((wait_status >> 8) & 0xff) as i32;
+        let (event, reason) = if code == 0 {
+            (EventKind::Stop, "exited")
+        } else {
+            (EventKind::Crash, "exit_code")
+        };
+        return ExitClass {
+            event,
+            reason,
+            exit_code: Some(code),
+            signal: None,
+            core_dumped: false,
+        };
+    }
+    let core_dumped = wait_status & 0x80 != 0;
+    let (event, reason) = match signal {
+        SIGKILL if oom_victim => (EventKind::OomKill, "oom_killer"),
+        SIGKILL => (EventKind::Stop, "killed"),
+        SIGTERM | SIGINT | SIGHUP => (EventKind::Stop, "terminated"),
+        s if FATAL_SIGNALS.contains(&s) || core_dumped => (EventKind::Crash, "fatal_signal"),
+        _ => (EventKind::Crash, "signal"),
+    };
+    ExitClass {
+        event,
+        reason,
+        exit_code: None,
+        signal: Some(signal),
+        core_dumped,
+    }
+}
+
+/// The usual name of signal `n` on Linux x86_64/arm64.
+pub(crate) fn signal_name(n: u32) -> Option<&'static str> {
+    const NAMES: [&str; 31] = [
+        "SIGHUP",
+        "SIGINT",
+        "SIGQUIT",
+        "SIGILL",
+        "SIGTRAP",
+        "SIGABRT",
+        "SIGBUS",
+        "SIGFPE",
+        "SIGKILL",
+        "SIGUSR1",
+        "SIGSEGV",
+        "SIGUSR2",
+        "SIGPIPE",
+        "SIGALRM",
+        "SIGTERM",
+        "SIGSTKFLT",
+        "SIGCHLD",
+        "SIGCONT",
+        "SIGSTOP",
+        "SIGTSTP",
+        "SIGTTIN",
+        "SIGTTOU",
+        "SIGURG",
+        "SIGXCPU",
+        "SIGXFSZ",
+        "SIGVTALRM",
+        "SIGPROF",
+        "SIGWINCH",
+        "SIGIO",
+        "SIGPWR",
+        "SIGSYS",
+    ];
+    NAMES.get(n.checked_sub(1)? as usize).copied()
+}
+
+/// What the OOM killer left on record about its victim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct OomDetails {
+    /// Thread the kernel named as victim.
+    pub(crate) victim_pid: u32,
+    /// Counters as the kernel reported them (absent on kernels older than 6.8).
+    #[serde(flatten)]
+    pub(crate) counters: Option<OomCounters>,
+    /// `memcg` when a memory cgroup of the instance hit its limit, `global` when none had one
+    /// or hit it, `unknown` when the cgroup could not be read.
+    pub(crate) constraint: &'static str,
+    /// The memory cgroup that constrained the instance (`memcg`), else the instance's own.
+    pub(crate) memcg_path: Option<String>,
+    pub(crate) memcg_limit_bytes: Option<u64>,
+}
+
+/// One lifecycle event, as the API, the events files and the log line show it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct LifecycleEvent {
+    /// RFC 3339, from the kernel's timestamp of the exec or exit.
+    pub(crate) ts: String,
+    #[serde(skip)]
+    pub(crate) time: SystemTime,
+    pub(crate) instance_uuid: String,
+    pub(crate) hypervisor: String,
+    pub(crate) event: EventKind,
+    pub(crate) reason: &'static str,
+    pub(crate) pid: u32,
+    pub(crate) exit_code: Option<i32>,
+    pub(crate) signal: Option<u32>,
+    pub(crate) signal_name: Option<&'static str>,
+    pub(crate) core_dumped: bool,
+    /// Seconds from the VMM's start to this event.
+    pub(crate) uptime_seconds: f64,
+    pub(crate) oom: Option<OomDetails>,
+}
+
+impl LifecycleEvent {
+    /// An event with no exit fields, at `time`.
+    pub(crate) fn new(
+        time: SystemTime,
+        instance_uuid: &str,
+        hypervisor: &str,
+        event: EventKind,
+        reason: &'static str,
+        pid: u32,
+    ) -> Self {
+        Self {
+            ts: time::rfc3339(time),
+            time,
+            instance_uuid: instance_uuid.to_owned(),
+            hypervisor: hypervisor.to_owned(),
+            event,
+            reason,
+            pid,
+            exit_code: None,
+            signal: None,
+            signal_name: None,
+            core_dumped: false,
+            uptime_seconds: 0.0,
+            oom: None,
+        }
+    }
+
+    /// Fills the exit fields from `class`.
+    pub(crate) fn with_exit(mut self, class: ExitClass) -> Self {
+        self.exit_code = class.exit_code;
+        self.signal = class.signal;
+        self.signal_name = class.signal.and_then(signal_name);
+        self.core_dumped = class.core_dumped;
+        self
+    }
+}
+
+/// An event with its place in the collector's record (gap-free, from 1), as it leaves the
+/// registry for the sinks.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct Sequenced {
+    pub(crate) seq: u64,
+    #[serde(flatten)]
+    pub(crate) event: LifecycleEvent,
+}
+
+/// A consumer of the registry's lifecycle events: called in order, from the registry's task,
+/// and must not block it (a subscriber that does I/O queues, bounded, and counts what it
+/// drops).
+pub(crate) trait EventSubscriber: Send {
+    fn event(&mut self, event: &std::sync::Arc<Sequenced>);
+}
+
+impl EventKind {
+    /// Whether an event of this kind ends its instance's life.
+    pub(crate) fn ends_instance(self) -> bool {
+        matches!(self, Self::Stop | Self::Crash | Self::OomKill)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn class(
+        event: EventKind,
+        reason: &'static str,
+        exit_code: Option<i32>,
+        signal: Option<u32>,
+        core_dumped: bool,
+    ) -> ExitClass {
+        ExitClass {
+            event,
+            reason,
+            exit_code,
+            signal,
+            core_dumped,
+        }
+    }
+
+    #[test]
+    fn classification_table() {
+        use EventKind::{Crash, OomKill, Stop};
+        let cases = [
+            (0, false, class(Stop, "exited", Some(0), None, false)),
+            (
+                3 << 8,
+                false,
+                class(Crash, "exit_code", Some(3), None, false),
+            ),
+            (
+                255 << 8,
+                false,
+                class(Crash, "exit_code", Some(255), None, false),
+            ),
+            (15, false, class(Stop, "terminated", None, Some(15), false)),
+            (2, false, class(Stop, "terminated", None, Some(2), false)),
+            (1, false, class(Stop, "terminated", None, Some(1), false)),
+            (9, false, class(Stop, "killed", None, Some(9), false)),
+            (9, true, class(OomKill, "oom_killer", None, Some(9), false)),
+            (
+                11,
+                false,
+                class(Crash, "fatal_signal", None, Some(11), false),
+            ),
+            (
+                11 | 0x80,
+                false,
+                class(Crash, "fatal_signal", None, Some(11), true),
+            ),
+            (
+                6 | 0x80,
+                true,
+                class(Crash, "fatal_signal", None, Some(6), true),
+            ),
+            (13, false, class(Crash, "signal", None, Some(13), false)),
+        ];
+        for (status, oom, want) in cases {
+            assert_eq!(
+                classify_exit(status, oom),
+                want,
+                "status {status:#x} oom {oom}"
+            );
+        }
+    }
+
+    #[test]
+    fn signal_names() {
+        assert_eq!(signal_name(9), Some("SIGKILL"));
+        assert_eq!(signal_name(11), Some("SIGSEGV"));
+        assert_eq!(signal_name(31), Some("SIGSYS"));
+        assert_eq!(signal_name(0), None);
+        assert_eq!(signal_name(64), None);
+    }
+}

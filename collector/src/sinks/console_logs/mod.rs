@@ -1,0 +1,398 @@
+//! Console logs: per-instance NDJSON files `<log-dir>/<instance>/console.log` (one record a
+//! line), and the in-memory [`history`] the logs API reads.
+//!
+//! - Written by a thread of its own, fed through a queue bounded in lines: when the disk is
+//!   slow or full the queue fills and lines are dropped and counted (`where="queue"`); the
+//!   console source never waits for the disk.
+//! - Rotated by size (`console.log.1` ... `.N`), so an instance holds at most
+//!   `file_max_bytes * (file_rotations + 1)`. All instances together stay under
+//!   `disk_max_bytes`: the oldest rotated files, and the files of instances that are gone, are
+//!   deleted first; if nothing is left to delete, lines are dropped (`where="sink"`).
+//! - Never follows a symlink below the log folder, and instance ids become names that cannot
+//!   escape it (`host::files`).
+
+pub(crate) mod history;
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
+};
+
+use tracing::warn;
+
+use crate::{
+    config::ConsoleConfig,
+    host::{
+        files::{LogDir, RotatingFile},
+        names,
+    },
+    model::{
+        console::{ConsoleSubscriber, DropWhere, LogRecord},
+        console_stats::ConsoleStats,
+    },
+};
+
+/// Name of the current file in an instance's folder.
+pub(crate) const FILE_NAME: &str = "console.log";
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SinkError {
+    #[error("log folder {path}")]
+    Dir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+enum Message {
+    Records(Vec<Arc<LogRecord>>),
+    /// The instance is gone: close its file (it becomes deletable under the disk cap).
+    Ended(Arc<str>),
+}
+
+/// The sending side: a console subscriber.
+pub(crate) struct LogFiles {
+    tx: mpsc::Sender<Message>,
+    thread: std::thread::JoinHandle<()>,
+    queued: Arc<AtomicUsize>,
+    max_queued: usize,
+    stats: ConsoleStats,
+}
+
+impl LogFiles {
+    /// Opens (creating) the log folder and starts the writer thread.
+    pub(crate) fn start(
+        dir: &Path,
+        config: &ConsoleConfig,
+        stats: ConsoleStats,
+    ) -> Result<Self, SinkError> {
+        let dir_error = |source| SinkError::Dir {
+            path: dir.display().to_string(),
+            source,
+        };
+        let root = LogDir::open(dir).map_err(dir_error)?;
+        let (tx, rx) = mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let mut writer = Writer {
+            total: root.files(FILE_NAME).iter().map(|f| f.size).sum(),
+            root,
+            open: HashMap::new(),
+            max_file: config.file_max_bytes,
+            rotations: config.file_rotations,
+            max_total: config.disk_max_bytes,
+            stats: stats.clone(),
+        };
+        let thread_queued = queued.clone();
+        let thread = std::thread::Builder::new()
+            .name("console-files".into())
+            .spawn(move || {
+                while let Ok(message) = rx.recv() {
+                    match message {
+                        Message::Records(batch) => {
+                            let n = batch.len();
+                            writer.write(&batch);
+                            thread_queued.fetch_sub(n, Ordering::AcqRel);
+                        }
+                        Message::Ended(uuid) => {
+                            writer.open.remove(&uuid);
+                        }
+                    }
+                }
+            })
+            .map_err(dir_error)?;
+        Ok(Self {
+            tx,
+            thread,
+            queued,
+            max_queued: config.queue_lines,
+            stats,
+        })
+    }
+
+    /// Queues lines for the files; never blocks. Lines over the queue's bound are dropped and
+    /// counted.
+    pub(crate) fn send(&self, batch: Vec<Arc<LogRecord>>) {
+        if batch.is_empty() {
+            return;
+        }
+        let n = batch.len();
+        let before = self.queued.fetch_add(n, Ordering::AcqRel);
+        if before + n > self.max_queued {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+            for record in &batch {
+                self.stats.dropped(
+                    &record.instance_uuid,
+                    DropWhere::Queue,
+                    record.message.len() as u64,
+                );
+            }
+            return;
+        }
+        if let Err(mpsc::SendError(Message::Records(batch))) = self.tx.send(Message::Records(batch))
+        {
+            self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
+        }
+    }
+}
+
+impl ConsoleSubscriber for LogFiles {
+    fn begin(&mut self, _uuid: &Arc<str>) {}
+
+    fn records(&mut self, batch: &[Arc<LogRecord>]) {
+        self.send(batch.to_vec());
+    }
+
+    fn end(&mut self, uuid: &Arc<str>) {
+        let _ = self.tx.send(Message::Ended(uuid.clone()));
+    }
+
+    fn expire(&mut self, _uuid: &Arc<str>) {}
+
+    /// Writes what is queued, then stops the writer thread (blocks until it has).
+    fn close(self: Box<Self>) {
+        let Self { tx, thread, .. } = *self;
+        drop(tx);
+        let _ = thread.join();
+    }
+}
+
+struct Writer {
+    root: LogDir,
+    /// Files of running instances; `None` when the folder or file could not be opened (its
+    /// lines are dropped, counted, without retrying on every line).
+    open: HashMap<Arc<str>, Option<RotatingFile>>,
+    total: u64,
+    max_file: u64,
+    rotations: u32,
+    max_total: u64,
+    stats: ConsoleStats,
+}
+
+impl Writer {
+    fn write(&mut self, batch: &[Arc<LogRecord>]) {
+        for run in batch.chunk_by(|a, b| Arc::ptr_eq(&a.instance_uuid, &b.instance_uuid)) {
+            self.write_run(run);
+        }
+    }
+
+    /// Lines of one instance: one write, split where a rotation falls; every line checked
+    /// against the disk cap.
+    fn write_run(&mut self, run: &[Arc<LogRecord>]) {
+        let uuid = &run[0].instance_uuid;
+        if !self.open.contains_key(uuid) {
+            let file = self.open_log(uuid);
+            self.open.insert(uuid.clone(), file);
+        }
+        let mut text = Vec::with_capacity(run.iter().map(|r| r.message.len() + 128).sum());
+        let mut message_bytes = 0;
+        for record in run {
+            let Some(Some(file)) = self.open.get(uuid) else {
+                self.stats
+                    .dropped(uuid, DropWhere::Sink, record.message.len() as u64);
+                continue;
+            };
+            let start = text.len();
+            record.write_ndjson(&mut text);
+            let n = (text.len() - start) as u64;
+            let pending = file.size() + start as u64;
+            if pending + n > self.max_file && pending > 0 {
+                let line = text.split_off(start);
+                self.flush(uuid, &text, message_bytes);
+                self.rotate(uuid);
+                (text, message_bytes) = (line, 0);
+            }
+            let mut room = true;
+            while self.total + n > self.max_total {
+                if !self.evict_oldest() {
+                    room = false;
+                    break;
+                }
+            }
+            if room {
+                self.total += n;
+                message_bytes += record.message.len() as u64;
+            } else {
+                text.truncate(text.len() - n as usize);
+                self.stats
+                    .dropped(uuid, DropWhere::Sink, record.message.len() as u64);
+            }
+        }
+        self.flush(uuid, &text, message_bytes);
+    }
+
+    /// Appends `text` (holding `message_bytes` of console output) to the file of `uuid`.
+    fn flush(&mut self, uuid: &Arc<str>, text: &[u8], message_bytes: u64) {
+        if text.is_empty() {
+            return;
+        }
+        let Some(Some(file)) = self.open.get_mut(uuid) else {
+            return;
+        };
+        if let Err(error) = file.write(text) {
+            warn!(instance_uuid = %uuid.escape_debug(), %error, "cannot write console log");
+            self.total = self.total.saturating_sub(text.len() as u64);
+            self.stats.dropped(uuid, DropWhere::Sink, message_bytes);
+        }
+    }
+
+    /// `console.log` -> `.1` -> ... -> `.N`; the oldest is deleted.
+    fn rotate(&mut self, uuid: &Arc<str>) {
+        let Some(Some(file)) = self.open.get_mut(uuid) else {
+            return;
+        };
+        match file.rotate() {
+            Ok(freed) => self.total = self.total.saturating_sub(freed),
+            Err(error) => {
+                warn!(instance_uuid = %uuid.escape_debug(), %error, "cannot rotate console log");
+                self.open.insert(uuid.clone(), None);
+            }
+        }
+    }
+
+    /// Deletes the oldest file that is not an open instance's current one. False if none.
+    fn evict_oldest(&mut self) -> bool {
+        let open: HashSet<String> = self.open.keys().map(|u| names::dir_name(u)).collect();
+        let Some(victim) = self
+            .root
+            .files(FILE_NAME)
+            .into_iter()
+            .filter(|f| f.file != FILE_NAME || !open.contains(&f.dir))
+            .min_by_key(|f| f.modified)
+        else {
+            return false;
+        };
+        if self.root.remove(&victim).is_err() {
+            return false;
+        }
+        self.total = self.total.saturating_sub(victim.size);
+        true
+    }
+
+    /// Opens (creating) the file of instance `uuid`; `None`, logged, when that fails.
+    fn open_log(&self, uuid: &str) -> Option<RotatingFile> {
+        let opened = self
+            .root
+            .instance_dir(uuid)
+            .and_then(|dir| RotatingFile::open(dir, FILE_NAME, self.max_file, self.rotations));
+        match opened {
+            Ok(file) => Some(file),
+            Err(error) => {
+                warn!(instance_uuid = %uuid.escape_debug(), dir = names::dir_name(uuid), %error,
+                    "cannot open console log; its lines are dropped");
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model::console::Stream;
+
+    fn record(uuid: &str, seq: u64, message: &str) -> Arc<LogRecord> {
+        LogRecord::test_line(uuid, Stream::Console, seq, message)
+    }
+
+    fn config(file_max_bytes: u64, rotations: u32, disk_max_bytes: u64) -> ConsoleConfig {
+        ConsoleConfig {
+            file_max_bytes,
+            file_rotations: rotations,
+            disk_max_bytes,
+            ..ConsoleConfig::default()
+        }
+    }
+
+    fn wait_until(f: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if f() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("condition not reached");
+    }
+
+    #[test]
+    fn hostile_id_stays_inside_and_symlinks_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("logs");
+        std::fs::create_dir(&root).unwrap();
+        // A planted symlink where an instance folder would go.
+        std::os::unix::fs::symlink(tmp.path(), root.join("evil")).unwrap();
+        let stats = ConsoleStats::default();
+        let files = LogFiles::start(&root, &config(1 << 20, 1, 1 << 30), stats.clone()).unwrap();
+        files.send(vec![
+            record("../../escape", 1, "x"),
+            record("evil", 1, "y"),
+            record("ok", 1, "z"),
+        ]);
+        let ok = root.join("ok").join(FILE_NAME);
+        wait_until(|| ok.exists() && std::fs::metadata(&ok).unwrap().len() > 0);
+        assert!(root.join("%2E.%2F..%2Fescape").join(FILE_NAME).exists());
+        assert!(!tmp.path().join(FILE_NAME).exists(), "followed the symlink");
+        assert!(!tmp.path().join("escape").exists());
+        wait_until(|| stats.get("evil").dropped[DropWhere::Sink as usize] == 1);
+    }
+
+    #[test]
+    fn rotation_and_total_cap() {
+        let tmp = tempfile::tempdir().unwrap();
+        let stats = ConsoleStats::default();
+        // Lines of ~150 bytes of JSON; files rotate at 1 KiB, 2 rotations kept per instance,
+        // 5 KiB for everything.
+        let files = LogFiles::start(tmp.path(), &config(1024, 2, 5 * 1024), stats.clone()).unwrap();
+        let text = "m".repeat(60);
+        for seq in 1..=40 {
+            files.send(vec![record("a", seq, &text)]);
+        }
+        let dir = tmp.path().join("a");
+        wait_until(|| {
+            std::fs::read_to_string(dir.join(FILE_NAME)).is_ok_and(|s| s.contains("\"seq\":40"))
+        });
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["console.log", "console.log.1", "console.log.2"]);
+        for name in &names {
+            assert!(
+                std::fs::metadata(dir.join(name)).unwrap().len() <= 1024,
+                "{name}"
+            );
+        }
+        // A second instance pushes the total over 5 KiB: the oldest rotated files go first.
+        for seq in 1..=30 {
+            files.send(vec![record("b", seq, &text)]);
+        }
+        let b = tmp.path().join("b").join(FILE_NAME);
+        wait_until(|| std::fs::read_to_string(&b).is_ok_and(|s| s.contains("\"seq\":30")));
+        let total: u64 = walk(tmp.path());
+        assert!(total <= 5 * 1024, "{total}");
+        assert_eq!(stats.get("b").dropped, [0, 0, 0]);
+    }
+
+    fn walk(dir: &Path) -> u64 {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| {
+                let meta = e.metadata().unwrap();
+                if meta.is_dir() {
+                    walk(&e.path())
+                } else {
+                    meta.len()
+                }
+            })
+            .sum()
+    }
+}

@@ -1,0 +1,56 @@
+//! The collector's own userspace counters (`collector_*`) and the fleet's lifecycle counter.
+//! Label values are closed vocabularies (reasons, event kinds, configured hypervisor names);
+//! free-form detail goes into log lines, never into a label.
+
+use crate::model::{
+    health::Health,
+    metrics::{CounterVec, MetricKind, MetricWriter, Value},
+};
+
+fn counter_vec(
+    w: &mut dyn MetricWriter,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    counts: &CounterVec,
+) {
+    w.family(name, help, MetricKind::Counter);
+    for (values, count) in counts.values() {
+        let pairs: Vec<(&str, &str)> = labels
+            .iter()
+            .copied()
+            .zip(values.iter().map(String::as_str))
+            .collect();
+        w.sample(&pairs, Value::Uint(count));
+    }
+}
+
+pub(crate) fn write(w: &mut dyn MetricWriter, health: &Health) {
+    counter_vec(
+        w,
+        "compute_instance_lifecycle_events",
+        "Instance lifecycle events on this host, by event and hypervisor.",
+        &["event", "hypervisor"],
+        &health.lifecycle_events,
+    );
+    w.family(
+        "collector_event_file_dropped",
+        "Lifecycle events not written to their instance's events file (queue full or I/O error).",
+        MetricKind::Counter,
+    );
+    w.sample(&[], Value::Uint(health.event_file_dropped.get()));
+    counter_vec(
+        w,
+        "collector_discovery_problems",
+        "Hypervisor processes that discovery could not handle cleanly, by reason.",
+        &["reason"],
+        &health.discovery_problems,
+    );
+    counter_vec(
+        w,
+        "collector_decode_errors",
+        "Kernel records that could not be decoded, by ring and reason.",
+        &["ring", "reason"],
+        &health.decode_errors,
+    );
+}

@@ -1,0 +1,63 @@
+//! Instance metrics (`compute_instance_info`, start time) and the collector's instance count,
+//! read from the registry's snapshot at scrape time: an instance that exited is absent from
+//! the next scrape, with no stale series to expire.
+
+use std::time::UNIX_EPOCH;
+
+use crate::model::{
+    instance::{Instance, LabelSet, Snapshot},
+    metrics::{MetricKind, MetricWriter, Value},
+};
+
+/// Writes the gauge family `name` with one sample per instance for which `value` has one,
+/// labelled as every per-instance series is.
+pub(crate) fn instance_gauge<'a>(
+    w: &mut dyn MetricWriter,
+    name: &str,
+    help: &str,
+    instances: impl IntoIterator<Item = &'a Instance>,
+    value: impl Fn(&Instance) -> Option<Value>,
+) {
+    w.family(name, help, MetricKind::Gauge);
+    for instance in instances {
+        if let Some(v) = value(instance) {
+            w.sample(&instance.labels(LabelSet::Series), v);
+        }
+    }
+}
+
+pub(crate) fn write(w: &mut dyn MetricWriter, snapshot: &Snapshot) {
+    w.family(
+        "compute_instance_info",
+        "1 for each instance whose hypervisor process runs on this host.",
+        MetricKind::Gauge,
+    );
+    for instance in snapshot.by_pid.values() {
+        w.sample(&instance.labels(LabelSet::Info), Value::Int(1));
+    }
+    instance_gauge(
+        w,
+        "compute_instance_start_time_seconds",
+        "When the instance's hypervisor process started, in seconds since the Unix epoch.",
+        snapshot.by_pid.values(),
+        |i| {
+            Some(Value::Float(
+                i.start_time
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64()),
+            ))
+        },
+    );
+    w.family(
+        "collector_instances",
+        "Instances the collector follows on this host.",
+        MetricKind::Gauge,
+    );
+    w.sample(&[], Value::Uint(snapshot.by_pid.len() as u64));
+    w.family(
+        "collector_build_info",
+        "1, labelled with the collector's version.",
+        MetricKind::Gauge,
+    );
+    w.sample(&[("version", env!("CARGO_PKG_VERSION"))], Value::Int(1));
+}

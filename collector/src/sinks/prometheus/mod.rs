@@ -1,0 +1,38 @@
+//! `/metrics`: every family, read at scrape time from the handles of the stages that hold the
+//! data, encoded as OpenMetrics or Prometheus text (see [`encode`]). docs/metrics.md lists each
+//! family; a test checks both ways.
+
+mod console;
+pub(crate) mod encode;
+mod health;
+mod instances;
+mod kernel;
+mod usage;
+
+pub(crate) use encode::Format;
+pub(crate) use kernel::KernelMetrics;
+
+use crate::model::{console_stats::ConsoleStats, health::Health, instance::SnapshotReceiver};
+
+/// What the exposition reads. Cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct Exposition {
+    pub(crate) snapshot: SnapshotReceiver,
+    pub(crate) health: Health,
+    pub(crate) kernel: KernelMetrics,
+    pub(crate) console: ConsoleStats,
+}
+
+impl Exposition {
+    /// The whole exposition. Reads `/proc` for each instance: call it off the async workers.
+    pub(crate) fn render(&self, format: Format) -> String {
+        let snapshot = self.snapshot.borrow().clone();
+        let mut w = encode::TextWriter::new(format);
+        health::write(&mut w, &self.health);
+        self.kernel.write(&mut w);
+        instances::write(&mut w, &snapshot);
+        usage::write(&mut w, &snapshot, &self.kernel.sched);
+        console::write(&mut w, &snapshot, &self.console);
+        w.finish()
+    }
+}

@@ -1,0 +1,459 @@
+//! The console source: reads the console ring, attributes each write to its instance,
+//! assembles lines and hands them to its subscribers (the history the API reads, the log
+//! files, ...).
+//!
+//! Instances come from the registry's snapshot, the one owner of "which pid runs which
+//! instance". A write can arrive before the registry has named its process (the kernel follows
+//! a VMM from its exec; userspace names it a moment later): such writes wait, bounded, and are
+//! replayed in order once the process is named, or dropped and counted as unattributed if it
+//! never is. When a process leaves the snapshot its last writes are still taken for a short
+//! grace, then its partial lines are flushed and its log is ended (kept for the retention).
+//!
+//! Nothing here waits for a reader or the disk: subscribers never block (the history is memory,
+//! the file queue is bounded and counts what it drops).
+
+pub(crate) mod lines;
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, warn};
+
+use lines::{Line, LineAssembler};
+
+use crate::{
+    config::ConsoleConfig,
+    host::proc,
+    kernel::{
+        console::{ConsoleKernel, ConsoleReader},
+        console_decode::{self, Chunk, OwnedChunk},
+    },
+    matching::{Matchers, console_rules::Rule},
+    model::{
+        console::{ConsoleSubscriber, DropWhere, LogRecord, Stream},
+        console_stats::ConsoleStats,
+        health::Health,
+        instance::{Instance, SnapshotReceiver},
+        time::BootClock,
+    },
+};
+
+/// How long writes of a process that left the snapshot are still attributed to it.
+const EXIT_GRACE: Duration = Duration::from_secs(1);
+/// How long writes of a process not (yet) named wait for it.
+const UNKNOWN_WAIT: Duration = Duration::from_secs(5);
+/// Bytes of writes waiting for their process to be named, all processes together.
+const UNKNOWN_MAX_BYTES: usize = 16 << 20;
+/// Records read from the ring before the rest of the work gets a turn.
+const READ_BATCH: usize = 4096;
+
+struct Proc {
+    uuid: Arc<str>,
+    streams: [LineAssembler; 3],
+    /// When each stream last received bytes (for the idle flush of partial lines).
+    last_write: [Instant; 3],
+    left: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Unknown {
+    chunks: Vec<OwnedChunk>,
+    bytes: usize,
+    since: Option<Instant>,
+}
+
+pub(crate) struct ConsoleSource {
+    pub(crate) kernel: ConsoleKernel,
+    pub(crate) snapshot: SnapshotReceiver,
+    pub(crate) rules: Vec<Rule>,
+    pub(crate) matchers: Matchers,
+    pub(crate) subscribers: Vec<Box<dyn ConsoleSubscriber>>,
+    pub(crate) stats: ConsoleStats,
+    pub(crate) health: Health,
+    pub(crate) config: ConsoleConfig,
+}
+
+/// The mutable state of the running pipeline.
+struct State {
+    procs: HashMap<u32, Proc>,
+    unknown: HashMap<u32, Unknown>,
+    unknown_bytes: usize,
+    seqs: HashMap<Arc<str>, [u64; 3]>,
+    /// Kernel drop counters as last read, by tgid.
+    kernel_drops: HashMap<u32, u64>,
+    /// Instances whose console ended, and when (their retention counts from there).
+    ended: HashMap<Arc<str>, Instant>,
+    out: Vec<Arc<LogRecord>>,
+}
+
+/// Why the console source stopped.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConsoleError {
+    #[error("console ring reader failed")]
+    Reader(#[source] std::io::Error),
+}
+
+impl ConsoleSource {
+    /// Runs until `stop` is cancelled (or the reader fails): then flushes every partial line,
+    /// has the subscribers write out what they hold, and returns.
+    pub(crate) async fn run(
+        mut self,
+        mut reader: ConsoleReader,
+        stop: CancellationToken,
+    ) -> Result<(), ConsoleError> {
+        let mut state = State {
+            procs: HashMap::new(),
+            unknown: HashMap::new(),
+            unknown_bytes: 0,
+            seqs: HashMap::new(),
+            kernel_drops: HashMap::new(),
+            ended: HashMap::new(),
+            out: Vec::new(),
+        };
+        let mut failure = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut last_slow = Instant::now();
+        self.sync_snapshot(&mut state);
+        loop {
+            tokio::select! {
+                ready = reader.ready() => {
+                    let ready = match ready {
+                        Ok(ready) => ready,
+                        Err(error) => {
+                            error!(%error, "console reader failed; console capture stopped");
+                            failure = Some(ConsoleError::Reader(error));
+                            break;
+                        }
+                    };
+                    // Each write is handled in place, in the ring, without a copy.
+                    let clock = BootClock::now();
+                    let mut bad: Vec<&'static str> = Vec::new();
+                    ready.drain(READ_BATCH, |bytes| match console_decode::chunk(bytes) {
+                        Ok(chunk) => self.on_chunk(&mut state, chunk, &clock),
+                        Err(error) => {
+                            warn!(%error, ring = "console", "undecodable kernel record");
+                            bad.push(error.reason());
+                        }
+                    });
+                    for reason in bad {
+                        self.health.decode_errors.inc(&["console", reason]);
+                    }
+                }
+                changed = self.snapshot.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    self.sync_snapshot(&mut state);
+                }
+                () = stop.cancelled() => break,
+                _ = tick.tick() => {
+                    self.flush_idle(&mut state);
+                    if last_slow.elapsed() >= Duration::from_secs(1) {
+                        last_slow = Instant::now();
+                        self.housekeeping(&mut state);
+                    }
+                }
+            }
+            self.dispatch(&mut state);
+        }
+        let pids: Vec<u32> = state.procs.keys().copied().collect();
+        for pid in pids {
+            self.finish(&mut state, pid);
+        }
+        self.dispatch(&mut state);
+        let subscribers = std::mem::take(&mut self.subscribers);
+        // Subscribers may write files: off the async workers.
+        let _ = tokio::task::spawn_blocking(move || {
+            for subscriber in subscribers {
+                subscriber.close();
+            }
+        })
+        .await;
+        failure.map_or(Ok(()), Err)
+    }
+
+    fn on_chunk(&mut self, state: &mut State, chunk: Chunk<'_>, clock: &BootClock) {
+        if !state.procs.contains_key(&chunk.tgid) && self.snapshot.has_changed().unwrap_or(false) {
+            self.sync_snapshot(state);
+        }
+        if state.procs.contains_key(&chunk.tgid) {
+            self.assemble(state, chunk, clock);
+            return;
+        }
+        let bytes = chunk.data.len();
+        if state.unknown_bytes + bytes > UNKNOWN_MAX_BYTES {
+            self.stats.unattributed(bytes as u64 + chunk.cut);
+            return;
+        }
+        state.unknown_bytes += bytes;
+        let waiting = state.unknown.entry(chunk.tgid).or_default();
+        waiting.since.get_or_insert_with(Instant::now);
+        waiting.bytes += bytes;
+        waiting.chunks.push(chunk.to_owned_chunk());
+    }
+
+    fn assemble(&mut self, state: &mut State, chunk: Chunk<'_>, clock: &BootClock) {
+        let Some(proc) = state.procs.get_mut(&chunk.tgid) else {
+            return;
+        };
+        let slot = chunk.stream.index();
+        self.stats.update(&proc.uuid, |c| {
+            c.bytes[slot] += chunk.data.len() as u64;
+            c.dropped[DropWhere::Kernel as usize] += chunk.cut;
+        });
+        proc.last_write[slot] = Instant::now();
+        let mut lines = Vec::new();
+        proc.streams[slot].push(chunk.boot_ns, chunk.data, chunk.cut, &mut lines);
+        let uuid = proc.uuid.clone();
+        emit(state, &uuid, chunk.stream, lines, clock, &self.stats);
+    }
+
+    /// Brings the set of named processes in line with the registry.
+    fn sync_snapshot(&mut self, state: &mut State) {
+        let snapshot = self.snapshot.borrow_and_update().clone();
+        for (pid, instance) in &snapshot.by_pid {
+            match state.procs.get_mut(pid) {
+                Some(proc) if *proc.uuid == *instance.instance_uuid => proc.left = None,
+                existing => {
+                    if existing.is_some() {
+                        // The pid re-exec'd as another instance: the old one is over.
+                        self.finish(state, *pid);
+                    }
+                    self.begin(state, *pid, instance);
+                }
+            }
+        }
+        let now = Instant::now();
+        for (pid, proc) in &mut state.procs {
+            if proc.left.is_none() && !snapshot.by_pid.contains_key(pid) {
+                proc.left = Some(now);
+            }
+        }
+    }
+
+    fn begin(&mut self, state: &mut State, pid: u32, instance: &Instance) {
+        let uuid: Arc<str> = instance.instance_uuid.as_str().into();
+        debug!(instance_uuid = %uuid, pid, "console capture follows instance");
+        state.ended.remove(&uuid);
+        for subscriber in &mut self.subscribers {
+            subscriber.begin(&uuid);
+        }
+        self.add_open_console_files(pid, instance);
+        let max = self.config.max_line_bytes;
+        let now = Instant::now();
+        state.procs.insert(
+            pid,
+            Proc {
+                uuid,
+                streams: std::array::from_fn(|_| LineAssembler::new(max)),
+                last_write: [now; 3],
+                left: None,
+            },
+        );
+        if let Some(waiting) = state.unknown.remove(&pid) {
+            state.unknown_bytes -= waiting.bytes;
+            let clock = BootClock::now();
+            for chunk in &waiting.chunks {
+                self.assemble(state, chunk.as_chunk(), &clock);
+            }
+        }
+    }
+
+    /// Console files the process already had open (it ran before the collector, or inherited
+    /// them): from `/proc/PID/fd`, with the same rules as the kernel.
+    fn add_open_console_files(&mut self, pid: u32, instance: &Instance) {
+        let Some(matcher_id) = self
+            .matchers
+            .iter()
+            .position(|m| m.name == instance.matcher)
+        else {
+            return;
+        };
+        let rules: Vec<&Rule> = self
+            .rules
+            .iter()
+            .filter(|r| r.matcher_id as usize == matcher_id)
+            .collect();
+        if rules.is_empty() {
+            return;
+        }
+        for (fd, target) in proc::open_files(pid) {
+            let target = target.as_os_str().as_encoded_bytes();
+            if rules.iter().any(|r| r.matches(target))
+                && let Err(error) = self.kernel.add_console_fd(pid, fd, instance.seen_boot_ns)
+            {
+                warn!(pid, fd, %error, "cannot record console descriptor");
+            }
+        }
+    }
+
+    /// The process is gone for good: flush its lines, end its log unless another process
+    /// runs the same instance.
+    fn finish(&mut self, state: &mut State, pid: u32) {
+        self.read_kernel_drops(state);
+        let Some(mut proc) = state.procs.remove(&pid) else {
+            return;
+        };
+        let clock = BootClock::now();
+        for stream in Stream::ALL {
+            let mut lines = Vec::new();
+            proc.streams[stream.index()].flush(&mut lines);
+            emit(state, &proc.uuid, stream, lines, &clock, &self.stats);
+        }
+        self.kernel.forget_fds(|tgid| tgid == pid);
+        self.kernel.forget_drops(&HashSet::from([pid]));
+        state.kernel_drops.remove(&pid);
+        if !state.procs.values().any(|p| p.uuid == proc.uuid) {
+            // Lines flushed above must reach the subscribers before the log ends.
+            self.dispatch(state);
+            for subscriber in &mut self.subscribers {
+                subscriber.end(&proc.uuid);
+            }
+            state.ended.insert(proc.uuid, Instant::now());
+        }
+    }
+
+    /// Partial lines idle for `partial_flush_ms` are flushed.
+    fn flush_idle(&mut self, state: &mut State) {
+        let idle = Duration::from_millis(self.config.partial_flush_ms);
+        let clock = BootClock::now();
+        let mut flushed = Vec::new();
+        for proc in state.procs.values_mut() {
+            for stream in Stream::ALL {
+                let slot = stream.index();
+                if proc.streams[slot].pending() > 0 && proc.last_write[slot].elapsed() >= idle {
+                    let mut lines = Vec::new();
+                    proc.streams[slot].flush(&mut lines);
+                    flushed.push((proc.uuid.clone(), stream, lines));
+                }
+            }
+        }
+        for (uuid, stream, lines) in flushed {
+            emit(state, &uuid, stream, lines, &clock, &self.stats);
+        }
+    }
+
+    /// Once a second: processes past their exit grace, writes that waited too long for a
+    /// name, kernel drop counters, expired logs, and descriptor entries of dead processes.
+    fn housekeeping(&mut self, state: &mut State) {
+        let gone: Vec<u32> = state
+            .procs
+            .iter()
+            .filter(|(_, p)| p.left.is_some_and(|t| t.elapsed() >= EXIT_GRACE))
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in gone {
+            self.finish(state, pid);
+        }
+        let stale: Vec<u32> = state
+            .unknown
+            .iter()
+            .filter(|(_, u)| u.since.is_some_and(|t| t.elapsed() >= UNKNOWN_WAIT))
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in stale {
+            if let Some(waiting) = state.unknown.remove(&pid) {
+                state.unknown_bytes -= waiting.bytes;
+                let cut: u64 = waiting.chunks.iter().map(|c| c.cut).sum();
+                self.stats.unattributed(waiting.bytes as u64 + cut);
+                debug!(
+                    pid,
+                    bytes = waiting.bytes,
+                    "console output of an unnamed process dropped"
+                );
+            }
+        }
+        self.read_kernel_drops(state);
+        let retention = Duration::from_secs(self.config.retention_seconds);
+        let expired: Vec<Arc<str>> = state
+            .ended
+            .iter()
+            .filter(|(_, at)| at.elapsed() >= retention)
+            .map(|(uuid, _)| uuid.clone())
+            .collect();
+        for uuid in expired {
+            state.ended.remove(&uuid);
+            self.stats.forget(&uuid);
+            state.seqs.remove(&uuid);
+            for subscriber in &mut self.subscribers {
+                subscriber.expire(&uuid);
+            }
+        }
+        let procs = &state.procs;
+        self.kernel
+            .forget_fds(|tgid| !procs.contains_key(&tgid) && !proc::exists(tgid));
+    }
+
+    /// Folds the kernel's per-process drop counters into the instances' counters.
+    fn read_kernel_drops(&mut self, state: &mut State) {
+        for (tgid, bytes) in self.kernel.drops() {
+            let seen = state.kernel_drops.insert(tgid, bytes).unwrap_or(0);
+            let delta = bytes.saturating_sub(seen);
+            if delta == 0 {
+                continue;
+            }
+            match state.procs.get(&tgid) {
+                Some(proc) => self.stats.dropped(&proc.uuid, DropWhere::Kernel, delta),
+                None => self.stats.unattributed(delta),
+            }
+        }
+        let dead: HashSet<u32> = state
+            .kernel_drops
+            .keys()
+            .filter(|tgid| !state.procs.contains_key(tgid) && !proc::exists(**tgid))
+            .copied()
+            .collect();
+        if !dead.is_empty() {
+            self.kernel.forget_drops(&dead);
+            state.kernel_drops.retain(|tgid, _| !dead.contains(tgid));
+        }
+    }
+
+    fn dispatch(&mut self, state: &mut State) {
+        if state.out.is_empty() {
+            return;
+        }
+        let out = std::mem::take(&mut state.out);
+        for subscriber in &mut self.subscribers {
+            subscriber.records(&out);
+        }
+    }
+}
+
+/// Turns assembled lines into records with the stream's next sequence numbers.
+fn emit(
+    state: &mut State,
+    uuid: &Arc<str>,
+    stream: Stream,
+    lines: Vec<Line>,
+    clock: &BootClock,
+    stats: &ConsoleStats,
+) {
+    if lines.is_empty() {
+        return;
+    }
+    let seqs = state.seqs.entry(uuid.clone()).or_insert([0; 3]);
+    let count = lines.len() as u64;
+    for line in lines {
+        seqs[stream.index()] += 1;
+        let (message, invalid_utf8) = match String::from_utf8(line.bytes) {
+            Ok(text) => (text, false),
+            Err(err) => (String::from_utf8_lossy(err.as_bytes()).into_owned(), true),
+        };
+        state.out.push(Arc::new(LogRecord {
+            ts: clock.wall(line.boot_ns),
+            instance_uuid: uuid.clone(),
+            stream,
+            message,
+            seq: seqs[stream.index()],
+            invalid_utf8,
+            end: line.end,
+        }));
+    }
+    stats.update(uuid, |c| c.lines[stream.index()] += count);
+}

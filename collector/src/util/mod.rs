@@ -1,0 +1,3 @@
+//! Building blocks without domain knowledge.
+
+pub(crate) mod journal;

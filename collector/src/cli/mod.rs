@@ -210,6 +210,17 @@ fn print_log_line(line: &[u8], json: bool) -> anyhow::Result<()> {
     if json {
         out.write_all(line)?;
         out.write_all(b"\n")?;
+    } else if let Ok(record) = serde_json::from_slice::<LogRecordView>(line)
+        && record.gap
+    {
+        let lost = record
+            .dropped_bytes
+            .map_or_else(|| "output".to_owned(), |n| format!("{n} bytes"));
+        let reason = record.gap_reason.as_deref().unwrap_or("unknown");
+        eprintln!(
+            "({lost} missing here: {reason}, since {})",
+            record.gap_since.unwrap_or_default()
+        );
     } else if let Ok(record) = serde_json::from_slice::<LogRecordView>(line) {
         out.write_all(record.message.as_bytes())?;
         if let Some(cut) = record.cut_bytes {

@@ -5,6 +5,7 @@
 
 mod bench;
 mod build;
+mod generate;
 mod run;
 mod test;
 mod toolchain;
@@ -39,6 +40,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Generate the operator package's derived files: the PrometheusRule and VMRule from
+    /// deploy/rules/collector.rules.yml, and the Grafana dashboards (JSON and ConfigMaps).
+    Gen {
+        /// Write nothing; fail if a committed file differs from what would be generated.
+        #[arg(long)]
+        check: bool,
+    },
     /// Benchmarks (root): print a table of figures, assert nothing.
     Bench {
         #[command(subcommand)]
@@ -51,6 +59,7 @@ fn main() -> std::process::ExitCode {
         Task::BuildEbpf { release } => build::build(release).map(|_| ()),
         Task::Run { args } => run::run(&args),
         Task::Test { args } => test::test(&args),
+        Task::Gen { check } => generate::generate(check),
         Task::Bench { bench } => bench::bench(bench),
     };
     match result {

@@ -1,5 +1,7 @@
 //! `collector`: the daemon and its CLI.
 
+mod check_logs;
+
 use std::{io::Write, net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
@@ -71,6 +73,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check JSON log lines against the compute logging convention
+    /// (docs/conventions/logging.md); prints each violation with its line number, exits 1 if any.
+    CheckLogs {
+        /// File of log lines, or `-` for standard input.
+        #[arg(default_value = "-")]
+        file: PathBuf,
+    },
     /// Show instance lifecycle events (start, stop, crash, oom_kill) from a running collector.
     Events {
         /// Address of the running collector.
@@ -101,6 +110,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::CheckLogs { file } = &cli.command {
+        return check_logs_command(file);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -158,6 +170,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", instances_table(&instances));
             Ok(())
         }),
+        Command::CheckLogs { .. } => unreachable!("handled above"),
         Command::Events {
             addr,
             follow,
@@ -183,6 +196,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }),
     }
+}
+
+/// `collector check-logs FILE|-`: every violation on stdout, an error (exit 1) if any.
+fn check_logs_command(file: &std::path::Path) -> anyhow::Result<()> {
+    let violations = if file.as_os_str() == "-" {
+        check_logs::check(std::io::stdin().lock())
+    } else {
+        let opened =
+            std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+        check_logs::check(std::io::BufReader::new(opened))
+    };
+    for violation in &violations {
+        println!("{violation}");
+    }
+    if !violations.is_empty() {
+        anyhow::bail!(
+            "{} violations of the logging convention (docs/conventions/logging.md)",
+            violations.len()
+        );
+    }
+    Ok(())
 }
 
 /// One NDJSON line of the logs API: as is with `--json`, else its text (a piece of a split

@@ -235,10 +235,10 @@ fn check_key(key: &str, value: &Value, report: &mut impl FnMut(Option<&str>, Str
                 report(k, format!("must be a number: {value}"));
             }
         }
-        _ if key.ends_with("_seconds") || key.ends_with("_bytes") => {
-            if !(value.is_number() || value.is_null()) {
-                report(k, format!("a quantity is a number: {value}"));
-            }
+        _ if (key.ends_with("_seconds") || key.ends_with("_bytes"))
+            && !(value.is_number() || value.is_null()) =>
+        {
+            report(k, format!("a quantity is a number: {value}"));
         }
         _ => {}
     }

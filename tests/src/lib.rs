@@ -334,6 +334,7 @@ pub fn sample(exposition: &str, series: &str) -> Option<f64> {
 // ---------------------------------------------------------------------------------------------
 
 pub mod qemu_guest;
+pub mod servers;
 
 /// `s` as one URL path segment: every byte but the unreserved ones percent-encoded.
 pub fn path_segment(s: &str) -> String {

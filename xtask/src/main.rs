@@ -5,6 +5,7 @@
 
 mod bench;
 mod build;
+mod generate;
 mod layers;
 mod run;
 mod test;
@@ -45,6 +46,13 @@ enum Task {
         /// Source folder to check (default: collector/src).
         src: Option<std::path::PathBuf>,
     },
+    /// Generate the operator package's derived files: the PrometheusRule and VMRule from
+    /// deploy/rules/collector.rules.yml, and the Grafana dashboards (JSON and ConfigMaps).
+    Gen {
+        /// Write nothing; fail if a committed file differs from what would be generated.
+        #[arg(long)]
+        check: bool,
+    },
     /// Benchmarks (root): print a table of figures, assert nothing.
     Bench {
         #[command(subcommand)]
@@ -58,6 +66,7 @@ fn main() -> std::process::ExitCode {
         Task::Run { args } => run::run(&args),
         Task::Test { args } => test::test(&args),
         Task::Layers { src } => layers::layers(src.as_deref()),
+        Task::Gen { check } => generate::generate(check),
         Task::Bench { bench } => bench::bench(bench),
     };
     match result {

@@ -1,6 +1,7 @@
 //! The command line: `collector run` (the daemon) and the commands that read a running
 //! collector's API.
 
+mod check_logs;
 mod client;
 
 use std::{io::Write, net::SocketAddr, path::PathBuf, process::ExitCode};
@@ -84,6 +85,13 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Check JSON log lines against the compute logging convention
+    /// (docs/conventions/logging.md); prints each violation with its line number, exits 1 if any.
+    CheckLogs {
+        /// File of log lines, or `-` for standard input.
+        #[arg(default_value = "-")]
+        file: PathBuf,
     },
     /// Show instance lifecycle events (start, stop, crash, oom_kill) from a running collector.
     Events {
@@ -176,6 +184,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", instances_table(&instances));
             Ok(())
         }
+        Command::CheckLogs { file } => check_logs_command(&file),
         Command::Events {
             addr,
             follow,
@@ -200,6 +209,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
     }
+}
+
+/// `collector check-logs FILE|-`: every violation on stdout, an error (exit 1) if any.
+fn check_logs_command(file: &std::path::Path) -> anyhow::Result<()> {
+    let violations = if file.as_os_str() == "-" {
+        check_logs::check(std::io::stdin().lock())
+    } else {
+        let opened =
+            std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+        check_logs::check(std::io::BufReader::new(opened))
+    };
+    for violation in &violations {
+        println!("{violation}");
+    }
+    if !violations.is_empty() {
+        anyhow::bail!(
+            "{} violations of the logging convention (docs/conventions/logging.md)",
+            violations.len()
+        );
+    }
+    Ok(())
 }
 
 /// One NDJSON line of the logs API: as is with `--json`, else its text (a piece of a split

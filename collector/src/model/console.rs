@@ -53,7 +53,10 @@ pub(crate) enum LineEnd {
     /// it ended there and is not joined to the line after.
     #[cfg_attr(
         not(test),
-        expect(dead_code, reason = "marked by the console source's loss and restart handling")
+        expect(
+            dead_code,
+            reason = "marked by the console source's loss and restart handling"
+        )
     )]
     Gap(Gap),
 }
@@ -70,7 +73,10 @@ pub(crate) struct Gap {
 
 /// Why output is missing (the gap record's `gap_reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(dead_code, reason = "each reason is marked by the loss handling that finds it")]
+#[allow(
+    dead_code,
+    reason = "each reason is marked by the loss handling that finds it"
+)]
 pub(crate) enum GapReason {
     /// The kernel's console ring was full.
     KernelRing,
@@ -169,7 +175,10 @@ impl LogRecord {
 
 /// The NDJSON form of a [`LogRecord`] (files, API, CLI). Flags appear only when set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[allow(clippy::struct_excessive_bools, reason = "the NDJSON flags, each shown only when set")]
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "the NDJSON flags, each shown only when set"
+)]
 pub(crate) struct LogRecordView {
     /// RFC 3339, nanoseconds, UTC.
     pub(crate) ts: String,

@@ -94,9 +94,12 @@ pub mod names {
 pub const COMM_LEN: usize = 16;
 /// Bytes of the executable's path captured at exec.
 pub const EXEC_FILENAME_LEN: usize = 256;
-/// Bytes of the command line (`argv`, NUL-separated) captured at exec. A power of two so the
-/// verifier can bound the copy with a mask.
-pub const EXEC_ARGV_LEN: usize = 4096;
+/// Bytes of the command line (`argv`, NUL-separated) an exec record carries: a prefix. The
+/// whole line is read from `/proc/PID/cmdline` while the process runs; the prefix names a VMM
+/// that is gone before userspace reads its record (a Firecracker line of the fleet, about 200
+/// bytes, fits whole). Small records are what let the ring take a burst of execs: 816 bytes a
+/// record instead of the 4400 a whole 4 KiB line cost (`docs/lifecycle.md`).
+pub const EXEC_ARGV_LEN: usize = 512;
 
 /// Offsets of the kernel struct fields the programs read, in bytes, computed by the collector
 /// from the running kernel's BTF (`/sys/kernel/btf/vmlinux`) and set as a read-only global at
@@ -183,7 +186,10 @@ pub struct ExecMatch {
 /// A process the kernel programs follow, keyed by its thread-group id (the user-visible pid).
 ///
 /// The exec program inserts it the moment a candidate VMM execs, before userspace has seen
-/// anything; userspace then confirms it (sets [`TRACKED_CONFIRMED`]) or deletes it.
+/// anything; userspace then keeps it (changing only the matcher, when the full command line
+/// names another one), or deletes it. Userspace never brings back an entry the kernel removed:
+/// it changes an exec'd process's entry with `BPF_EXIST` and only while `start_boot_ns` is the
+/// exec's, and inserts the processes a `/proc` scan finds with `BPF_NOEXIST`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrackedProcess {
@@ -195,9 +201,8 @@ pub struct TrackedProcess {
     pub start_boot_ns: u64,
 }
 
-/// [`TrackedProcess::flags`]: userspace matched the full command line and named the instance.
-pub const TRACKED_CONFIRMED: u32 = 1;
-/// [`TrackedProcess::flags`]: found by the start-up scan of `/proc`, not seen exec'ing.
+/// [`TrackedProcess::flags`]: inserted by userspace for a process a scan of `/proc` found, not
+/// seen exec'ing.
 pub const TRACKED_DISCOVERED: u32 = 2;
 /// [`TrackedProcess::flags`]: the kernel's OOM killer chose this process as its victim.
 pub const TRACKED_OOM_VICTIM: u32 = 4;
@@ -228,25 +233,27 @@ pub struct ProcessEventHeader {
     pub boot_ns: u64,
 }
 
-/// A candidate VMM exec'd. Carries what userspace needs to name the instance, so that even a
-/// process that has already exited by the time the event is read can be identified.
+/// A candidate VMM exec'd. Carries what userspace needs to name the instance: the path, and
+/// the command line's first [`EXEC_ARGV_LEN`] bytes, enough for a process that has already
+/// exited by the time the record is read; userspace reads the rest from `/proc` while the
+/// process runs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ExecEvent {
     pub header: ProcessEventHeader,
     /// Matcher whose `comm` prefix claimed the process.
     pub matcher_id: u32,
-    /// Bytes of `argv` present in `argv` (the command line may be longer; see `argv_truncated`).
+    /// Bytes of the command line present in `argv` (a prefix when `argv_total` is larger).
     pub argv_len: u32,
-    /// 1 when the command line was longer than [`EXEC_ARGV_LEN`].
-    pub argv_truncated: u32,
+    /// Bytes of the whole command line (`mm->arg_end - mm->arg_start`).
+    pub argv_total: u32,
     /// Thread id of the exec'ing thread (differs from `tgid` only for exec from a thread).
     pub pid: u32,
     /// `comm` after exec.
     pub comm: [u8; COMM_LEN],
     /// The path given to exec, NUL-terminated.
     pub filename: [u8; EXEC_FILENAME_LEN],
-    /// The command line as the process sees it: NUL-separated arguments.
+    /// The start of the command line as the process sees it: NUL-separated arguments.
     pub argv: [u8; EXEC_ARGV_LEN],
 }
 
@@ -338,6 +345,9 @@ const _: () = assert!(size_of::<TrackedProcess>() == 16);
 const _: () = assert!(size_of::<ProcessEventHeader>() == 16);
 const _: () =
     assert!(size_of::<ExecEvent>() == 16 + 4 * 4 + COMM_LEN + EXEC_FILENAME_LEN + EXEC_ARGV_LEN);
+// A ring slot is the record and an 8-byte header: the default ring
+// (`kernel.process_events_ring_bytes`, 1 MiB) takes a burst of 1272 execs.
+const _: () = assert!(size_of::<ExecEvent>() == 816);
 const _: () = assert!(size_of::<ExitEvent>() == 16 + 4 * 4);
 const _: () = assert!(size_of::<OomEvent>() == 16 + 2 * 4 + 4 * 8 + 2 * 4 + 8);
 

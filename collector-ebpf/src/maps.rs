@@ -75,10 +75,11 @@ pub(crate) static EXEC_MATCHERS: LpmTrie<CommKey, ExecMatch> = LpmTrie::with_max
 pub(crate) static TRACKED_PROCESSES: HashMap<u32, TrackedProcess> =
     HashMap::with_max_entries(DEFAULT_MAX_TRACKED_PROCESSES, 0);
 
-/// Lifecycle records to userspace (exec, exit). Low volume; never shared with console bytes or
-/// other high-volume data so a burst there cannot cost a lifecycle event. Size set by config.
+/// Lifecycle records to userspace (exec, exit, untrack, OOM). Low volume; never shared with
+/// console bytes or other high-volume data so a burst there cannot cost a lifecycle event. Size
+/// set by config (default 1 MiB: a burst of 1272 exec records).
 #[map]
-pub(crate) static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+pub(crate) static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(1024 * 1024, 0);
 
 /// What the kernel side gave up, by [`drop_kind`].
 #[map]

@@ -3,8 +3,9 @@
 //!
 //! `sched_process_exec` claims a process the moment it execs an executable whose `comm` matches a
 //! matcher, before userspace has seen it, so nothing the VMM does in its first microseconds is
-//! missed; the event carries the path and command line so userspace can name the instance even if
-//! the process is already gone. `sched_process_exit` forgets the process when its last thread
+//! missed; the event carries the path and the start of the command line so userspace can name
+//! the instance even if the process is already gone (the rest of a long line is read from
+//! `/proc` while it runs). `sched_process_exit` forgets the process when its last thread
 //! exits and reports the exit status.
 //!
 //! The untracked path (every other exec and exit on the host) is one map lookup.
@@ -80,7 +81,7 @@ fn try_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
         (*event).pid = pid_tgid as u32;
         (*event).comm = comm;
         (*event).argv_len = 0;
-        (*event).argv_truncated = 0;
+        (*event).argv_total = 0;
         (*event).filename[0] = 0;
 
         let bprm: *const u8 = ctx.arg(2);
@@ -92,11 +93,10 @@ fn try_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
         if let Ok(mm) = read_at::<*const u8>(task, offset!(task_mm)) {
             let start = read_at::<u64>(mm, offset!(mm_arg_start)).unwrap_or(0);
             let end = read_at::<u64>(mm, offset!(mm_arg_end)).unwrap_or(0);
-            let mut len = end.saturating_sub(start);
-            if len > EXEC_ARGV_LEN as u64 {
-                len = EXEC_ARGV_LEN as u64;
-                (*event).argv_truncated = 1;
-            }
+            let total = end.saturating_sub(start);
+            (*event).argv_total = total.min(u64::from(u32::MAX)) as u32;
+            // A prefix only: userspace reads the rest from /proc while the process runs.
+            let len = total.min(EXEC_ARGV_LEN as u64);
             if len > 0
                 && bpf_probe_read_user(
                     (*event).argv.as_mut_ptr().cast(),
@@ -184,8 +184,13 @@ pub(crate) fn mark_victim(ctx: BtfTracePointContext) -> i32 {
 fn try_mark_victim(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let (task, pid, tgid) = if offset!(mark_victim_has_task) != 0 {
         let task: *const u8 = ctx.arg(0);
-        let pid = read_at::<u32>(task, offset!(task_pid))?;
-        (task, pid, read_at::<u32>(task, offset!(task_tgid))?)
+        // The tgid is the key; the victim's thread id is a detail (the tgid stands in).
+        let tgid = read_at::<u32>(task, offset!(task_tgid))?;
+        (
+            task,
+            read_at::<u32>(task, offset!(task_pid)).unwrap_or(tgid),
+            tgid,
+        )
     } else {
         // Older kernels pass the victim's pid only. The OOM killer picks processes by their
         // leader, so pid is the tgid unless the leader had already released its memory.
@@ -195,8 +200,9 @@ fn try_mark_victim(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let Some(tracked) = TRACKED_PROCESSES.get_ptr_mut(&tgid) else {
         return Ok(());
     };
-    // SAFETY: pointer from a successful lookup; a racing update of the flags word by userspace
-    // (confirm) at worst loses this bit, and the OOM event below still carries the news.
+    // SAFETY: pointer from a successful lookup. Userspace rewrites an exec'd process's entry
+    // only to change its matcher; a racing rewrite at worst loses this bit, and the OOM record
+    // below still carries the news (userspace classifies on either).
     unsafe { (*tracked).flags |= TRACKED_OOM_VICTIM };
 
     let mut event = OomEvent {
@@ -220,8 +226,11 @@ fn try_mark_victim(ctx: &BtfTracePointContext) -> Result<(), i64> {
         event.file_rss_pages = pages(offset!(mm_rss_file));
         event.shmem_rss_pages = pages(offset!(mm_rss_shmem));
         event.memcg_id = memcg_id(task).unwrap_or(0);
+        // Every read above and here is optional: a failed one leaves its field zero, never
+        // costs the record.
         if let Ok(signal) = read_at::<*const u8>(task, offset!(task_signal)) {
-            event.oom_score_adj = i32::from(read_at::<i16>(signal, offset!(signal_oom_score_adj))?);
+            event.oom_score_adj =
+                i32::from(read_at::<i16>(signal, offset!(signal_oom_score_adj)).unwrap_or(0));
         }
     }
     if PROCESS_EVENTS.output(&event, 0).is_err() {

@@ -98,7 +98,8 @@ pub(crate) struct MatcherConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct KernelConfig {
-    /// Bytes of the process lifecycle ring buffer (a power of two, at least one page).
+    /// Bytes of the process lifecycle ring buffer (a power of two, at least one page). The
+    /// default (1 MiB) takes a burst of 1272 exec records, or 1000 execs and their exits.
     pub(crate) process_events_ring_bytes: u32,
     /// Most processes the kernel follows at once.
     pub(crate) max_tracked_processes: u32,
@@ -127,7 +128,7 @@ pub(crate) enum ConsoleHooksMode {
 impl Default for KernelConfig {
     fn default() -> Self {
         Self {
-            process_events_ring_bytes: 256 * 1024,
+            process_events_ring_bytes: 1024 * 1024,
             max_tracked_processes: collector_common::DEFAULT_MAX_TRACKED_PROCESSES,
             max_tracked_threads: collector_common::DEFAULT_MAX_TRACKED_THREADS,
             console_ring_bytes: 8 * 1024 * 1024,
@@ -289,6 +290,18 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The default ring takes a burst of 1000 execs and their exits (a ring slot is the record
+    /// and an 8-byte header).
+    #[test]
+    fn default_ring_takes_a_burst_of_a_thousand_execs() {
+        let slot = |record: usize| (record + 8).next_multiple_of(8);
+        let exec = slot(size_of::<collector_common::ExecEvent>());
+        let exit = slot(size_of::<collector_common::ExitEvent>());
+        let ring = KernelConfig::default().process_events_ring_bytes as usize;
+        assert_eq!((exec, ring / exec), (824, 1272));
+        assert!(1000 * (exec + exit) <= ring);
+    }
 
     #[test]
     fn empty_file_gives_defaults() {

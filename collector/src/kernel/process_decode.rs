@@ -54,14 +54,17 @@ pub(crate) fn process_event(bytes: &[u8]) -> Result<ProcessEvent, DecodeError> {
         process_event_kind::EXEC => {
             let ev: ExecEvent = read(bytes, "exec")?;
             let argv_len = (ev.argv_len as usize).min(EXEC_ARGV_LEN);
+            let prefix = &ev.argv[..argv_len];
+            let args_total = (ev.argv_total as usize).max(argv_len);
             Ok(ProcessEvent::Exec(ProcessExec {
                 tgid: header.tgid,
                 boot_ns: header.boot_ns,
                 matcher_id: ev.matcher_id,
                 comm: c_string(&ev.comm[..COMM_LEN]),
                 filename: c_string(&ev.filename[..EXEC_FILENAME_LEN]),
-                args: split_cmdline(&ev.argv[..argv_len]),
-                args_truncated: ev.argv_truncated != 0,
+                args: whole_args(prefix, args_total > argv_len),
+                args_prefix: prefix.to_vec(),
+                args_total,
             }))
         }
         process_event_kind::EXIT => {
@@ -100,6 +103,19 @@ pub(crate) fn process_event(bytes: &[u8]) -> Result<ProcessEvent, DecodeError> {
     }
 }
 
+/// The arguments in `prefix`; of a cut command line, only those it holds whole (the last,
+/// cut one could name a wrong instance).
+fn whole_args(prefix: &[u8], cut: bool) -> Vec<String> {
+    if !cut {
+        return split_cmdline(prefix);
+    }
+    let whole = prefix
+        .iter()
+        .rposition(|b| *b == 0)
+        .map_or(&prefix[..0], |end| &prefix[..=end]);
+    split_cmdline(whole)
+}
+
 /// The text before the first NUL, invalid UTF-8 replaced.
 fn c_string(bytes: &[u8]) -> String {
     let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
@@ -125,7 +141,7 @@ mod tests {
             },
             matcher_id: 1,
             argv_len: argv.len() as u32,
-            argv_truncated: 0,
+            argv_total: argv.len() as u32,
             pid: 42,
             comm: [0; COMM_LEN],
             filename: [0; EXEC_FILENAME_LEN],
@@ -147,7 +163,19 @@ mod tests {
         assert_eq!(exec.comm, "firecracker");
         assert_eq!(exec.filename, "/usr/bin/firecracker");
         assert_eq!(exec.args, ["firecracker", "--uuid", "abc"]);
-        assert!(!exec.args_truncated);
+        assert_eq!(exec.args_total, exec.args_prefix.len());
+    }
+
+    #[test]
+    fn cut_command_line_keeps_whole_arguments_only() {
+        let mut ev = exec_event(b"qemu\0-uuid\0abc-d");
+        ev.argv_total = 4000;
+        let ProcessEvent::Exec(exec) = process_event(&as_bytes(&ev)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(exec.args, ["qemu", "-uuid"], "the cut `abc-d` is not an id");
+        assert_eq!(exec.args_total, 4000);
+        assert_eq!(exec.args_prefix, b"qemu\0-uuid\0abc-d");
     }
 
     #[test]

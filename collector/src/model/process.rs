@@ -22,10 +22,13 @@ pub(crate) struct ProcessExec {
     pub(crate) comm: String,
     /// Path given to exec.
     pub(crate) filename: String,
-    /// Arguments, argv[0] first.
+    /// Arguments, argv[0] first: those the kernel's prefix of the command line holds whole.
     pub(crate) args: Vec<String>,
-    /// The command line was longer than the kernel copied.
-    pub(crate) args_truncated: bool,
+    /// The command line's bytes as the kernel copied them (a prefix when `args_total` is
+    /// larger).
+    pub(crate) args_prefix: Vec<u8>,
+    /// Bytes of the whole command line.
+    pub(crate) args_total: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +72,7 @@ pub(crate) struct OomVictim {
     pub(crate) counters: Option<OomCounters>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct OomCounters {
     pub(crate) total_vm_bytes: u64,
     pub(crate) anon_rss_bytes: u64,

@@ -31,9 +31,69 @@ pub(crate) fn start_time(pid: u32) -> Option<StartTime> {
     })
 }
 
-/// Is the process `pid` that started at `start` still there (and not a reused pid)?
-pub(crate) fn still_running(pid: u32, start: StartTime) -> bool {
-    start_time(pid).is_some_and(|now| now.ticks == start.ticks)
+/// Field 3 of `/proc/PID/stat`, the state letter.
+fn parse_state(stat: &str) -> Option<char> {
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
+}
+
+/// A zombie or dead task: past its exit.
+fn is_dead(state: Option<char>) -> bool {
+    matches!(state, None | Some('Z' | 'X' | 'x'))
+}
+
+/// Whether the process `pid`, known to have been running at `CLOCK_BOOTTIME` `seen_boot_ns`,
+/// still runs: its pid is not gone or taken by a later process, and it has not exited. A
+/// zombie has exited (its last thread is past `sched_process_exit`), unless only its leader
+/// has: then another thread still runs.
+pub(crate) fn running_since(pid: u32, seen_boot_ns: u64) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some(ticks) = parse_start_ticks(&stat) else {
+        return false;
+    };
+    // The start time is whole clock ticks, rounded down: never later than the true start.
+    if ticks * (1_000_000_000 / time::clock_ticks_per_second()) > seen_boot_ns {
+        return false;
+    }
+    if !is_dead(parse_state(&stat)) {
+        return true;
+    }
+    threads_stat(pid).any(|stat| !is_dead(parse_state(&stat)))
+}
+
+/// `/proc/PID/task/*/stat` of each thread still listed.
+fn threads_stat(pid: u32) -> impl Iterator<Item = String> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| fs::read_to_string(e.path().join("stat")).ok())
+}
+
+/// The whole command line of the process `pid` that exec'd at `CLOCK_BOOTTIME` `exec_boot_ns`,
+/// from `/proc/PID/cmdline`, when it still runs that exec: it started before the exec (a
+/// reused pid started after), and the line is `total` bytes and starts with the `prefix` the
+/// kernel copied at the exec (a process that exec'd again, or rewrote its arguments, does not
+/// match). `None` otherwise: then the prefix is all there is.
+pub(crate) fn cmdline_of_exec(
+    pid: u32,
+    exec_boot_ns: u64,
+    prefix: &[u8],
+    total: usize,
+) -> Option<Vec<u8>> {
+    let before = start_time(pid)?;
+    if before.boot_ns > exec_boot_ns {
+        return None;
+    }
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    // Read the start again: the pid may have been reused while the line was read.
+    let same = start_time(pid).is_some_and(|after| after.ticks == before.ticks);
+    (same && cmdline.len() == total && cmdline.starts_with(prefix)).then_some(cmdline)
 }
 
 /// A process found in `/proc`: what identifies it and when it started.
@@ -148,6 +208,13 @@ pub(crate) fn open_files(pid: u32) -> Vec<(u32, std::path::PathBuf)> {
         .collect()
 }
 
+/// This boot of the host (`/proc/sys/kernel/random/boot_id`): pids and boot-clock times of
+/// another boot mean nothing in this one.
+pub(crate) fn boot_id() -> Option<String> {
+    let id = fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    Some(id.trim().to_owned()).filter(|id| !id.is_empty())
+}
+
 /// Effective capabilities of this process, from `/proc/self/status`.
 pub(crate) fn effective_capabilities() -> u64 {
     fs::read_to_string("/proc/self/status")
@@ -172,17 +239,70 @@ mod tests {
     }
 
     #[test]
+    fn state_letter() {
+        let stat = "42 (a) Z) Z 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 3 0 12345 1000 10";
+        assert_eq!(parse_state(stat), Some('Z'));
+        assert!(is_dead(parse_state(stat)));
+        assert!(!is_dead(Some('S')));
+    }
+
+    #[test]
+    fn running_since_tells_a_later_start_and_an_exit() {
+        let me = std::process::id();
+        assert!(running_since(me, time::boot_ns_now()));
+        let start = start_time(me).unwrap();
+        assert!(
+            !running_since(me, start.boot_ns.saturating_sub(1_000_000_000)),
+            "a process that started after it was seen is another one"
+        );
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Exited, not reaped yet: a zombie has exited.
+        while parse_state(&fs::read_to_string(format!("/proc/{pid}/stat")).unwrap()) != Some('Z') {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!running_since(pid, time::boot_ns_now()));
+        child.wait().unwrap();
+        assert!(!running_since(pid, time::boot_ns_now()));
+    }
+
+    #[test]
+    fn cmdline_of_a_running_exec() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let now = time::boot_ns_now();
+        let line = b"sleep\x0030\x00";
+        // /proc/PID/cmdline shows the new program only once exec is done.
+        let got = (0..500).find_map(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            cmdline_of_exec(pid, now, b"sleep", line.len())
+        });
+        assert_eq!(got.as_deref(), Some(&line[..]));
+        assert_eq!(cmdline_of_exec(pid, now, b"other", line.len()), None);
+        assert_eq!(cmdline_of_exec(pid, now, b"sleep", 99), None);
+        let start = start_time(pid).unwrap();
+        assert_eq!(
+            cmdline_of_exec(
+                pid,
+                start.boot_ns.saturating_sub(1_000_000_000),
+                b"sleep",
+                9
+            ),
+            None,
+            "an exec before the process started is another process's"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[test]
     fn own_process_is_running() {
         let me = std::process::id();
         let start = start_time(me).expect("own stat");
-        assert!(still_running(me, start));
-        assert!(!still_running(
-            me,
-            StartTime {
-                ticks: start.ticks + 1,
-                ..start
-            }
-        ));
+        assert!(running_since(me, start.boot_ns));
         assert!(threads(me).iter().any(|(tid, _)| *tid == me));
     }
 

@@ -24,6 +24,7 @@ use tracing::{info, warn};
 use super::{
     btf_offsets::{self, OffsetError, VMLINUX_BTF},
     console::ConsoleKernel,
+    console_fds::ConsoleFdSweep,
     sched::{SchedMaps, SharedSched, ThreadFilter},
     syscalls,
     tracefs::{self, ConsoleHooks},
@@ -208,6 +209,8 @@ pub(crate) struct Kernel {
     pub(crate) drops: KernelDrops,
     pub(crate) sched: SharedSched,
     pub(crate) console: ConsoleKernel,
+    /// Reconciliation's own handle on the console-descriptor map.
+    pub(crate) console_fds: ConsoleFdSweep,
     pub(crate) console_events: RingBuf<MapData>,
     /// Keeps the kernel's BPF run-time statistics on (`collector_ebpf_program_*`); `None` when
     /// the kernel refused (logged).
@@ -287,6 +290,7 @@ pub(crate) fn load(config: &KernelConfig, plan: &KernelPlan) -> Result<Kernel, L
         }
     };
 
+    let console_fds = ConsoleFdSweep::new(second_handle(&ebpf, map::CONSOLE_FDS)?);
     // The console rules are in place before the first program can see an open.
     let (console, console_events) = ConsoleKernel::take(&mut ebpf, &plan.console_rules)?;
     let mut probes: Vec<ProbeState> = PROBES
@@ -304,6 +308,7 @@ pub(crate) fn load(config: &KernelConfig, plan: &KernelPlan) -> Result<Kernel, L
             thread_filter(&mut ebpf)?,
         ))),
         console,
+        console_fds,
         console_events,
         stats_enabled,
         probes,
@@ -353,6 +358,26 @@ fn thread_filter(ebpf: &mut Ebpf) -> Result<ThreadFilter, LoadError> {
         });
     };
     ThreadFilter::new(data).map_err(|source| LoadError::Mmap { name: NAME, source })
+}
+
+/// A handle of its own on the hash map `name`, which stays in `ebpf` for its owner to take.
+fn second_handle<M>(ebpf: &Ebpf, name: &'static str) -> Result<M, LoadError>
+where
+    M: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    use std::os::fd::AsFd;
+    let Some(Map::HashMap(data)) = ebpf.map(name) else {
+        return Err(LoadError::MissingMap(name));
+    };
+    let map_error = |source| LoadError::Map { name, source };
+    let fd = data.fd().as_fd().try_clone_to_owned().map_err(|source| {
+        map_error(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "dup",
+            io_error: source,
+        }))
+    })?;
+    let data = MapData::from_fd(fd).map_err(map_error)?;
+    M::try_from(Map::HashMap(data)).map_err(map_error)
 }
 
 pub(crate) fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>

@@ -5,6 +5,7 @@
 pub(crate) mod btf_offsets;
 pub(crate) mod console;
 pub(crate) mod console_decode;
+pub(crate) mod console_fds;
 pub(crate) mod loader;
 pub(crate) mod process_decode;
 pub(crate) mod process_ring;

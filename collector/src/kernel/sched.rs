@@ -214,6 +214,18 @@ impl SchedMaps {
         }
     }
 
+    /// The processes the thread and aggregate maps hold entries of (reconciliation removes
+    /// those of processes the kernel no longer follows).
+    pub(crate) fn tgids(&self) -> std::collections::HashSet<u32> {
+        let threads = self
+            .threads
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, t)| t.tgid);
+        let stats = self.stats.keys().filter_map(Result::ok).map(|k| k.tgid);
+        threads.chain(stats).collect()
+    }
+
     /// Entries in the thread and aggregate maps (to see that nothing leaks).
     pub(crate) fn entries(&self) -> (usize, usize) {
         (self.threads.keys().count(), self.stats.keys().count())

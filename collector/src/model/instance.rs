@@ -3,18 +3,20 @@
 
 use std::{collections::BTreeMap, time::SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{lifecycle::OomDetails, process::ProcessExit};
 
 /// How the collector learned of an instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum Origin {
     /// Seen exec'ing by the kernel program.
     Exec,
     /// Already running when the collector started (found by the `/proc` scan).
     Discovered,
+    /// Found by a `/proc` rescan after the kernel lost exec records (its ring was full).
+    Rescan,
 }
 
 impl Origin {
@@ -22,6 +24,7 @@ impl Origin {
         match self {
             Self::Exec => "exec",
             Self::Discovered => "discovered",
+            Self::Rescan => "rescan",
         }
     }
 }
@@ -81,11 +84,36 @@ impl Instance {
     }
 }
 
+/// An instance the previous run of the collector listed (its restart state, or the events
+/// files it left), as the start-up scan checks it: running still, or ended while the collector
+/// was down.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct PreviousInstance {
+    pub(crate) instance_uuid: String,
+    pub(crate) hypervisor: String,
+    pub(crate) pid: u32,
+    pub(crate) origin: Origin,
+    pub(crate) start_time: SystemTime,
+    /// `CLOCK_BOOTTIME` of the start, when it is from this boot.
+    pub(crate) start_boot_ns: u64,
+    /// `CLOCK_BOOTTIME` at which it was known to run; a process with its pid that started
+    /// later is another one. 0: from an earlier boot of the host (nothing of it runs).
+    pub(crate) seen_boot_ns: u64,
+}
+
 /// A change to the set of instances, from discovery to the registry.
 #[derive(Debug)]
 pub(crate) enum InstanceUpdate {
     /// A VMM started, or was found running.
     Add(Instance),
+    /// An instance listed before the collector restarted, found running still: listed again
+    /// without an event (a restart of the collector is not an event of the instance).
+    Restore(Instance),
+    /// The listed instance with this pid, seen running at `seen_boot_ns`, is gone and its exit
+    /// record is not coming (the kernel lost it): it ended at an unknown time, status unknown.
+    Vanished { pid: u32, seen_boot_ns: u64 },
+    /// An instance the previous run listed ended while the collector was down.
+    EndedWhileDown(PreviousInstance),
     /// The OOM killer chose the VMM with this pid.
     OomVictim { pid: u32, details: OomDetails },
     /// The last thread of the VMM with this pid exited.

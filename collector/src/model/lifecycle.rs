@@ -3,11 +3,11 @@
 
 use std::time::SystemTime;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{process::OomCounters, time};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum EventKind {
     /// The VMM exec'd while the collector watched.
@@ -41,6 +41,44 @@ impl EventKind {
             Self::OomKill => "oom_kill",
         }
     }
+}
+
+/// `reason` of a `start`: the VMM exec'd.
+pub(crate) const REASON_EXEC: &str = "exec";
+/// `reason` of a `discovered` at start-up.
+pub(crate) const REASON_RUNNING_AT_STARTUP: &str = "running_at_startup";
+/// `reason` of a `discovered` found by a `/proc` rescan after the kernel lost exec records.
+pub(crate) const REASON_EXEC_RECORD_LOST: &str = "exec_record_lost";
+/// `reason` of a `stop` whose exit the collector did not see: the kernel lost the exit
+/// record, or the instance ended while the collector was down. No exit status: none is known.
+pub(crate) const REASON_UNOBSERVED_EXIT: &str = "unobserved_exit";
+
+/// Every `reason` an event can carry (read back from the events files as these constants).
+pub(crate) const REASONS: [&str; 11] = [
+    REASON_EXEC,
+    REASON_RUNNING_AT_STARTUP,
+    REASON_EXEC_RECORD_LOST,
+    REASON_UNOBSERVED_EXIT,
+    "exited",
+    "terminated",
+    "killed",
+    "exit_code",
+    "fatal_signal",
+    "signal",
+    "oom_killer",
+];
+
+/// `constraint` values of [`OomDetails`].
+pub(crate) const OOM_CONSTRAINTS: [&str; 3] = ["memcg", "global", "unknown"];
+
+/// The constant of `vocabulary` equal to `text`, else `"unknown"` (a value from a newer
+/// collector): what a field of static text is read back as.
+fn static_text(vocabulary: &[&'static str], text: &str) -> &'static str {
+    vocabulary
+        .iter()
+        .find(|known| **known == text)
+        .copied()
+        .unwrap_or("unknown")
 }
 
 /// How an exit reads.
@@ -152,11 +190,13 @@ pub(crate) struct OomDetails {
     pub(crate) memcg_limit_bytes: Option<u64>,
 }
 
-/// One lifecycle event, as the API, the events files and the log line show it.
+/// One lifecycle event, as the API, the events files and the log line show it. Read back from
+/// the events files at start-up ([`Sequenced::from_line`]).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub(crate) struct LifecycleEvent {
     /// RFC 3339, from the kernel's timestamp of the exec or exit.
     pub(crate) ts: String,
+    /// `ts` as a time.
     #[serde(skip)]
     pub(crate) time: SystemTime,
     pub(crate) instance_uuid: String,
@@ -210,13 +250,74 @@ impl LifecycleEvent {
     }
 }
 
-/// An event with its place in the collector's record (gap-free, from 1), as it leaves the
-/// registry for the sinks.
+/// An event with its place in the collector's record (gap-free, from 1, continued across
+/// restarts), as it leaves the registry for the sinks.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub(crate) struct Sequenced {
     pub(crate) seq: u64,
     #[serde(flatten)]
     pub(crate) event: LifecycleEvent,
+}
+
+/// An events-file line, as read back: the static texts owned until they are matched with
+/// their constants.
+#[derive(Deserialize)]
+struct EventLine {
+    seq: u64,
+    ts: String,
+    instance_uuid: String,
+    hypervisor: String,
+    event: EventKind,
+    reason: String,
+    pid: u32,
+    exit_code: Option<i32>,
+    signal: Option<u32>,
+    #[serde(default)]
+    core_dumped: bool,
+    #[serde(default)]
+    uptime_seconds: f64,
+    oom: Option<OomLine>,
+}
+
+#[derive(Deserialize)]
+struct OomLine {
+    victim_pid: u32,
+    #[serde(flatten)]
+    counters: Option<OomCounters>,
+    constraint: String,
+    memcg_path: Option<String>,
+    memcg_limit_bytes: Option<u64>,
+}
+
+impl Sequenced {
+    /// An event as an events file holds it (one JSON line); `None` for anything else.
+    pub(crate) fn from_line(line: &[u8]) -> Option<Self> {
+        let l: EventLine = serde_json::from_slice(line).ok()?;
+        Some(Self {
+            seq: l.seq,
+            event: LifecycleEvent {
+                time: time::parse_rfc3339(&l.ts)?,
+                ts: l.ts,
+                instance_uuid: l.instance_uuid,
+                hypervisor: l.hypervisor,
+                event: l.event,
+                reason: static_text(&REASONS, &l.reason),
+                pid: l.pid,
+                exit_code: l.exit_code,
+                signal: l.signal,
+                signal_name: l.signal.and_then(signal_name),
+                core_dumped: l.core_dumped,
+                uptime_seconds: l.uptime_seconds,
+                oom: l.oom.map(|o| OomDetails {
+                    victim_pid: o.victim_pid,
+                    counters: o.counters,
+                    constraint: static_text(&OOM_CONSTRAINTS, &o.constraint),
+                    memcg_path: o.memcg_path,
+                    memcg_limit_bytes: o.memcg_limit_bytes,
+                }),
+            },
+        })
+    }
 }
 
 /// A consumer of the registry's lifecycle events: called in order, from the registry's task,
@@ -297,6 +398,46 @@ mod tests {
                 "status {status:#x} oom {oom}"
             );
         }
+    }
+
+    #[test]
+    fn events_read_back_as_written() {
+        let oom = OomDetails {
+            victim_pid: 8,
+            counters: Some(OomCounters {
+                total_vm_bytes: 1,
+                anon_rss_bytes: 2,
+                file_rss_bytes: 3,
+                shmem_rss_bytes: 4,
+                oom_score_adj: -5,
+            }),
+            constraint: "memcg",
+            memcg_path: Some("/x".into()),
+            memcg_limit_bytes: Some(9),
+        };
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::new(1_800_000_000, 123_456_789);
+        let events = [
+            LifecycleEvent {
+                oom: Some(oom),
+                uptime_seconds: 1.5,
+                ..LifecycleEvent::new(t, "u", "fc", EventKind::OomKill, "oom_killer", 7)
+                    .with_exit(classify_exit(9, true))
+            },
+            LifecycleEvent::new(t, "u\"2", "fc", EventKind::Stop, REASON_UNOBSERVED_EXIT, 7),
+            LifecycleEvent::new(t, "u", "fc", EventKind::Start, REASON_EXEC, 7),
+        ];
+        for (seq, event) in events.into_iter().enumerate() {
+            let sequenced = Sequenced {
+                seq: seq as u64 + 1,
+                event,
+            };
+            let line = serde_json::to_vec(&sequenced).unwrap();
+            assert_eq!(Sequenced::from_line(&line), Some(sequenced));
+        }
+        assert_eq!(Sequenced::from_line(b"{\"seq\":1}"), None);
+        assert_eq!(Sequenced::from_line(b"not json"), None);
+        let newer = br#"{"seq":3,"ts":"2027-01-15T08:00:00Z","instance_uuid":"u","hypervisor":"h","event":"stop","reason":"from_the_future","pid":1,"exit_code":null,"signal":null,"signal_name":null,"core_dumped":false,"uptime_seconds":0.0,"oom":null,"extra":1}"#;
+        assert_eq!(Sequenced::from_line(newer).unwrap().event.reason, "unknown");
     }
 
     #[test]

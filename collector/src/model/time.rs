@@ -35,6 +35,24 @@ pub(crate) fn rfc3339(t: SystemTime) -> String {
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
 }
 
+/// An RFC 3339 time, as [`rfc3339`] writes it.
+pub(crate) fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    OffsetDateTime::parse(text, &Rfc3339)
+        .ok()
+        .map(SystemTime::from)
+}
+
+/// The `CLOCK_BOOTTIME` of a wall-clock time, as of now (0 for a time before this boot).
+pub(crate) fn system_time_to_boot_ns(t: SystemTime) -> u64 {
+    let now_boot = boot_ns_now();
+    match SystemTime::now().duration_since(t) {
+        Ok(ago) => now_boot.saturating_sub(u64::try_from(ago.as_nanos()).unwrap_or(u64::MAX)),
+        Err(ahead) => {
+            now_boot.saturating_add(u64::try_from(ahead.duration().as_nanos()).unwrap_or(u64::MAX))
+        }
+    }
+}
+
 /// Clock ticks per second of `/proc/PID/stat` times.
 pub(crate) fn clock_ticks_per_second() -> u64 {
     // SAFETY: sysconf has no preconditions.
@@ -83,6 +101,17 @@ mod tests {
         let skew = SystemTime::now().duration_since(t).unwrap_or_default();
         assert!(skew < Duration::from_secs(1), "{skew:?}");
         assert!(rfc3339(t).ends_with('Z'));
+    }
+
+    #[test]
+    fn rfc3339_round_trip_and_boot_clock() {
+        let t = UNIX_EPOCH + Duration::new(1_800_000_000, 120_000_001);
+        assert_eq!(parse_rfc3339(&rfc3339(t)), Some(t));
+        assert_eq!(parse_rfc3339("yesterday"), None);
+        let now = boot_ns_now();
+        let back = system_time_to_boot_ns(boot_ns_to_system_time(now));
+        assert!(back.abs_diff(now) < 50_000_000, "{back} vs {now}");
+        assert_eq!(system_time_to_boot_ns(UNIX_EPOCH), 0);
     }
 
     #[test]

@@ -12,8 +12,12 @@ use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 use tokio::sync::{mpsc, watch};
 
 use crate::model::{
-    instance::{Instance, InstanceUpdate, Origin, Snapshot, SnapshotReceiver},
-    lifecycle::{EventKind, EventSubscriber, LifecycleEvent, Sequenced, classify_exit},
+    health::PipelineGuard,
+    instance::{Instance, InstanceUpdate, Origin, PreviousInstance, Snapshot, SnapshotReceiver},
+    lifecycle::{
+        EventKind, EventSubscriber, LifecycleEvent, REASON_EXEC, REASON_EXEC_RECORD_LOST,
+        REASON_RUNNING_AT_STARTUP, REASON_UNOBSERVED_EXIT, Sequenced, classify_exit,
+    },
     time,
 };
 
@@ -38,8 +42,25 @@ fn ended(instance: &Instance, boot_ns: u64) -> LifecycleEvent {
             &instance.instance_uuid,
             &instance.hypervisor,
             EventKind::Stop,
-            "exec",
+            REASON_EXEC,
             instance.pid,
+        )
+    }
+}
+
+/// The `stop` of an instance whose exit the collector did not see: now (when it found out),
+/// no exit status (none is known; none is made up), uptime up to now.
+fn unobserved_exit(uuid: &str, hypervisor: &str, pid: u32, start: SystemTime) -> LifecycleEvent {
+    let now = SystemTime::now();
+    LifecycleEvent {
+        uptime_seconds: now.duration_since(start).unwrap_or_default().as_secs_f64(),
+        ..LifecycleEvent::new(
+            now,
+            uuid,
+            hypervisor,
+            EventKind::Stop,
+            REASON_UNOBSERVED_EXIT,
+            pid,
         )
     }
 }
@@ -60,17 +81,20 @@ pub(crate) fn apply(instances: &mut BTreeMap<u32, Instance>, update: InstanceUpd
                 // The VMM exec'd another VMM: the first instance ended there.
                 applied.events.push(ended(existing, instance.start_boot_ns));
             }
+            let running_for =
+                time::boot_ns_now().saturating_sub(instance.start_boot_ns) as f64 / 1e9;
             let (kind, reason, uptime) = match instance.origin {
-                Origin::Exec => (EventKind::Start, "exec", 0.0),
+                Origin::Exec => (EventKind::Start, REASON_EXEC, 0.0),
                 Origin::Discovered => (
                     EventKind::Discovered,
-                    "running_at_startup",
-                    time::boot_ns_now().saturating_sub(instance.start_boot_ns) as f64 / 1e9,
+                    REASON_RUNNING_AT_STARTUP,
+                    running_for,
                 ),
+                Origin::Rescan => (EventKind::Discovered, REASON_EXEC_RECORD_LOST, running_for),
             };
             let time = match instance.origin {
                 Origin::Exec => instance.start_time,
-                Origin::Discovered => SystemTime::now(),
+                Origin::Discovered | Origin::Rescan => SystemTime::now(),
             };
             applied.events.push(LifecycleEvent {
                 uptime_seconds: uptime,
@@ -91,16 +115,55 @@ pub(crate) fn apply(instances: &mut BTreeMap<u32, Instance>, update: InstanceUpd
                 instance.oom = Some(details);
             }
         }
+        InstanceUpdate::Restore(instance) => {
+            if let Some(existing) = instances.get(&instance.pid) {
+                applied.events.push(ended(existing, time::boot_ns_now()));
+            }
+            instances.insert(instance.pid, instance);
+            applied.changed = true;
+        }
+        InstanceUpdate::Vanished { pid, seen_boot_ns } => {
+            if instances
+                .get(&pid)
+                .is_some_and(|i| i.seen_boot_ns == seen_boot_ns)
+                && let Some(i) = instances.remove(&pid)
+            {
+                applied.events.push(unobserved_exit(
+                    &i.instance_uuid,
+                    &i.hypervisor,
+                    i.pid,
+                    i.start_time,
+                ));
+                applied.changed = true;
+            }
+        }
+        InstanceUpdate::EndedWhileDown(PreviousInstance {
+            instance_uuid,
+            hypervisor,
+            pid,
+            start_time,
+            ..
+        }) => {
+            applied.events.push(unobserved_exit(
+                &instance_uuid,
+                &hypervisor,
+                pid,
+                start_time,
+            ));
+        }
         InstanceUpdate::Exit { pid, exit } => {
             if let Some(instance) = instances.remove(&pid) {
-                let class = classify_exit(exit.wait_status(), exit.oom_victim);
+                // The OOM record may have arrived while the kernel's mark on the process was
+                // lost (a rewrite of its entry raced the OOM killer): either tells an OOM kill.
+                let oom_victim = exit.oom_victim || instance.oom.is_some();
+                let class = classify_exit(exit.wait_status(), oom_victim);
                 let mut event = LifecycleEvent {
                     event: class.event,
                     reason: class.reason,
                     ..ended(&instance, exit.boot_ns)
                 }
                 .with_exit(class);
-                if exit.oom_victim {
+                if class.event == EventKind::OomKill {
                     event.oom = instance.oom;
                 }
                 applied.events.push(event);
@@ -119,22 +182,33 @@ pub(crate) fn apply(instances: &mut BTreeMap<u32, Instance>, update: InstanceUpd
     applied
 }
 
+/// Where the registry publishes its snapshots, made before it so that a subscriber of its
+/// events can also read them.
+pub(crate) fn snapshot_channel() -> (watch::Sender<Arc<Snapshot>>, SnapshotReceiver) {
+    watch::channel(Arc::new(Snapshot::default()))
+}
+
 /// The registry's handles: where discovery sends, what readers watch.
 pub(crate) struct Registry {
     pub(crate) updates: mpsc::Sender<InstanceUpdate>,
     pub(crate) snapshot: SnapshotReceiver,
 }
 
-/// Spawns the registry task. It ends, dropping its subscribers, once every update sender is
-/// gone and the queued updates are applied.
+/// Spawns the registry task, numbering events from `last_seq + 1` (where the previous run
+/// stopped). It ends, dropping its subscribers, once every update sender is gone and the
+/// queued updates are applied.
 pub(crate) fn spawn(
     mut subscribers: Vec<Box<dyn EventSubscriber>>,
+    last_seq: u64,
+    snapshot_tx: watch::Sender<Arc<Snapshot>>,
+    guard: PipelineGuard,
 ) -> (Registry, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<InstanceUpdate>(QUEUE);
-    let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
+    let snapshot_rx = snapshot_tx.subscribe();
     let task = tokio::spawn(async move {
+        let _guard = guard;
         let mut instances = BTreeMap::new();
-        let mut next_seq = 0;
+        let mut next_seq = last_seq;
         while let Some(update) = rx.recv().await {
             let mut changed = false;
             let mut barriers = Vec::new();
@@ -267,6 +341,125 @@ mod tests {
         assert_eq!(kinds(&end), [EventKind::OomKill]);
         assert_eq!(end.events[0].signal_name, Some("SIGKILL"));
         assert_eq!(end.events[0].oom, Some(details));
+    }
+
+    fn oom_details() -> OomDetails {
+        OomDetails {
+            victim_pid: 7,
+            counters: None,
+            constraint: "memcg",
+            memcg_path: None,
+            memcg_limit_bytes: None,
+        }
+    }
+
+    #[test]
+    fn the_oom_record_alone_makes_a_sigkill_an_oom_kill() {
+        let mut m = BTreeMap::new();
+        apply(
+            &mut m,
+            InstanceUpdate::Add(instance(7, "b", 10, Origin::Exec)),
+        );
+        apply(
+            &mut m,
+            InstanceUpdate::OomVictim {
+                pid: 7,
+                details: oom_details(),
+            },
+        );
+        // The kernel's mark was lost in a race: the exit does not carry it.
+        let end = apply(&mut m, exit(7, 9, false));
+        assert_eq!(kinds(&end), [EventKind::OomKill]);
+        assert_eq!(end.events[0].oom, Some(oom_details()));
+        // Without the record, a SIGKILL is a kill; and an OOM record does not make an exit 0
+        // anything but a stop.
+        apply(
+            &mut m,
+            InstanceUpdate::Add(instance(8, "c", 10, Origin::Exec)),
+        );
+        assert_eq!(kinds(&apply(&mut m, exit(8, 9, false))), [EventKind::Stop]);
+        apply(
+            &mut m,
+            InstanceUpdate::Add(instance(9, "d", 10, Origin::Exec)),
+        );
+        apply(
+            &mut m,
+            InstanceUpdate::OomVictim {
+                pid: 9,
+                details: oom_details(),
+            },
+        );
+        let end = apply(&mut m, exit(9, 0, false));
+        assert_eq!(
+            (kinds(&end)[0], end.events[0].oom.clone()),
+            (EventKind::Stop, None)
+        );
+    }
+
+    #[test]
+    fn unobserved_exits_carry_no_status() {
+        let mut m = BTreeMap::new();
+        apply(
+            &mut m,
+            InstanceUpdate::Add(instance(1, "a", 10, Origin::Exec)),
+        );
+        // Another process's pid use (seen at another time) is not this instance's end.
+        let other = apply(
+            &mut m,
+            InstanceUpdate::Vanished {
+                pid: 1,
+                seen_boot_ns: 11,
+            },
+        );
+        assert!(other.events.is_empty() && !other.changed);
+        let gone = apply(
+            &mut m,
+            InstanceUpdate::Vanished {
+                pid: 1,
+                seen_boot_ns: 10,
+            },
+        );
+        assert_eq!(kinds(&gone), [EventKind::Stop]);
+        let e = &gone.events[0];
+        assert_eq!(e.reason, REASON_UNOBSERVED_EXIT);
+        assert_eq!((e.exit_code, e.signal, e.signal_name), (None, None, None));
+        assert!(m.is_empty());
+        // Its exit record, had it come late, changes nothing.
+        assert!(apply(&mut m, exit(1, 0, false)).events.is_empty());
+        let down = apply(
+            &mut m,
+            InstanceUpdate::EndedWhileDown(PreviousInstance {
+                instance_uuid: "p".into(),
+                hypervisor: "firecracker".into(),
+                pid: 4,
+                origin: Origin::Exec,
+                start_time: SystemTime::UNIX_EPOCH,
+                start_boot_ns: 0,
+                seen_boot_ns: 0,
+            }),
+        );
+        assert_eq!(kinds(&down), [EventKind::Stop]);
+        assert_eq!(
+            (down.events[0].reason, down.events[0].instance_uuid.as_str()),
+            (REASON_UNOBSERVED_EXIT, "p")
+        );
+        assert!(!down.changed, "it was not listed");
+    }
+
+    #[test]
+    fn restored_and_rescanned_instances() {
+        let mut m = BTreeMap::new();
+        let restored = apply(
+            &mut m,
+            InstanceUpdate::Restore(instance(3, "r", 10, Origin::Exec)),
+        );
+        assert!(restored.changed && restored.events.is_empty());
+        let found = apply(
+            &mut m,
+            InstanceUpdate::Add(instance(5, "s", 10, Origin::Rescan)),
+        );
+        assert_eq!(kinds(&found), [EventKind::Discovered]);
+        assert_eq!(found.events[0].reason, REASON_EXEC_RECORD_LOST);
     }
 
     #[test]

@@ -1,21 +1,19 @@
-//! The start-up scan: hypervisor processes already running, as claims.
+//! Scans of `/proc`: hypervisor processes running, as claims.
 
 use super::Claim;
-use crate::{
-    host::proc::{self, StartTime},
-    matching::Identified,
-    model::instance::Origin,
-};
+use crate::{host::proc, matching::Identified, model::instance::Origin};
 
-/// A running process a matcher claimed, and when it started (to tell a reused pid).
+/// A running process a matcher claimed, and when the scan saw it running.
 #[derive(Debug)]
 pub(super) struct Found {
     pub(super) claim: Claim,
-    pub(super) start: StartTime,
+    /// `CLOCK_BOOTTIME` just before its command line was read.
+    pub(super) seen: u64,
 }
 
-/// Every running process that `identify(executable, args, pid)` claims.
+/// Every running process that `identify(executable, args, pid)` claims, as claims of `origin`.
 pub(super) fn scan(
+    origin: Origin,
     mut identify: impl FnMut(&str, &[String], u32) -> Option<Identified>,
 ) -> Vec<Found> {
     proc::processes(|_| true)
@@ -27,14 +25,14 @@ pub(super) fn scan(
                     pid: p.pid,
                     matcher: found.matcher,
                     instance_uuid: found.instance_uuid,
-                    origin: Origin::Discovered,
+                    origin,
                     start_time: p.start.wall,
                     start_boot_ns: p.start.boot_ns,
                     seen_boot_ns: p.seen_boot_ns,
                     executable: p.executable,
                     args: p.args,
                 },
-                start: p.start,
+                seen: p.seen_boot_ns,
             })
         })
         .collect()

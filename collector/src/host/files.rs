@@ -97,6 +97,50 @@ impl LogDir {
         found
     }
 
+    /// The file `name` of the log folder itself (not a link).
+    pub(crate) fn read(&self, name: &str) -> io::Result<Vec<u8>> {
+        use std::io::Read;
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let mut file = File::from(rustix::fs::openat(&self.root, name, flags, Mode::empty())?);
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// Replaces the file `name` of the log folder with `bytes`, atomically: a reader (or the
+    /// next start after a crash) finds the old file or the new one whole. Written to a
+    /// temporary file, flushed to disk, renamed over `name`, and the folder flushed so that the
+    /// rename holds too.
+    pub(crate) fn replace(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        let tmp = format!("{name}.tmp");
+        let flags =
+            OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = rustix::fs::openat(&self.root, tmp.as_str(), flags, Mode::from_raw_mode(0o640))?;
+        let mut file = File::from(fd);
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        drop(file);
+        rustix::fs::renameat(&self.root, tmp.as_str(), &self.root, name)?;
+        rustix::fs::fsync(&self.root)?;
+        Ok(())
+    }
+
+    /// The file `file` of the instance folder `dir` (both as [`Self::files`] names them), or
+    /// only its last `tail` bytes.
+    pub(crate) fn read_in(&self, dir: &str, file: &str, tail: Option<u64>) -> io::Result<Vec<u8>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let dir = open_dir(&self.root, dir)?;
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let mut file = File::from(rustix::fs::openat(&dir, file, flags, Mode::empty())?);
+        if let Some(tail) = tail {
+            let size = file.metadata()?.len();
+            file.seek(SeekFrom::Start(size.saturating_sub(tail)))?;
+        }
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        Ok(bytes)
+    }
+
     /// Deletes `file` (found by [`Self::files`]).
     pub(crate) fn remove(&self, file: &OnDisk) -> io::Result<()> {
         let dir = open_dir(&self.root, &file.dir)?;
@@ -266,6 +310,38 @@ mod tests {
         names.sort();
         assert_eq!(names, ["events.log", "events.log.1", "events.log.2"]);
         assert_eq!(file.rotate().unwrap(), 7, "the oldest falls off");
+    }
+
+    #[test]
+    fn files_of_the_folder_are_replaced_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let logs = LogDir::open(tmp.path()).unwrap();
+        assert_eq!(
+            logs.read("state").unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+        logs.replace("state", b"one").unwrap();
+        logs.replace("state", b"two").unwrap();
+        assert_eq!(logs.read("state").unwrap(), b"two");
+        let names: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["state"], "no temporary file left");
+        std::os::unix::fs::symlink("/etc/passwd", tmp.path().join("link")).unwrap();
+        assert!(logs.read("link").is_err(), "O_NOFOLLOW");
+        let mut file =
+            RotatingFile::open(logs.instance_dir("a").unwrap(), "events.log", 100, 1).unwrap();
+        file.append(b"0123456789").unwrap();
+        assert_eq!(
+            logs.read_in("a", "events.log", None).unwrap(),
+            b"0123456789"
+        );
+        assert_eq!(logs.read_in("a", "events.log", Some(3)).unwrap(), b"789");
+        assert_eq!(
+            logs.read_in("a", "events.log", Some(30)).unwrap(),
+            b"0123456789"
+        );
     }
 
     #[test]

@@ -110,6 +110,16 @@ impl ConsoleReader {
         Ok(Self { ring })
     }
 
+    /// Passes the records on the ring now to `each`, at most `max`, without waiting
+    /// (shutdown's last read: bounded, as a VMM may keep writing).
+    pub(crate) fn drain_now(&mut self, max: usize, mut each: impl FnMut(&[u8])) {
+        let ring = self.ring.get_mut();
+        for _ in 0..max {
+            let Some(record) = ring.next() else { break };
+            each(&record);
+        }
+    }
+
     /// Waits until the kernel has written.
     pub(crate) async fn ready(&mut self) -> std::io::Result<Ready<'_>> {
         Ok(Ready {

@@ -51,13 +51,6 @@ pub(crate) enum LineEnd {
     Cut(u64),
     /// Not a line: the mark of a place in the stream where output is missing. The line before
     /// it ended there and is not joined to the line after.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "marked by the console source's loss and restart handling"
-        )
-    )]
     Gap(Gap),
 }
 
@@ -100,6 +93,16 @@ impl GapReason {
             Self::Unknown => "unknown",
         }
     }
+}
+
+/// Where the console streams of instances that ran before the collector restarted pick up:
+/// the last `seq` of each stream (stdout, stderr, console) by instance id, and the earliest
+/// time the collector may have stopped capturing (each such stream gets one
+/// [`GapReason::CollectorDown`] record from there to the restart).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Resume {
+    pub(crate) seqs: std::collections::HashMap<String, [u64; 3]>,
+    pub(crate) down_since: Option<SystemTime>,
 }
 
 /// Where console bytes were given up (the `where` label of

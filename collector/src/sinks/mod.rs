@@ -4,3 +4,4 @@
 pub(crate) mod console_logs;
 pub(crate) mod events;
 pub(crate) mod prometheus;
+pub(crate) mod state;

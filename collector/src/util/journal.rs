@@ -172,6 +172,17 @@ impl<K: Eq + Hash + Clone + Ord, T: Cost> Journal<K, T> {
         }
     }
 
+    /// `key` ended `ago` (read back after a restart): as [`Self::end`], its retention counted
+    /// from then.
+    pub(crate) fn end_since(&self, key: &K, ago: Duration) {
+        if let Some(log) = self.lock().logs.get_mut(key) {
+            log.running = false;
+            log.live = None;
+            let now = Instant::now();
+            log.ended = Some(now.checked_sub(ago).unwrap_or(now));
+        }
+    }
+
     /// Forgets `key`.
     pub(crate) fn remove(&self, key: &K) {
         self.lock().logs.remove(key);
@@ -301,6 +312,28 @@ mod tests {
         let (all, feed) = journal.follow_all(None, |i| i.0);
         assert_eq!(all.len(), 11);
         assert!(feed.is_some());
+    }
+
+    #[test]
+    fn retention_of_a_key_ended_before() {
+        let journal: Journal<String, Item> = Journal::new(
+            Limits {
+                retention: Some(Duration::from_secs(60)),
+                ..limits(1000, 10)
+            },
+            false,
+        );
+        let (old, recent) = ("old".to_owned(), "recent".to_owned());
+        journal.push(&old, &items(0..1), true);
+        journal.end_since(&old, Duration::from_secs(61));
+        journal.push(&recent, &items(0..1), true);
+        journal.end_since(&recent, Duration::from_secs(1));
+        journal.push(&"c".to_owned(), &items(0..1), true);
+        assert!(
+            journal.subscribe(&old, false).is_none(),
+            "past its retention"
+        );
+        assert!(journal.subscribe(&recent, false).is_some());
     }
 
     #[test]

@@ -17,6 +17,12 @@
 //!   that busy ones wait for each other in one run queue.
 //! - `STANDIN_TICK_MS`: each vCPU thread wakes up every this many ms (a lightly loaded guest).
 //! - `STANDIN_TOUCH_MIB`: the main thread allocates this much memory and writes every page.
+//! - `STANDIN_TOUCH_FIRST`: ... before anything else (an OOM kill right after the exec).
+//! - `STANDIN_EXIT_WHEN=PATH`: exit (with `STANDIN_EXIT_CODE`) once PATH exists (many stand-ins
+//!   ending together).
+//! - `STANDIN_MORE_WHEN=PATH`: once PATH exists, write `stdout more I` and `stderr more I`
+//!   (I = 1..=N, N from `STANDIN_LINES`) as the first lines were written, then create
+//!   `PATH.done`.
 //!
 //! Console output, written first thing after exec (before any thread), one `write` per line
 //! unless said otherwise, through raw syscalls so the test controls each one:
@@ -323,7 +329,39 @@ fn console_output() {
     }
 }
 
+/// The files `STANDIN_EXIT_WHEN` and `STANDIN_MORE_WHEN` name, checked every 20 ms.
+fn wait_for_files() -> ! {
+    let exit_when = env::var_os("STANDIN_EXIT_WHEN");
+    let mut more_when = env::var_os("STANDIN_MORE_WHEN");
+    let exists = |p: &Option<std::ffi::OsString>| {
+        p.as_ref().is_some_and(|p| std::path::Path::new(p).exists())
+    };
+    loop {
+        if exists(&more_when)
+            && let Some(path) = more_when.take()
+        {
+            for i in 1..=var::<u32>("STANDIN_LINES").unwrap_or(0) {
+                write_fd(1, format!("stdout more {i}\n").as_bytes());
+                write_fd(2, format!("stderr more {i}\n").as_bytes());
+            }
+            let mut done = path;
+            done.push(".done");
+            let _ = std::fs::write(done, b"");
+        }
+        if exists(&exit_when) {
+            std::process::exit(var("STANDIN_EXIT_CODE").unwrap_or(0));
+        }
+        if exit_when.is_none() && more_when.is_none() {
+            park_forever();
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn main() {
+    let _first = env::var_os("STANDIN_TOUCH_FIRST")
+        .and_then(|_| var::<usize>("STANDIN_TOUCH_MIB"))
+        .map(touch_memory);
     console_output();
     setup_process();
     let argv0 = env::args().next().unwrap_or_default();
@@ -361,6 +399,6 @@ fn main() {
             }
             std::process::exit(var("STANDIN_EXIT_CODE").unwrap_or(0));
         }
-        None => park_forever(),
+        None => wait_for_files(),
     }
 }

@@ -12,6 +12,7 @@
 //!   escape it (`host::files`).
 
 pub(crate) mod history;
+pub(crate) mod tail;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -34,6 +35,7 @@ use crate::{
     model::{
         console::{ConsoleSubscriber, DropWhere, LogRecord},
         console_stats::ConsoleStats,
+        health::PipelineGuard,
     },
 };
 
@@ -66,11 +68,13 @@ pub(crate) struct LogFiles {
 }
 
 impl LogFiles {
-    /// Opens (creating) the log folder and starts the writer thread.
+    /// Opens (creating) the log folder and starts the writer thread, which holds `guard` for
+    /// as long as it runs.
     pub(crate) fn start(
         dir: &Path,
         config: &ConsoleConfig,
         stats: ConsoleStats,
+        guard: PipelineGuard,
     ) -> Result<Self, SinkError> {
         let dir_error = |source| SinkError::Dir {
             path: dir.display().to_string(),
@@ -92,6 +96,7 @@ impl LogFiles {
         let thread = std::thread::Builder::new()
             .name("console-files".into())
             .spawn(move || {
+                let _guard = guard;
                 while let Ok(message) = rx.recv() {
                     match message {
                         Message::Records(batch) => {
@@ -302,6 +307,11 @@ mod tests {
         LogRecord::test_line(uuid, Stream::Console, seq, message)
     }
 
+    fn guard() -> PipelineGuard {
+        crate::model::health::Pipelines::default()
+            .guard(crate::model::health::Pipeline::ConsoleFiles)
+    }
+
     fn config(file_max_bytes: u64, rotations: u32, disk_max_bytes: u64) -> ConsoleConfig {
         ConsoleConfig {
             file_max_bytes,
@@ -329,7 +339,8 @@ mod tests {
         // A planted symlink where an instance folder would go.
         std::os::unix::fs::symlink(tmp.path(), root.join("evil")).unwrap();
         let stats = ConsoleStats::default();
-        let files = LogFiles::start(&root, &config(1 << 20, 1, 1 << 30), stats.clone()).unwrap();
+        let files =
+            LogFiles::start(&root, &config(1 << 20, 1, 1 << 30), stats.clone(), guard()).unwrap();
         files.send(vec![
             record("../../escape", 1, "x"),
             record("evil", 1, "y"),
@@ -349,7 +360,13 @@ mod tests {
         let stats = ConsoleStats::default();
         // Lines of ~150 bytes of JSON; files rotate at 1 KiB, 2 rotations kept per instance,
         // 5 KiB for everything.
-        let files = LogFiles::start(tmp.path(), &config(1024, 2, 5 * 1024), stats.clone()).unwrap();
+        let files = LogFiles::start(
+            tmp.path(),
+            &config(1024, 2, 5 * 1024),
+            stats.clone(),
+            guard(),
+        )
+        .unwrap();
         let text = "m".repeat(60);
         for seq in 1..=40 {
             files.send(vec![record("a", seq, &text)]);

@@ -1,7 +1,10 @@
 //! Lifecycle events leave the collector here: one structured log line each, a fleet counter
 //! without per-instance labels, a bounded in-memory record for the API (kept after the instance
 //! exits, for a configurable time and count) with a live feed for followers, and a per-instance
-//! NDJSON file next to the console log for a node log shipper.
+//! NDJSON file next to the console log for a node log shipper. At start-up the files are read
+//! back ([`read_back`]), so the API answers after a restart as it did before.
+
+pub(crate) mod read_back;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -15,7 +18,7 @@ use crate::{
     config::EventsConfig,
     host::files::{LogDir, RotatingFile},
     model::{
-        health::Health,
+        health::{Health, PipelineGuard},
         lifecycle::{EventSubscriber, Sequenced},
     },
     util::journal::{Cost, Journal, Limits},
@@ -39,6 +42,21 @@ pub(crate) struct EventStore {
 }
 
 impl EventStore {
+    /// An empty store with `config`'s bounds.
+    pub(crate) fn new(config: &EventsConfig) -> Self {
+        Self {
+            journal: Arc::new(Journal::new(
+                Limits {
+                    per_key: config.max_per_instance,
+                    keys: config.max_instances,
+                    retention: Some(Duration::from_secs(config.retention_seconds)),
+                    follow_backlog: 1024,
+                },
+                true,
+            )),
+        }
+    }
+
     /// Retained events of one instance, oldest first; `None` if it has none.
     pub(crate) fn of_instance(&self, uuid: &str) -> Option<Vec<Arc<Sequenced>>> {
         self.journal
@@ -69,36 +87,30 @@ pub(crate) struct EventSink {
 }
 
 impl EventSink {
-    /// Creates the sink and starts its file writer; the writer ends (after writing what is
-    /// queued) once the sink is dropped.
+    /// Creates the sink over `store` and starts its file writer; the writer ends (after
+    /// writing what is queued) once the sink is dropped.
     pub(crate) fn start(
         config: &EventsConfig,
         log_dir: PathBuf,
+        store: EventStore,
         health: Health,
-    ) -> (Self, EventStore, JoinHandle<()>) {
-        let store = EventStore {
-            journal: Arc::new(Journal::new(
-                Limits {
-                    per_key: config.max_per_instance,
-                    keys: config.max_instances,
-                    retention: Some(Duration::from_secs(config.retention_seconds)),
-                    follow_backlog: 1024,
-                },
-                true,
-            )),
-        };
+        guard: PipelineGuard,
+    ) -> (Self, JoinHandle<()>) {
         let (files, rx) = mpsc::channel(FILE_QUEUE);
         let writer = tokio::task::spawn_blocking({
             let config = config.clone();
             let dropped = health.event_file_dropped.clone();
-            move || write_files(rx, &log_dir, &config, &dropped)
+            move || {
+                let _guard = guard;
+                write_files(rx, &log_dir, &config, &dropped);
+            }
         });
         let sink = Self {
-            store: store.clone(),
+            store,
             files,
             health,
         };
-        (sink, store, writer)
+        (sink, writer)
     }
 }
 

@@ -11,6 +11,10 @@
 //!
 //! Nothing here waits for a reader or the disk: subscribers never block (the history is memory,
 //! the file queue is bounded and counts what it drops).
+//!
+//! After a restart of the collector, the streams of an instance that ran before continue their
+//! numbering ([`Resume`]), each with one `collector_down` gap record first: output written
+//! while the collector was down is missing there.
 
 pub(crate) mod lines;
 
@@ -34,7 +38,9 @@ use crate::{
     },
     matching::{Matchers, console_rules::Rule},
     model::{
-        console::{ConsoleSubscriber, DropWhere, LogRecord, Stream},
+        console::{
+            ConsoleSubscriber, DropWhere, Gap, GapReason, LineEnd, LogRecord, Resume, Stream,
+        },
         console_stats::ConsoleStats,
         health::Health,
         instance::{Instance, SnapshotReceiver},
@@ -50,6 +56,8 @@ const UNKNOWN_WAIT: Duration = Duration::from_secs(5);
 const UNKNOWN_MAX_BYTES: usize = 16 << 20;
 /// Records read from the ring before the rest of the work gets a turn.
 const READ_BATCH: usize = 4096;
+/// Records read from the ring at shutdown, at most (more than a full ring holds).
+const SHUTDOWN_READ: usize = 1 << 20;
 
 struct Proc {
     uuid: Arc<str>,
@@ -75,6 +83,8 @@ pub(crate) struct ConsoleSource {
     pub(crate) stats: ConsoleStats,
     pub(crate) health: Health,
     pub(crate) config: ConsoleConfig,
+    /// Where the streams of instances that ran before a restart continue.
+    pub(crate) resume: Resume,
 }
 
 /// The mutable state of the running pipeline.
@@ -150,7 +160,16 @@ impl ConsoleSource {
                     }
                     self.sync_snapshot(&mut state);
                 }
-                () = stop.cancelled() => break,
+                () = stop.cancelled() => {
+                    // What the kernel wrote before the signal is on the ring: into the files.
+                    let clock = BootClock::now();
+                    reader.drain_now(SHUTDOWN_READ, |bytes| {
+                        if let Ok(chunk) = console_decode::chunk(bytes) {
+                            self.on_chunk(&mut state, chunk, &clock);
+                        }
+                    });
+                    break;
+                }
                 _ = tick.tick() => {
                     self.flush_idle(&mut state);
                     if last_slow.elapsed() >= Duration::from_secs(1) {
@@ -239,6 +258,9 @@ impl ConsoleSource {
     fn begin(&mut self, state: &mut State, pid: u32, instance: &Instance) {
         let uuid: Arc<str> = instance.instance_uuid.as_str().into();
         debug!(instance_uuid = %uuid, pid, "console capture follows instance");
+        if let Some(seqs) = self.resume.seqs.remove(&*uuid) {
+            resume_streams(state, &uuid, seqs, self.resume.down_since);
+        }
         state.ended.remove(&uuid);
         for subscriber in &mut self.subscribers {
             subscriber.begin(&uuid);
@@ -423,6 +445,34 @@ impl ConsoleSource {
             subscriber.records(&out);
         }
     }
+}
+
+/// Continues the streams of `uuid` after a restart at `seqs`, each with one gap record from
+/// `down_since` (the earliest the previous run may have stopped capturing) to now.
+fn resume_streams(
+    state: &mut State,
+    uuid: &Arc<str>,
+    mut seqs: [u64; 3],
+    down_since: Option<std::time::SystemTime>,
+) {
+    let now = std::time::SystemTime::now();
+    for stream in Stream::ALL {
+        seqs[stream.index()] += 1;
+        state.out.push(Arc::new(LogRecord {
+            ts: now,
+            instance_uuid: uuid.clone(),
+            stream,
+            message: String::new(),
+            seq: seqs[stream.index()],
+            invalid_utf8: false,
+            end: LineEnd::Gap(Gap {
+                reason: GapReason::CollectorDown,
+                dropped_bytes: None,
+                since: down_since.unwrap_or(now).min(now),
+            }),
+        }));
+    }
+    state.seqs.insert(uuid.clone(), seqs);
 }
 
 /// Turns assembled lines into records with the stream's next sequence numbers.

@@ -1,0 +1,317 @@
+//! Start-up after a restart: what the previous run of the collector left (the state file, the
+//! events files, the console files), turned into what each stage continues from. The state
+//! file is at most a few seconds old after a crash; the files hold what came after, and the
+//! newest of both wins.
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, SystemTime},
+};
+
+use tracing::{info, warn};
+
+use crate::{
+    config::Config,
+    host::{names, proc},
+    model::{
+        console::Resume,
+        instance::{Origin, PreviousInstance},
+        lifecycle::{EventKind, REASON_EXEC_RECORD_LOST, Sequenced},
+        time,
+    },
+    sinks::{
+        console_logs::tail,
+        events::read_back::{self, ReadBack},
+        state::{self, InstanceState, StateError},
+    },
+};
+
+/// How far a time read back from an events file may be off the boot clock (the wall clock
+/// may have been stepped since it was written).
+const WALL_CLOCK_SLACK: Duration = Duration::from_secs(2);
+
+/// What the stages continue from.
+#[derive(Debug, Default)]
+pub(crate) struct Restored {
+    /// This boot's id (written into the next state file).
+    pub(crate) boot_id: String,
+    /// Instances the previous run listed, for the start-up scan to check.
+    pub(crate) previous: Vec<PreviousInstance>,
+    /// The last event `seq` handed out before.
+    pub(crate) last_event_seq: u64,
+    /// The `seq` of the last event of each previous instance.
+    pub(crate) event_seqs: HashMap<String, u64>,
+    /// The events the API served before.
+    pub(crate) events: ReadBack,
+    /// Where the console streams of previous instances continue.
+    pub(crate) resume: Resume,
+}
+
+/// Reads what `config.log_dir` holds of the previous run. Never fails: a missing or corrupt
+/// state file is one warning and a fresh start (the events files are still read back).
+pub(crate) fn restore(config: &Config) -> Restored {
+    let boot_id = proc::boot_id().unwrap_or_default();
+    let state = match state::read(&config.log_dir) {
+        Ok(state) => Some(state),
+        Err(error @ StateError::Missing { .. }) => {
+            warn!(%error, "no restart state: starting fresh");
+            None
+        }
+        Err(error) => {
+            let cause = std::error::Error::source(&error).map(ToString::to_string);
+            warn!(%error, cause, "restart state unusable: starting fresh");
+            None
+        }
+    };
+    let same_boot = state
+        .as_ref()
+        .is_some_and(|s| !boot_id.is_empty() && s.boot_id == boot_id);
+    let (state_seq, written_at, listed) = state.map_or((0, None, Vec::new()), |s| {
+        (
+            s.last_event_seq,
+            time::parse_rfc3339(&s.written_at),
+            s.instances,
+        )
+    });
+    let dirs: HashSet<String> = listed
+        .iter()
+        .map(|i| names::dir_name(&i.instance_uuid))
+        .collect();
+    let events = read_back::read_back(&config.log_dir, &config.events, &dirs);
+
+    let mut previous = Vec::new();
+    let mut event_seqs = HashMap::new();
+    let mut state_console: HashMap<String, [u64; 3]> = HashMap::new();
+    for instance in &listed {
+        let Some((prev, seq)) = from_state(instance, same_boot, &events) else {
+            continue;
+        };
+        state_console.insert(prev.instance_uuid.clone(), instance.console_seq.as_array());
+        event_seqs.insert(prev.instance_uuid.clone(), seq);
+        previous.push(prev);
+    }
+    let in_state: HashSet<(String, u32)> = previous
+        .iter()
+        .map(|p| (p.instance_uuid.clone(), p.pid))
+        .collect();
+    for (uuid, list) in &events.by_instance {
+        let Some(last) = list.last() else { continue };
+        if last.event.event.ends_instance() || in_state.contains(&(uuid.clone(), last.event.pid)) {
+            continue;
+        }
+        // Announced after the last state write: the events file knows it.
+        event_seqs.insert(uuid.clone(), last.seq);
+        previous.push(from_event(last));
+    }
+
+    let mut down_since = written_at;
+    let mut later = |t: SystemTime| down_since = Some(down_since.map_or(t, |d| d.max(t)));
+    for list in events.by_instance.values() {
+        if let Some(last) = list.last() {
+            later(last.event.time);
+        }
+    }
+    let mut seqs = HashMap::new();
+    for prev in &previous {
+        let mut last = state_console
+            .get(&prev.instance_uuid)
+            .copied()
+            .unwrap_or_default();
+        for (slot, found) in tail::last_records(&config.log_dir, &prev.instance_uuid)
+            .into_iter()
+            .enumerate()
+        {
+            if let Some((seq, ts)) = found {
+                last[slot] = last[slot].max(seq);
+                later(ts);
+            }
+        }
+        seqs.insert(prev.instance_uuid.clone(), last);
+    }
+    let last_event_seq = state_seq.max(events.last_seq);
+    info!(
+        previous_instances = previous.len(),
+        last_event_seq, same_boot, "continuing from the previous run"
+    );
+    Restored {
+        boot_id,
+        previous,
+        last_event_seq,
+        event_seqs,
+        events,
+        resume: Resume { seqs, down_since },
+    }
+}
+
+/// A listed instance of the state file, unless the events files show it ended after the file
+/// was written; with the `seq` of its last event.
+fn from_state(
+    instance: &InstanceState,
+    same_boot: bool,
+    events: &ReadBack,
+) -> Option<(PreviousInstance, u64)> {
+    let list: &[Sequenced] = events
+        .by_instance
+        .get(&instance.instance_uuid)
+        .map_or(&[], Vec::as_slice);
+    let began = list
+        .iter()
+        .filter(|e| e.event.pid == instance.pid && !e.event.event.ends_instance())
+        .map(|e| e.seq)
+        .max()
+        .unwrap_or(0);
+    let anchor = instance.last_event_seq.max(began);
+    if anchor > 0
+        && list
+            .iter()
+            .any(|e| e.seq > anchor && e.event.event.ends_instance())
+    {
+        return None;
+    }
+    let start_time = time::parse_rfc3339(&instance.start_time).unwrap_or(SystemTime::UNIX_EPOCH);
+    Some((
+        PreviousInstance {
+            instance_uuid: instance.instance_uuid.clone(),
+            hypervisor: instance.hypervisor.clone(),
+            pid: instance.pid,
+            origin: instance.origin,
+            start_time,
+            start_boot_ns: if same_boot { instance.start_boot_ns } else { 0 },
+            seen_boot_ns: if same_boot { instance.seen_boot_ns } else { 0 },
+        },
+        anchor,
+    ))
+}
+
+/// An instance whose last event in its events file is its beginning.
+fn from_event(last: &Sequenced) -> PreviousInstance {
+    let event = &last.event;
+    let origin = match (event.event, event.reason) {
+        (EventKind::Start, _) => Origin::Exec,
+        (_, REASON_EXEC_RECORD_LOST) => Origin::Rescan,
+        _ => Origin::Discovered,
+    };
+    let start_time = match origin {
+        Origin::Exec => event.time,
+        _ => event
+            .time
+            .checked_sub(Duration::from_secs_f64(event.uptime_seconds.max(0.0)))
+            .unwrap_or(event.time),
+    };
+    // Seen running at the event, on this boot's clock; not at all if before this boot.
+    let seen = time::system_time_to_boot_ns(event.time);
+    PreviousInstance {
+        instance_uuid: event.instance_uuid.clone(),
+        hypervisor: event.hypervisor.clone(),
+        pid: event.pid,
+        origin,
+        start_time,
+        start_boot_ns: time::system_time_to_boot_ns(start_time),
+        seen_boot_ns: if seen == 0 {
+            0
+        } else {
+            seen + u64::try_from(WALL_CLOCK_SLACK.as_nanos()).unwrap_or(0)
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        model::lifecycle::LifecycleEvent,
+        sinks::state::{ConsoleSeqs, StateFile, VERSION},
+    };
+
+    fn event(seq: u64, uuid: &str, pid: u32, kind: EventKind) -> Sequenced {
+        Sequenced {
+            seq,
+            event: LifecycleEvent::new(SystemTime::now(), uuid, "fc", kind, "exec", pid),
+        }
+    }
+
+    fn listed(uuid: &str, pid: u32, last_event_seq: u64) -> InstanceState {
+        InstanceState {
+            instance_uuid: uuid.into(),
+            hypervisor: "fc".into(),
+            pid,
+            origin: Origin::Exec,
+            start_time: "2027-01-15T07:00:00Z".into(),
+            start_boot_ns: 5,
+            seen_boot_ns: 6,
+            last_event_seq,
+            console_seq: ConsoleSeqs::default(),
+        }
+    }
+
+    #[test]
+    fn state_and_files_together() {
+        let back = ReadBack {
+            by_instance: HashMap::from([
+                // Ended after the state was written: not previous any more.
+                (
+                    "a".to_owned(),
+                    vec![
+                        event(1, "a", 10, EventKind::Start),
+                        event(4, "a", 10, EventKind::Stop),
+                    ],
+                ),
+                // An earlier life ended; this pid's beginning is later.
+                (
+                    "b".to_owned(),
+                    vec![
+                        event(2, "b", 11, EventKind::Start),
+                        event(3, "b", 11, EventKind::Crash),
+                        event(5, "b", 12, EventKind::Start),
+                    ],
+                ),
+            ]),
+            last_seq: 5,
+        };
+        assert!(from_state(&listed("a", 10, 1), true, &back).is_none());
+        let (b, seq) = from_state(&listed("b", 12, 0), true, &back).unwrap();
+        assert_eq!((b.pid, b.seen_boot_ns, seq), (12, 6, 5));
+        let (other_boot, _) = from_state(&listed("b", 12, 5), false, &back).unwrap();
+        assert_eq!(other_boot.seen_boot_ns, 0, "a pid of another boot");
+        // Nothing in the files: the state is trusted.
+        assert!(from_state(&listed("c", 13, 0), true, &back).is_some());
+
+        let started = from_event(&event(9, "d", 14, EventKind::Start));
+        assert_eq!((started.origin, started.pid), (Origin::Exec, 14));
+        assert!(started.seen_boot_ns > time::boot_ns_now());
+        let mut old = event(9, "d", 14, EventKind::Discovered);
+        old.event.time = SystemTime::UNIX_EPOCH;
+        assert_eq!(from_event(&old).seen_boot_ns, 0, "before this boot");
+    }
+
+    #[test]
+    fn corrupt_state_is_a_fresh_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = Config {
+            log_dir: tmp.path().to_owned(),
+            ..Config::default()
+        };
+        std::fs::write(tmp.path().join(state::FILE_NAME), b"{not json").unwrap();
+        let restored = restore(&config);
+        assert!(restored.previous.is_empty());
+        assert_eq!(restored.last_event_seq, 0);
+        let file = StateFile {
+            version: VERSION,
+            boot_id: restored.boot_id.clone(),
+            written_at: time::rfc3339(SystemTime::now()),
+            last_event_seq: 12,
+            instances: vec![listed("e", 15, 12)],
+        };
+        std::fs::write(
+            tmp.path().join(state::FILE_NAME),
+            serde_json::to_vec(&file).unwrap(),
+        )
+        .unwrap();
+        let restored = restore(&config);
+        assert_eq!(restored.last_event_seq, 12);
+        assert_eq!(restored.previous.len(), 1);
+        assert_eq!(restored.previous[0].seen_boot_ns, 6);
+        assert_eq!(restored.resume.seqs["e"], [0, 0, 0]);
+        assert!(restored.resume.down_since.is_some());
+    }
+}

@@ -102,14 +102,25 @@ impl Collector {
 
     /// Starts the collector using `log_dir` (kept across restarts by the caller).
     pub fn start_in(log_dir: tempfile::TempDir, extra: &[&str]) -> Self {
+        Self::start_in_env(log_dir, extra, &[])
+    }
+
+    /// [`Collector::start_in`] with environment variables `env`. Its stderr goes to
+    /// `collector.stderr` in the log folder (appended: a restart keeps the earlier run's).
+    pub fn start_in_env(log_dir: tempfile::TempDir, extra: &[&str], env: &[(&str, &str)]) -> Self {
         require_bpf();
         let addr = format!("127.0.0.1:{}", free_port());
         let stderr_path = log_dir.path().join("collector.stderr");
-        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&stderr_path)
+            .expect("stderr file");
         let child = Command::new(collector_bin())
             .args(["run", "--listen", &addr, "--log-dir"])
             .arg(log_dir.path())
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
@@ -167,6 +178,21 @@ impl Collector {
             .expect("body")
     }
 
+    /// The body of `GET path`, whatever the status.
+    pub fn get_text_any(&self, path: &str) -> String {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .new_agent();
+        agent
+            .get(self.url(path))
+            .call()
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+            .body_mut()
+            .read_to_string()
+            .expect("body")
+    }
+
     pub fn get_json(&self, path: &str) -> Value {
         serde_json::from_str(&self.get_text(path)).expect("JSON body")
     }
@@ -195,8 +221,30 @@ impl Collector {
     /// Stops the collector (SIGTERM) and hands back its log folder, e.g. for a restart.
     pub fn stop_keep_dir(mut self) -> tempfile::TempDir {
         self.terminate();
+        self.take_dir()
+    }
+
+    /// Kills the collector with SIGKILL (no shutdown of its own, as a crash or the OOM killer
+    /// would) and hands back its log folder.
+    pub fn kill_keep_dir(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.take_dir()
+    }
+
+    fn take_dir(&mut self) -> tempfile::TempDir {
         let placeholder = tempfile::tempdir().expect("placeholder dir");
         std::mem::replace(&mut self.log_dir, placeholder)
+    }
+
+    /// The collector's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to `timeout` for the collector to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        wait_for(timeout, || self.child.try_wait().ok().flatten())
     }
 
     /// The lifecycle events of `uuid` (`/v1/instances/{uuid}/events`), if it has any.

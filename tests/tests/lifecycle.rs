@@ -187,29 +187,32 @@ fn oom_kill_in_a_memory_cgroup() {
     assert!(oom["total_vm_bytes"].as_u64().unwrap() >= anon);
 }
 
-/// Instances running when the collector (re)starts are `discovered`, never a second `start`;
-/// the events file next to the console logs carries every event.
+/// A collector restarted (SIGTERM, then a new run on the same log folder) is not an event of
+/// the instances: one that ran before keeps its `start` (read back from its events file) and
+/// gets no `discovered`; the events file carries each event once.
 #[test]
-fn restart_reports_discovered_and_files_keep_events() {
+fn restart_keeps_the_record_and_files_keep_events() {
     let tag = "lc-restart";
     let collector = collector_for(tag);
     let uuid = new_uuid(tag);
     let mut vmm = Standin::spawn(&format!("{tag}-vmm"), &["--id", &uuid], &[]);
     wait_for(WITHIN, || collector.instance(&uuid)).expect("listed");
+    let before = collector.events_of(&uuid).unwrap();
     let log_dir = collector.stop_keep_dir();
 
     let config = log_dir.path().join("collector.toml");
     let collector = Collector::start_in(log_dir, &["--config", config.to_str().unwrap()]);
+    assert!(collector.instance(&uuid).is_some(), "listed again");
     let events = collector.events_of(&uuid).expect("events after restart");
-    assert_eq!(events.len(), 1, "{events:#?}");
-    assert_eq!(events[0]["event"], "discovered");
-    assert_eq!(events[0]["reason"], "running_at_startup");
-    assert!(events[0]["uptime_seconds"].as_f64().unwrap() > 0.0);
+    assert_eq!(events, before, "{events:#?}");
+    assert_eq!(events[0]["event"], "start");
     assert_eq!(counter(&collector, tag, "start"), 0.0);
-    assert_eq!(counter(&collector, tag, "discovered"), 1.0);
+    assert_eq!(counter(&collector, tag, "discovered"), 0.0);
 
     vmm.signal(libc::SIGTERM);
-    wait_ended(&collector, &uuid);
+    let events = wait_ended(&collector, &uuid);
+    assert_eq!(events.len(), 2, "{events:#?}");
+    assert!(events[1]["seq"].as_u64() > events[0]["seq"].as_u64());
     let file = collector.log_dir.path().join(&uuid).join("events.log");
     let text = std::fs::read_to_string(&file).expect("events file");
     let kinds: Vec<String> = text
@@ -221,8 +224,64 @@ fn restart_reports_discovered_and_files_keep_events() {
                 .to_owned()
         })
         .collect();
-    // The first collector wrote `start`, the second `discovered` and `stop`.
-    assert_eq!(kinds, ["start", "discovered", "stop"], "{text}");
+    // The first collector wrote `start`, the second `stop`.
+    assert_eq!(kinds, ["start", "stop"], "{text}");
+}
+
+/// A v1 memory cgroup `name` limited to `limit` bytes (the hierarchy this host has).
+fn memory_cgroup(name: &str, limit: u64) -> std::path::PathBuf {
+    let cgroup = std::path::Path::new("/sys/fs/cgroup/memory").join(name);
+    std::fs::create_dir_all(&cgroup)
+        .expect("create v1 memory cgroup (needs the v1 memory hierarchy)");
+    std::fs::write(cgroup.join("memory.limit_in_bytes"), limit.to_string()).unwrap();
+    cgroup
+}
+
+/// An OOM kill right after the exec, racing userspace's handling of the exec record: each VMM
+/// joins its memory cgroup before it execs and allocates first thing; whichever way the race
+/// goes, each is `oom_kill`.
+#[test]
+fn oom_kill_right_after_exec() {
+    let tag = "lc-oomrace";
+    let collector = collector_for(tag);
+    let limit: u64 = 16 << 20;
+    let exe = collector_tests::standin_path(&format!("{tag}-vmm"));
+    let runs: Vec<(String, std::path::PathBuf, Standin)> = (0..3)
+        .map(|i| {
+            let name = format!("collector-test-oomrace-{}-{i}", std::process::id());
+            let cgroup = memory_cgroup(&name, limit);
+            let uuid = new_uuid(tag);
+            // The shell joins the cgroup, then becomes the VMM: in it from its first instruction.
+            let child = std::process::Command::new("sh")
+                .args([
+                    "-c",
+                    r#"echo $$ > "$1/cgroup.procs" && exec "$2" --id "$3""#,
+                    "sh",
+                    cgroup.to_str().unwrap(),
+                    exe.to_str().unwrap(),
+                    &uuid,
+                ])
+                .envs([("STANDIN_TOUCH_FIRST", "1"), ("STANDIN_TOUCH_MIB", "256")])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            (uuid, cgroup, Standin { child })
+        })
+        .collect();
+    for (uuid, cgroup, mut vmm) in runs {
+        vmm.wait();
+        let events = wait_ended(&collector, &uuid);
+        let _ = std::fs::remove_dir(&cgroup);
+        assert_eq!(events.len(), 2, "{events:#?}");
+        assert_eq!(events[0]["event"], "start");
+        let end = &events[1];
+        assert_eq!(end["event"], "oom_kill", "{end:#}");
+        assert_eq!(end["reason"], "oom_killer");
+        assert_eq!(end["signal_name"], "SIGKILL");
+        assert_eq!(end["oom"]["constraint"], "memcg", "{end:#}");
+    }
+    assert_eq!(counter(&collector, tag, "oom_kill"), 3.0);
 }
 
 /// A VMM thread ending is not the instance ending: no event until the process goes.

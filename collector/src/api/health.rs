@@ -1,4 +1,4 @@
-//! `/metrics` and `/readyz`.
+//! `/metrics`, `/healthz` and `/readyz`.
 
 use axum::{
     Json,
@@ -23,6 +23,20 @@ pub(super) async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -
         Ok(body) => ([(header::CONTENT_TYPE, format.content_type())], body).into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
+}
+
+/// 200 `ok` while every pipeline runs, else 503 and the pipelines that stopped.
+pub(super) async fn healthz(State(state): State<ApiState>) -> Response {
+    let down = state.exposition.health.pipelines.down();
+    if down.is_empty() {
+        return (StatusCode::OK, "ok\n").into_response();
+    }
+    let names: Vec<&str> = down.iter().map(|p| p.as_str()).collect();
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("pipelines down: {}\n", names.join(", ")),
+    )
+        .into_response()
 }
 
 pub(super) async fn readyz(State(state): State<ApiState>) -> Response {

@@ -2,7 +2,8 @@
 //!
 //! Routes:
 //! - `GET /metrics`: OpenMetrics, or Prometheus text 0.0.4 to a scraper that prefers it.
-//! - `GET /healthz`: 200 while the process serves.
+//! - `GET /healthz`: 200 while every pipeline runs; 503, naming the ones that stopped, once one
+//!   has (the kubelet then restarts the collector).
 //! - `GET /readyz`: 200 once the programs are loaded, the start-up scan is done and the core
 //!   probes (`sched_process_exec`, `sched_process_exit`) are attached, else 503; the body
 //!   lists every probe, and those not attached as `degraded`, either way.
@@ -91,7 +92,7 @@ pub(crate) struct ApiState {
 pub(crate) fn router(state: ApiState) -> Router {
     Router::new()
         .route("/metrics", get(health::metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/v1/instances", get(instances::list))
         .route("/v1/instances/{uuid}", get(instances::one))

@@ -1,5 +1,11 @@
 //! The collector's own counters that more than one stage writes or that a sink other than the
-//! writer exposes. Created once by the runtime and handed to each stage as a handle.
+//! writer exposes, and whether each pipeline still runs. Created once by the runtime and
+//! handed to each stage as a handle.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
 
 use super::metrics::{Counter, CounterVec};
 
@@ -13,13 +19,32 @@ pub(crate) struct Health {
     pub(crate) lifecycle_events: CounterVec,
     /// Lifecycle events not written to their instance's `events.log`.
     pub(crate) event_file_dropped: Counter,
+    /// What reconciliation with `/proc` corrected, by `fix`.
+    pub(crate) reconciled: CounterVec,
+    /// Which pipelines run.
+    pub(crate) pipelines: Pipelines,
 }
 
 /// Discovery problems pre-set at 0.
-pub(crate) const DISCOVERY_PROBLEMS: [&str; 3] = [
+pub(crate) const DISCOVERY_PROBLEMS: [&str; 4] = [
     "no_instance_id",
     "instance_id_too_long",
     "instance_id_control_chars",
+    "command_line_prefix_only",
+];
+
+/// What reconciliation corrects (the `fix` label of `collector_reconciled_total`), pre-set at 0.
+pub(crate) const RECONCILE_FIXES: [&str; 5] = [
+    // A listed instance was gone without its exit record: `stop`, `unobserved_exit`.
+    "unobserved_exit",
+    // A listed instance stopped being followed without its untrack record: `stop`, `exec`.
+    "unobserved_exec",
+    // A rescan found an instance whose exec record was lost: `discovered`, `exec_record_lost`.
+    "exec_record_lost",
+    // A kernel map entry of a process that is gone (or whose pid is another's) was removed.
+    "stale_kernel_entry",
+    // A full `/proc` rescan ran (after the kernel lost exec records).
+    "rescan",
 ];
 
 impl Health {
@@ -29,6 +54,9 @@ impl Health {
         for reason in DISCOVERY_PROBLEMS {
             health.discovery_problems.preset(&[reason]);
         }
+        for fix in RECONCILE_FIXES {
+            health.reconciled.preset(&[fix]);
+        }
         health.decode_errors.preset(&["process", "short_record"]);
         for hypervisor in hypervisors {
             for kind in super::lifecycle::EventKind::ALL {
@@ -36,5 +64,164 @@ impl Health {
             }
         }
         health
+    }
+}
+
+/// The long-running tasks every output depends on (the `pipeline` label of
+/// `collector_pipeline_up`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pipeline {
+    /// The process-events ring, the `/proc` scans and reconciliation.
+    Discovery,
+    /// The console ring: line assembly for every console output.
+    Console,
+    /// The instance registry: the snapshot and the lifecycle events.
+    Registry,
+    /// The writer of `<log-dir>/<instance>/events.log`.
+    EventsFiles,
+    /// The writer of `<log-dir>/<instance>/console.log`.
+    ConsoleFiles,
+    /// The writer of the restart state file.
+    StateFile,
+}
+
+impl Pipeline {
+    pub(crate) const ALL: [Self; 6] = [
+        Self::Discovery,
+        Self::Console,
+        Self::Registry,
+        Self::EventsFiles,
+        Self::ConsoleFiles,
+        Self::StateFile,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Discovery => "discovery",
+            Self::Console => "console",
+            Self::Registry => "registry",
+            Self::EventsFiles => "events_files",
+            Self::ConsoleFiles => "console_files",
+            Self::StateFile => "state_file",
+        }
+    }
+
+    pub(crate) fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == name)
+    }
+}
+
+/// Whether each [`Pipeline`] runs. Cheap to clone. A pipeline is up from the start; it goes
+/// down for good when its task ends or panics before shutdown (the kubelet then restarts the
+/// pod: `/healthz` answers 503).
+#[derive(Debug, Clone)]
+pub(crate) struct Pipelines {
+    up: Arc<[AtomicBool; Pipeline::ALL.len()]>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Default for Pipelines {
+    fn default() -> Self {
+        Self {
+            up: Arc::new(std::array::from_fn(|_| AtomicBool::new(true))),
+            stopping: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+impl Pipelines {
+    /// Held by the task of `pipeline` for as long as it runs; dropping it (the task returned,
+    /// panicked or was cancelled) before [`Self::stopping`] marks the pipeline down.
+    pub(crate) fn guard(&self, pipeline: Pipeline) -> PipelineGuard {
+        PipelineGuard {
+            pipelines: self.clone(),
+            pipeline,
+            cause: None,
+        }
+    }
+
+    pub(crate) fn is_up(&self, pipeline: Pipeline) -> bool {
+        self.up[pipeline as usize].load(Ordering::Acquire)
+    }
+
+    /// The pipelines that are down.
+    pub(crate) fn down(&self) -> Vec<Pipeline> {
+        Pipeline::ALL
+            .into_iter()
+            .filter(|p| !self.is_up(*p))
+            .collect()
+    }
+
+    /// Shutdown has begun: pipelines that end from now on end as asked.
+    pub(crate) fn stopping(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+}
+
+/// See [`Pipelines::guard`].
+#[derive(Debug)]
+pub(crate) struct PipelineGuard {
+    pipelines: Pipelines,
+    pipeline: Pipeline,
+    cause: Option<String>,
+}
+
+impl PipelineGuard {
+    /// Why the pipeline is about to end, for its log line.
+    pub(crate) fn failed(&mut self, cause: &dyn std::error::Error) {
+        let mut text = cause.to_string();
+        let mut source = cause.source();
+        while let Some(s) = source {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            source = s.source();
+        }
+        self.cause = Some(text);
+    }
+}
+
+impl Drop for PipelineGuard {
+    fn drop(&mut self) {
+        if self.pipelines.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        self.pipelines.up[self.pipeline as usize].store(false, Ordering::Release);
+        let how = if std::thread::panicking() {
+            "its task panicked"
+        } else {
+            "its task ended"
+        };
+        tracing::error!(
+            pipeline = self.pipeline.as_str(),
+            error = self.cause.as_deref().unwrap_or(how),
+            "pipeline stopped; the collector reports itself unhealthy until restarted"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pipeline_that_ends_before_shutdown_is_down() {
+        let pipelines = Pipelines::default();
+        assert!(pipelines.down().is_empty());
+        drop(pipelines.guard(Pipeline::Console));
+        assert_eq!(pipelines.down(), [Pipeline::Console]);
+        let guard = pipelines.guard(Pipeline::Registry);
+        let panicked = std::thread::spawn(move || {
+            let _guard = guard;
+            panic!("on purpose");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert_eq!(pipelines.down(), [Pipeline::Console, Pipeline::Registry]);
+        pipelines.stopping();
+        drop(pipelines.guard(Pipeline::Discovery));
+        assert!(pipelines.is_up(Pipeline::Discovery), "ended as asked");
+        for p in Pipeline::ALL {
+            assert_eq!(Pipeline::from_name(p.as_str()), Some(p));
+        }
     }
 }

@@ -1,22 +1,33 @@
-//! `collector run`: loads the kernel side, builds each stage with plain handles, runs them
-//! until a signal, and shuts down in a fixed order.
+//! `collector run`: loads the kernel side, continues from what the previous run left
+//! ([`restore`]), builds each stage with plain handles, runs them until a signal, and shuts
+//! down in a fixed order.
 //!
 //! Data path: kernel programs -> process ring -> discovery -> registry -> event sinks; console
 //! ring -> console source (named through the registry's snapshot) -> console sinks; the
-//! Prometheus exposition and the API read the handles.
+//! Prometheus exposition and the API read the handles. Each long-running task is a
+//! [`Pipeline`]: one that ends before shutdown turns `/healthz` to 503.
 //!
-//! Shutdown (SIGTERM or SIGINT), each step bounded so that a stuck disk or reader cannot hold
-//! it past the kubelet's grace period:
+//! Shutdown (SIGTERM or SIGINT), within [`SHUTDOWN_BUDGET`] in all, so that a stuck disk or
+//! reader cannot hold it past the kubelet's grace period (30 s):
 //! 1. stop intake: the HTTP server stops accepting and every follow stream ends; discovery
-//!    stops reading; the console source flushes its partial lines and its subscribers write
-//!    what they queued to the console files;
+//!    reads what is left on the process ring and stops; the console source reads what is left
+//!    on the console ring, flushes its partial lines, and its subscribers write what they
+//!    queued to the console files;
 //! 2. drain the registry: the updates already sent are applied, their events handed on;
 //! 3. write the events files: the event writer empties its queue;
-//! 4. detach the programs.
+//! 4. write the restart state, once more;
+//! 5. detach the programs.
 
 pub(crate) mod logging;
+pub(crate) mod restore;
 
-use std::{future::Future, net::SocketAddr, os::fd::OwnedFd, path::PathBuf, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    os::fd::OwnedFd,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context;
 use tokio::{net::TcpListener, signal::unix::SignalKind, task::JoinHandle};
@@ -32,18 +43,30 @@ use crate::{
         process_ring::ProcessEventReader,
     },
     matching::{Matchers, console_rules},
-    model::{console_stats::ConsoleStats, health::Health},
+    model::{
+        console_stats::ConsoleStats,
+        health::{Health, Pipeline},
+    },
     registry,
     sinks::{
         console_logs::{LogFiles, history::ConsoleHistory},
-        events::EventSink,
+        events::{EventSink, EventStore},
         prometheus::{Exposition, KernelMetrics},
+        state::StateSink,
     },
-    sources::{console::ConsoleSource, discovery::Discovery},
+    sources::{
+        console::ConsoleSource,
+        discovery::{Discovery, DiscoveryKernel},
+    },
 };
 
-/// Bound of each shutdown step.
-const STEP: Duration = Duration::from_secs(5);
+/// Bound of all of shutdown (the kubelet's grace period is 30 s).
+const SHUTDOWN_BUDGET: Duration = Duration::from_secs(15);
+
+/// The test hook: the name of a pipeline whose task is ended, on purpose, once the collector is
+/// ready (to see supervision work). Tests only: the collector warns at start when it is set, and
+/// refuses to start when it names no pipeline this hook can end.
+const TEST_END_PIPELINE: &str = "COLLECTOR_TEST_END_PIPELINE";
 
 /// Options of `collector run` that override the config file.
 #[derive(Debug, Default)]
@@ -60,6 +83,7 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
     if let Some(log_dir) = overrides.log_dir {
         config.log_dir = log_dir;
     }
+    let end_on_purpose = test_hook()?;
     let matchers = Matchers::from_config(&config)?;
     let rules = console_rules::resolve(&config.console.files, &matchers)?;
 
@@ -79,6 +103,9 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
         "collector running"
     );
     let stages = Stages::start(&config, matchers, rules, kernel)?;
+    if let Some(pipeline) = end_on_purpose {
+        stages.end_when_ready(pipeline);
+    }
     let stop = stages.intake.clone();
     let mut server = tokio::spawn(
         axum::serve(listener, api::router(stages.api.clone()))
@@ -103,17 +130,27 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
 /// The running stages and what shutdown needs of them.
 struct Stages {
     api: ApiState,
+    health: Health,
     /// Cancelled to stop intake: sources and follow streams end.
     intake: CancellationToken,
     sources: TaskTracker,
+    discovery: tokio::task::AbortHandle,
+    console: tokio::task::AbortHandle,
     registry: JoinHandle<()>,
+    /// Held until the sources have ended, so that the registry ends only at shutdown (not when
+    /// discovery, its one sender, stops early: the other pipelines keep running then).
+    registry_updates: tokio::sync::mpsc::Sender<crate::model::instance::InstanceUpdate>,
     event_writer: JoinHandle<()>,
+    /// Cancelled for the state file's last write.
+    state_done: CancellationToken,
+    state_writer: JoinHandle<()>,
     programs: Programs,
     stats_enabled: Option<OwnedFd>,
 }
 
 impl Stages {
-    /// Builds every stage from the loaded kernel and starts the sources.
+    /// Builds every stage from the loaded kernel and what the previous run left, and starts
+    /// the sources.
     fn start(
         config: &Config,
         matchers: Matchers,
@@ -121,12 +158,46 @@ impl Stages {
         kernel: Kernel,
     ) -> anyhow::Result<Self> {
         let health = Health::new(&matchers.hypervisors());
+        let pipelines = health.pipelines.clone();
+        let restored = restore::restore(config);
         let console_stats = ConsoleStats::default();
-        let (event_sink, event_store, event_writer) =
-            EventSink::start(&config.events, config.log_dir.clone(), health.clone());
-        let (registry, registry_task) = registry::spawn(vec![Box::new(event_sink)]);
+        let event_store = EventStore::new(&config.events);
+        event_store.restore(
+            restored.events,
+            Duration::from_secs(config.events.retention_seconds),
+        );
+        let (event_sink, event_writer) = EventSink::start(
+            &config.events,
+            config.log_dir.clone(),
+            event_store.clone(),
+            health.clone(),
+            pipelines.guard(Pipeline::EventsFiles),
+        );
+        let (snapshot_tx, snapshot) = registry::snapshot_channel();
+        let state_done = CancellationToken::new();
+        let state = StateSink::start(
+            config.log_dir.clone(),
+            snapshot,
+            restored.boot_id,
+            restored.last_event_seq,
+            &restored.event_seqs,
+            &restored.resume,
+            pipelines.guard(Pipeline::StateFile),
+            state_done.clone(),
+        );
+        let (registry, registry_task) = registry::spawn(
+            vec![Box::new(event_sink), Box::new(state.events)],
+            restored.last_event_seq,
+            snapshot_tx,
+            pipelines.guard(Pipeline::Registry),
+        );
         let history = ConsoleHistory::new(config.console.history_bytes);
-        let files = LogFiles::start(&config.log_dir, &config.console, console_stats.clone())?;
+        let files = LogFiles::start(
+            &config.log_dir,
+            &config.console,
+            console_stats.clone(),
+            pipelines.guard(Pipeline::ConsoleFiles),
+        )?;
         let readiness = Readiness::new(kernel.probes.clone());
         let intake = CancellationToken::new();
         let sources = TaskTracker::new();
@@ -136,35 +207,57 @@ impl Stages {
             snapshot: registry.snapshot.clone(),
             rules,
             matchers: matchers.clone(),
-            subscribers: vec![history.subscriber(), Box::new(files)],
+            subscribers: vec![
+                history.subscriber(),
+                Box::new(files),
+                Box::new(state.console),
+            ],
             stats: console_stats.clone(),
             health: health.clone(),
             config: config.console.clone(),
+            resume: restored.resume,
         };
         let console_reader = ConsoleReader::new(kernel.console_events)?;
-        sources.spawn(console.run(console_reader, intake.clone()));
+        let console = sources.spawn({
+            let stop = intake.clone();
+            let mut guard = pipelines.guard(Pipeline::Console);
+            async move {
+                if let Err(error) = console.run(console_reader, stop).await {
+                    guard.failed(&error);
+                }
+            }
+        });
 
         let reader = ProcessEventReader::new(kernel.process_events, health.decode_errors.clone())?;
         let discovery = Discovery::new(
             matchers.clone(),
-            kernel.tracked,
-            kernel.sched.clone(),
-            // Only discovery sends updates: the registry drains and ends once it stops.
-            registry.updates,
+            DiscoveryKernel {
+                tracked: kernel.tracked,
+                sched: kernel.sched.clone(),
+                console_fds: kernel.console_fds,
+                drops: kernel.drops.clone(),
+            },
+            // Only discovery sends updates: the registry drains and ends once it stops (and
+            // shutdown let go of its own handle).
+            registry.updates.clone(),
             health.clone(),
+            restored.previous,
         );
-        sources.spawn(discover(
-            discovery,
-            reader,
-            readiness.clone(),
-            intake.clone(),
-        ));
+        let discovery = sources.spawn({
+            let readiness = readiness.clone();
+            discovery.run(
+                reader,
+                move || readiness.scanned(),
+                intake.clone(),
+                pipelines.guard(Pipeline::Discovery),
+            )
+        });
         sources.close();
 
         let api = ApiState {
             exposition: Exposition {
                 snapshot: registry.snapshot.clone(),
-                health,
+                health: health.clone(),
                 kernel: KernelMetrics {
                     probes: kernel.probes,
                     drops: kernel.drops,
@@ -182,65 +275,98 @@ impl Stages {
         };
         Ok(Self {
             api,
+            health,
             intake,
             sources,
+            discovery: discovery.abort_handle(),
+            console: console.abort_handle(),
             registry: registry_task,
+            registry_updates: registry.updates,
             event_writer,
+            state_done,
+            state_writer: state.writer,
             programs: kernel.programs,
             stats_enabled: kernel.stats_enabled,
         })
     }
 
-    /// The shutdown steps of the module's documentation, in order, each bounded.
+    /// The test hook: ends `pipeline`'s task once the collector is ready.
+    fn end_when_ready(&self, pipeline: Pipeline) {
+        let task = match pipeline {
+            Pipeline::Discovery => self.discovery.clone(),
+            Pipeline::Console => self.console.clone(),
+            Pipeline::Registry => self.registry.abort_handle(),
+            Pipeline::StateFile => self.state_writer.abort_handle(),
+            Pipeline::EventsFiles | Pipeline::ConsoleFiles => return,
+        };
+        let readiness = self.api.readiness.clone();
+        tokio::spawn(async move {
+            while !readiness.is_ready() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            warn!(
+                pipeline = pipeline.as_str(),
+                hook = TEST_END_PIPELINE,
+                "test hook: ending the pipeline on purpose"
+            );
+            task.abort();
+        });
+    }
+
+    /// The shutdown steps of the module's documentation, in order, within the budget.
     async fn shutdown(self, server: JoinHandle<std::io::Result<()>>) {
+        let deadline = Instant::now() + SHUTDOWN_BUDGET;
+        // Pipelines end from here on as asked.
+        self.health.pipelines.stopping();
         // 1. Stop intake.
         self.intake.cancel();
-        bounded("HTTP server", server).await;
-        bounded("sources", self.sources.wait()).await;
+        bounded("HTTP server", server, deadline).await;
+        bounded("sources", self.sources.wait(), deadline).await;
         // 2. Drain the registry (it ends once discovery, its only sender, is gone).
-        bounded("registry", self.registry).await;
+        drop(self.registry_updates);
+        bounded("registry", self.registry, deadline).await;
         // 3. Write the events files (the writer ends once the registry dropped the sink).
-        bounded("events files", self.event_writer).await;
-        // 4. Detach the programs.
+        bounded("events files", self.event_writer, deadline).await;
+        // 4. The restart state, with everything above in it.
+        self.state_done.cancel();
+        bounded("state file", self.state_writer, deadline).await;
+        // 5. Detach the programs.
         self.programs.detach();
         drop(self.stats_enabled);
     }
 }
 
-/// Discovery: the start-up scan (then the collector is ready), then the kernel's process
-/// events until intake stops.
-async fn discover(
-    mut discovery: Discovery,
-    mut reader: ProcessEventReader,
-    readiness: Readiness,
-    stop: CancellationToken,
-) {
-    discovery.scan().await;
-    readiness.scanned();
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            batch = reader.next_batch() => match batch {
-                Ok(batch) => {
-                    for event in batch {
-                        discovery.handle_event(event).await;
-                    }
-                }
-                Err(error) => {
-                    tracing::error!(%error, "process-event reader failed");
-                    return;
-                }
-            },
-        }
-    }
+/// The pipeline the test hook names, if it is set (see [`TEST_END_PIPELINE`]).
+fn test_hook() -> anyhow::Result<Option<Pipeline>> {
+    let Some(value) = std::env::var_os(TEST_END_PIPELINE) else {
+        return Ok(None);
+    };
+    let value = value.to_string_lossy();
+    let pipeline = Pipeline::from_name(&value)
+        .filter(|p| !matches!(p, Pipeline::EventsFiles | Pipeline::ConsoleFiles));
+    let Some(pipeline) = pipeline else {
+        anyhow::bail!(
+            "{TEST_END_PIPELINE}={value:?}: not a pipeline the test hook can end \
+             (discovery, console, registry, state_file); unset it outside tests"
+        );
+    };
+    warn!(
+        hook = TEST_END_PIPELINE,
+        pipeline = pipeline.as_str(),
+        "test hook set: the pipeline will be ended on purpose once ready; never set it in \
+         production"
+    );
+    Ok(Some(pipeline))
 }
 
-/// Waits for `step`, at most [`STEP`]; a step that overruns is logged and left behind.
-async fn bounded<F: Future>(name: &'static str, step: F) {
-    if tokio::time::timeout(STEP, step).await.is_err() {
+/// Waits for `step` until `deadline`; a step that overruns is logged and left behind (the
+/// steps after it still run, each as far as the budget lets it).
+async fn bounded<F: Future>(name: &'static str, step: F, deadline: Instant) {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if tokio::time::timeout(left, step).await.is_err() {
         warn!(
             step = name,
-            bound_s = STEP.as_secs(),
+            budget_s = SHUTDOWN_BUDGET.as_secs(),
             "shutdown step did not finish in time"
         );
     }

@@ -17,9 +17,6 @@ pub(super) const RUNBOOK_BASE: &str =
 
 /// Said in the description of a panel that needs compute_instance_info's identity labels.
 pub(super) const NEEDS_IDENTITY: &str = "Empty until compute_instance_info carries the identity labels (project, instance_name, instance_namespace).";
-/// Said in the description of a panel that needs the pipeline gauge.
-pub(super) const NEEDS_PIPELINE_UP: &str =
-    "Empty until the collector serves collector_pipeline_up.";
 
 const SEL_FLEET: &str = r#"cluster=~"$cluster""#;
 const SEL_NODE: &str = r#"cluster=~"$cluster", node=~"$node""#;
@@ -394,8 +391,7 @@ fn node() -> Dashboard {
                 ),
             panel("Pipelines up", "timeseries", "bool_yes_no", "Each output pipeline of the collector: 1 up, 0 down.")
                 .q(format!("max by (node, pipeline) (collector_pipeline_up{{{SEL_NODE}}})"), "{{pipeline}}")
-                .alert("ComputeCollectorPipelineDown")
-                .needs(NEEDS_PIPELINE_UP),
+                .alert("ComputeCollectorPipelineDown"),
             panel("Kernel program CPU", "timeseries", "suffix: CPU", "CPU the collector's eBPF programs use, by program. Warning above 0.1 CPU over 30m for 15m.")
                 .q(
                     format!("sum by (program) (rate(collector_ebpf_program_run_seconds_total{{{SEL_NODE}}}[$__rate_interval]))"),

@@ -3,7 +3,7 @@
 //! free-form detail goes into log lines, never into a label.
 
 use crate::model::{
-    health::Health,
+    health::{Health, Pipeline},
     metrics::{CounterVec, MetricKind, MetricWriter, Value},
 };
 
@@ -46,6 +46,25 @@ pub(crate) fn write(w: &mut dyn MetricWriter, health: &Health) {
         &["reason"],
         &health.discovery_problems,
     );
+    counter_vec(
+        w,
+        "collector_reconciled",
+        "What reconciliation with /proc corrected after lost kernel records, by fix.",
+        &["fix"],
+        &health.reconciled,
+    );
+    w.family(
+        "collector_pipeline_up",
+        "1 while the pipeline's task runs, 0 once it ended or panicked (then /healthz fails).",
+        MetricKind::Gauge,
+    );
+    for pipeline in Pipeline::ALL {
+        let up = health.pipelines.is_up(pipeline);
+        w.sample(
+            &[("pipeline", pipeline.as_str())],
+            Value::Int(i64::from(up)),
+        );
+    }
     counter_vec(
         w,
         "collector_decode_errors",

@@ -149,3 +149,76 @@ vcpu_thread = '^fc_vcpu (\d+)$'
          records lost; events {tally:?}; none listed {waited:?} after the last exit"
     );
 }
+
+/// The default process ring takes a burst of 1000 execs (and their exits) with nobody reading:
+/// the collector is stopped (SIGSTOP) while 1000 stand-ins exec and exit, then resumed; nothing
+/// was lost, and each has its `start` and its `stop` with the exit status. Each was gone before
+/// its exec record was read: none of their pids is brought back into the kernel's map (the next
+/// pass of reconciliation finds no stale entry to remove).
+#[test]
+fn the_default_ring_takes_a_burst_of_a_thousand_execs() {
+    const BURST: usize = 1000;
+    let tag = "rc-ring";
+    let collector = Collector::start_with_config(&format!(
+        r#"
+disable_builtin_matchers = ["firecracker", "qemu", "cloud-hypervisor"]
+
+[console.files]
+
+[[matcher]]
+name = "{tag}"
+executable = "{tag}-vmm"
+instance_id = '--id (\S+)'
+vcpu_thread = '^fc_vcpu (\d+)$'
+"#
+    ));
+    let exe = format!("{tag}-vmm");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(collector.pid() as i32, libc::SIGSTOP) };
+    let uuids: Vec<String> = (0..BURST)
+        .map(|_| {
+            let uuid = new_uuid(tag);
+            let mut vmm = Standin::spawn(
+                &exe,
+                &["--id", &uuid],
+                &[("STANDIN_VCPUS", "0"), ("STANDIN_RUN_MS", "0")],
+            );
+            vmm.wait();
+            uuid
+        })
+        .collect();
+    // SAFETY: as above.
+    unsafe { libc::kill(collector.pid() as i32, libc::SIGCONT) };
+    let ours: HashSet<&str> = uuids.iter().map(String::as_str).collect();
+    let events = wait_for(Duration::from_secs(30), || {
+        let events: Vec<Value> = collector_tests::ndjson(&collector.get_text("/v1/events"))
+            .into_iter()
+            .filter(|e| ours.contains(e["instance_uuid"].as_str().unwrap_or_default()))
+            .collect();
+        (events.len() >= 2 * BURST).then_some(events)
+    })
+    .unwrap_or_else(|| panic!("not every event arrived:\n{}", collector.stderr()));
+    assert_eq!(lost(&collector, "exec"), 0.0);
+    assert_eq!(lost(&collector, "exit"), 0.0);
+    let mut by_instance: HashMap<&str, Vec<(&str, &str)>> = HashMap::new();
+    for e in &events {
+        by_instance
+            .entry(e["instance_uuid"].as_str().unwrap())
+            .or_default()
+            .push((e["event"].as_str().unwrap(), e["reason"].as_str().unwrap()));
+    }
+    for uuid in &uuids {
+        assert_eq!(
+            by_instance[uuid.as_str()],
+            [("start", "exec"), ("stop", "exited")],
+            "{uuid}"
+        );
+    }
+    // A pass of reconciliation (every 2 s) sweeps the kernel's process map.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        collector.metric("collector_reconciled_total{fix=\"stale_kernel_entry\"}"),
+        0.0,
+        "an exited process's pid was put back into the kernel's map"
+    );
+}

@@ -19,21 +19,15 @@ fn entries(metrics: &str, map: &str) -> f64 {
 
 #[test]
 fn map_entries_do_not_grow_under_churn() {
-    // Its own executable name and no built-in matcher: other VMMs on the host (other tests,
-    // other collectors' stand-ins) are not followed, so every entry counted is the test's.
-    let collector = Collector::start_with_config(
-        r#"
-disable_builtin_matchers = ["firecracker", "qemu", "cloud-hypervisor"]
-
-[console.files]
-
-[[matcher]]
-name = "churn"
-executable = "churn-vmm"
-instance_id = '--uuid (\S+)'
-vcpu_thread = '^fc_vcpu (\d+)$'
-"#,
-    );
+    // A matcher of this test's own: the map entries counted are this test's instances only,
+    // whatever other VMMs run on a shared host.
+    let exe = format!("churn{:08x}", std::process::id());
+    let collector = Collector::start_with_config(&format!(
+        "disable_builtin_matchers = [\"firecracker\", \"qemu\", \"cloud-hypervisor\"]\n\
+         [console.files]\n\
+         [[matcher]]\nname = \"churn\"\nexecutable = \"{exe}\"\n\
+         instance_id = '--uuid (\\S+)'\nvcpu_thread = '^fc_vcpu ?(\\d+)$'\n"
+    ));
     let runs = |metrics: &str, program: &str| {
         sample(
             metrics,
@@ -49,7 +43,7 @@ vcpu_thread = '^fc_vcpu (\d+)$'
             .map(|_| {
                 let uuid = new_uuid("churn");
                 Standin::spawn(
-                    "churn-vmm",
+                    &exe,
                     &["--no-api", "--uuid", &uuid],
                     &[
                         ("STANDIN_VCPUS", "2"),

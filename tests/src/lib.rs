@@ -329,16 +329,27 @@ impl Standin {
 
     /// [`Standin::spawn`] with `dir` as the working directory.
     pub fn spawn_in(dir: &Path, exe: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let child = Command::new(standin_path(exe))
-            .current_dir(dir)
-            .args(args)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn standin");
-        Self { child }
+        let path = standin_path(exe);
+        // A freshly copied stand-in is busy (ETXTBSY) while a process forked by another test
+        // thread during the copy still holds the copy's descriptor: retry until it has exec'd.
+        for _ in 0..200 {
+            match Command::new(&path)
+                .current_dir(dir)
+                .args(args)
+                .envs(env.iter().copied())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+            {
+                Ok(child) => return Self { child },
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("spawn standin: {e}"),
+            }
+        }
+        panic!("spawn standin: {} stays busy", path.display());
     }
 
     pub fn pid(&self) -> u32 {

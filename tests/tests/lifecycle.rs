@@ -243,6 +243,9 @@ fn memory_cgroup(name: &str, limit: u64) -> std::path::PathBuf {
 #[test]
 fn oom_kill_right_after_exec() {
     let tag = "lc-oomrace";
+    // Run the stand-in once before: the shell below cannot retry an exec that finds the fresh
+    // copy busy (see `Standin::spawn_in`).
+    Standin::spawn(&format!("{tag}-vmm"), &[], &[("STANDIN_RUN_MS", "0")]).wait();
     let collector = collector_for(tag);
     let limit: u64 = 16 << 20;
     let exe = collector_tests::standin_path(&format!("{tag}-vmm"));

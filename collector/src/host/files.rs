@@ -125,19 +125,24 @@ impl LogDir {
         Ok(())
     }
 
-    /// The file `file` of the instance folder `dir` (both as [`Self::files`] names them), or
-    /// only its last `tail` bytes.
-    pub(crate) fn read_in(&self, dir: &str, file: &str, tail: Option<u64>) -> io::Result<Vec<u8>> {
-        use std::io::{Read, Seek, SeekFrom};
+    /// The file `file` of the instance folder `dir` (both as [`Self::files`] names them), open
+    /// for reading (not a link).
+    pub(crate) fn open_in(&self, dir: &str, file: &str) -> io::Result<File> {
         let dir = open_dir(&self.root, dir)?;
         let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let mut file = File::from(rustix::fs::openat(&dir, file, flags, Mode::empty())?);
-        if let Some(tail) = tail {
-            let size = file.metadata()?.len();
-            file.seek(SeekFrom::Start(size.saturating_sub(tail)))?;
-        }
+        Ok(File::from(rustix::fs::openat(
+            &dir,
+            file,
+            flags,
+            Mode::empty(),
+        )?))
+    }
+
+    /// The whole file `file` of the instance folder `dir`.
+    pub(crate) fn read_in(&self, dir: &str, file: &str) -> io::Result<Vec<u8>> {
+        use std::io::Read;
         let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
+        self.open_in(dir, file)?.read_to_end(&mut bytes)?;
         Ok(bytes)
     }
 
@@ -333,15 +338,8 @@ mod tests {
         let mut file =
             RotatingFile::open(logs.instance_dir("a").unwrap(), "events.log", 100, 1).unwrap();
         file.append(b"0123456789").unwrap();
-        assert_eq!(
-            logs.read_in("a", "events.log", None).unwrap(),
-            b"0123456789"
-        );
-        assert_eq!(logs.read_in("a", "events.log", Some(3)).unwrap(), b"789");
-        assert_eq!(
-            logs.read_in("a", "events.log", Some(30)).unwrap(),
-            b"0123456789"
-        );
+        assert_eq!(logs.read_in("a", "events.log").unwrap(), b"0123456789");
+        assert!(logs.read_in("a", "missing").is_err());
     }
 
     #[test]

@@ -117,7 +117,9 @@ pub(crate) fn restore(config: &Config) -> Restored {
             .get(&prev.instance_uuid)
             .copied()
             .unwrap_or_default();
-        for (slot, found) in tail::last_records(&config.log_dir, &prev.instance_uuid)
+        // Lines written before the state file are in it.
+        let covered = written_at.filter(|_| state_console.contains_key(&prev.instance_uuid));
+        for (slot, found) in tail::last_records(&config.log_dir, &prev.instance_uuid, covered)
             .into_iter()
             .enumerate()
         {

@@ -57,7 +57,7 @@ pub(crate) fn read_back(log_dir: &Path, config: &EventsConfig, also: &HashSet<St
         let mut events: Vec<Sequenced> = Vec::new();
         // Newest file first, until the instance has its share.
         for (_, name) in names {
-            let Ok(bytes) = root.read_in(&dir, &name, None) else {
+            let Ok(bytes) = root.read_in(&dir, &name) else {
                 continue;
             };
             let mut older: Vec<Sequenced> = bytes

@@ -129,7 +129,7 @@ pub(crate) fn access_for(
 ) -> Option<Access> {
     let segments: Vec<&str> = path.strip_prefix("/v1/")?.split('/').collect();
     match segments.as_slice() {
-        ["instances"] | ["events"] => Some(Access::Node),
+        ["instances" | "events"] => Some(Access::Node),
         ["instances", uuid] | ["instances", uuid, "logs" | "events"] => {
             let uuid = percent_decode_str(uuid).decode_utf8().ok()?;
             Some(Access::Instance { pod: pod_of(&uuid) })
@@ -181,7 +181,11 @@ impl Reviewer {
     }
 
     /// The caller, if the request's token is valid and grants `access`.
-    pub(crate) async fn review(&self, headers: &HeaderMap, access: &Access) -> Result<Caller, Denied> {
+    pub(crate) async fn review(
+        &self,
+        headers: &HeaderMap,
+        access: &Access,
+    ) -> Result<Caller, Denied> {
         let token = bearer(headers).ok_or(Denied::Unauthenticated)?;
         let key = digest(token);
         let caller = self.authenticate(token, key).await?;
@@ -195,13 +199,12 @@ impl Reviewer {
 
     async fn authenticate(&self, token: &str, key: TokenDigest) -> Result<Caller, Denied> {
         let cached = lock(&self.authenticated).get(&key, Instant::now());
-        let caller = match cached {
-            Some(caller) => caller,
-            None => {
-                let caller = self.token_review(token).await?;
-                lock(&self.authenticated).insert(key, caller.clone(), Instant::now());
-                caller
-            }
+        let caller = if let Some(caller) = cached {
+            caller
+        } else {
+            let caller = self.token_review(token).await?;
+            lock(&self.authenticated).insert(key, caller.clone(), Instant::now());
+            caller
         };
         caller.ok_or(Denied::Unauthenticated)
     }
@@ -230,8 +233,8 @@ impl Reviewer {
             ..TokenReview::default()
         };
         let api: Api<TokenReview> = Api::all(self.client.clone());
-        let answer = tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), &review))
-            .await;
+        let answer =
+            tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), &review)).await;
         let status = match answer {
             Ok(Ok(review)) => review.status.unwrap_or_default(),
             Ok(Err(error)) => {
@@ -239,7 +242,10 @@ impl Reviewer {
                 return Err(Denied::Unavailable);
             }
             Err(_) => {
-                warn!(timeout_seconds = REVIEW_TIMEOUT.as_secs(), "token review timed out");
+                warn!(
+                    timeout_seconds = REVIEW_TIMEOUT.as_secs(),
+                    "token review timed out"
+                );
                 return Err(Denied::Unavailable);
             }
         };
@@ -254,7 +260,11 @@ impl Reviewer {
         }))
     }
 
-    async fn access_review(&self, caller: &Caller, permission: &Permission) -> Result<bool, Denied> {
+    async fn access_review(
+        &self,
+        caller: &Caller,
+        permission: &Permission,
+    ) -> Result<bool, Denied> {
         let review = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
                 user: Some(caller.username.clone()),
@@ -276,7 +286,8 @@ impl Reviewer {
             ..SubjectAccessReview::default()
         };
         let api: Api<SubjectAccessReview> = Api::all(self.client.clone());
-        match tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), &review)).await
+        match tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), &review))
+            .await
         {
             Ok(Ok(review)) => Ok(review.status.is_some_and(|s| s.allowed)),
             Ok(Err(error)) => {
@@ -284,7 +295,10 @@ impl Reviewer {
                 Err(Denied::Unavailable)
             }
             Err(_) => {
-                warn!(timeout_seconds = REVIEW_TIMEOUT.as_secs(), "access review timed out");
+                warn!(
+                    timeout_seconds = REVIEW_TIMEOUT.as_secs(),
+                    "access review timed out"
+                );
                 Err(Denied::Unavailable)
             }
         }
@@ -301,6 +315,17 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
+
+    #[test]
+    fn refusals_answer_401_403_503() {
+        assert_eq!(Denied::Unauthenticated.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(Denied::Forbidden.status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            Denied::Unavailable.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert!(Denied::Unauthenticated.message().contains("bearer token"));
+    }
 
     #[test]
     fn one_bearer_token_exactly() {
@@ -322,9 +347,7 @@ mod tests {
 
     #[test]
     fn routes_and_what_they_read() {
-        let pod_of = |uuid: &str| {
-            (uuid == "u 1").then(|| ("ns-a".to_owned(), "p1".to_owned()))
-        };
+        let pod_of = |uuid: &str| (uuid == "u 1").then(|| ("ns-a".to_owned(), "p1".to_owned()));
         let known = Some(Access::Instance {
             pod: Some(("ns-a".into(), "p1".into())),
         });
@@ -417,23 +440,42 @@ mod tests {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn tenants_read_their_namespace_operators_the_node() {
             let fake = fake();
-            let reviewer = Reviewer::new(client(&fake).await, "n1".into(), &KubernetesConfig::default());
+            let reviewer = Reviewer::new(
+                client(&fake).await,
+                "n1".into(),
+                &KubernetesConfig::default(),
+            );
             let (a, b) = (pod("ns-a", "p1"), pod("ns-b", "p2"));
 
-            assert_eq!(reviewer.review(&HeaderMap::new(), &a).await, Err(Denied::Unauthenticated));
-            assert_eq!(fake.counts().requests("create tokenreviews"), 0, "no token, no review");
-            assert_eq!(reviewer.review(&token("forged"), &a).await, Err(Denied::Unauthenticated));
+            assert_eq!(
+                reviewer.review(&HeaderMap::new(), &a).await,
+                Err(Denied::Unauthenticated)
+            );
+            assert_eq!(
+                fake.counts().requests("create tokenreviews"),
+                0,
+                "no token, no review"
+            );
+            assert_eq!(
+                reviewer.review(&token("forged"), &a).await,
+                Err(Denied::Unauthenticated)
+            );
 
             let alice = reviewer.review(&token("tenant-a"), &a).await.unwrap();
             assert_eq!(alice.username, "alice");
             assert!(alice.groups.contains(&"tenants".to_owned()));
-            assert_eq!(reviewer.review(&token("tenant-a"), &b).await, Err(Denied::Forbidden));
+            assert_eq!(
+                reviewer.review(&token("tenant-a"), &b).await,
+                Err(Denied::Forbidden)
+            );
             assert_eq!(
                 reviewer.review(&token("tenant-a"), &Access::Node).await,
                 Err(Denied::Forbidden)
             );
             assert_eq!(
-                reviewer.review(&token("tenant-a"), &Access::Instance { pod: None }).await,
+                reviewer
+                    .review(&token("tenant-a"), &Access::Instance { pod: None })
+                    .await,
                 Err(Denied::Forbidden),
                 "an instance without a known Pod is node-wide only"
             );
@@ -442,8 +484,11 @@ mod tests {
                 assert_eq!(oscar.username, "oscar");
             }
             // On another node the operator's grant (resourceNames: n1) does not reach.
-            let elsewhere =
-                Reviewer::new(client(&fake).await, "n2".into(), &KubernetesConfig::default());
+            let elsewhere = Reviewer::new(
+                client(&fake).await,
+                "n2".into(),
+                &KubernetesConfig::default(),
+            );
             assert_eq!(
                 elsewhere.review(&token("operator"), &Access::Node).await,
                 Err(Denied::Forbidden)
@@ -452,8 +497,14 @@ mod tests {
             // Cached: the same questions again ask the API server nothing.
             let before = fake.counts();
             assert!(reviewer.review(&token("tenant-a"), &a).await.is_ok());
-            assert_eq!(reviewer.review(&token("tenant-a"), &b).await, Err(Denied::Forbidden));
-            assert_eq!(reviewer.review(&token("forged"), &a).await, Err(Denied::Unauthenticated));
+            assert_eq!(
+                reviewer.review(&token("tenant-a"), &b).await,
+                Err(Denied::Forbidden)
+            );
+            assert_eq!(
+                reviewer.review(&token("forged"), &a).await,
+                Err(Denied::Unauthenticated)
+            );
             let after = fake.counts();
             assert_eq!(after.requests, before.requests);
 
@@ -461,9 +512,15 @@ mod tests {
             fake.cut();
             assert!(reviewer.review(&token("tenant-a"), &a).await.is_ok());
             fake.add_token("tenant-b", "bob", &[]);
-            assert_eq!(reviewer.review(&token("tenant-b"), &b).await, Err(Denied::Unavailable));
+            assert_eq!(
+                reviewer.review(&token("tenant-b"), &b).await,
+                Err(Denied::Unavailable)
+            );
             fake.restore();
-            assert_eq!(reviewer.review(&token("tenant-b"), &b).await, Err(Denied::Forbidden));
+            assert_eq!(
+                reviewer.review(&token("tenant-b"), &b).await,
+                Err(Denied::Forbidden)
+            );
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -481,7 +538,11 @@ mod tests {
             assert_eq!(fake.counts().requests("create tokenreviews"), 1);
             tokio::time::sleep(Duration::from_millis(1100)).await;
             assert!(reviewer.review(&token("tenant-a"), &a).await.is_ok());
-            assert_eq!(fake.counts().requests("create tokenreviews"), 2, "expired, asked again");
+            assert_eq!(
+                fake.counts().requests("create tokenreviews"),
+                2,
+                "expired, asked again"
+            );
 
             for t in ["x1", "x2", "x3"] {
                 let _ = reviewer.review(&token(t), &a).await;

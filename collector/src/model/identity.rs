@@ -53,8 +53,9 @@ pub(crate) enum IdentityUpdate {
         instance_uuid: String,
         identity: Identity,
     },
-    /// The source's view is complete: a full list of this node's Pods was applied. Sent after
-    /// every full list (the first one, and each relist after `410 Gone`).
+    /// The source's view is complete: a full list of this node's Pods was applied, its missing
+    /// Pods deleted, and every Pod in it reported (its Namespace read). Sent after every full
+    /// list (the first one, and each relist after `410 Gone`).
     Synced,
 }
 

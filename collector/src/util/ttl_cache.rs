@@ -68,7 +68,10 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
     /// Drops the front of the queue, and its entry unless the key was inserted again since.
     fn pop_front(&mut self) {
         if let Some((key, inserted)) = self.order.pop_front()
-            && self.entries.get(&key).is_some_and(|(at, _)| *at == inserted)
+            && self
+                .entries
+                .get(&key)
+                .is_some_and(|(at, _)| *at == inserted)
         {
             self.entries.remove(&key);
         }

@@ -61,7 +61,7 @@ pub const COLLECTOR_TOKEN: &str = "collector-service-account-token";
 /// Change history kept; older changes are compacted away (as etcd and the watch cache do).
 const MAX_HISTORY: usize = 50_000;
 /// Default `timeoutSeconds` of a watch that gives none.
-const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(1800);
+const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_mins(30);
 
 /// A user as TokenReview reports it.
 #[derive(Debug, Clone)]
@@ -241,7 +241,11 @@ fn partial(object: &Value) -> Value {
 }
 
 fn kind_of(resource: &str) -> &'static str {
-    if resource == "pods" { "Pod" } else { "Namespace" }
+    if resource == "pods" {
+        "Pod"
+    } else {
+        "Namespace"
+    }
 }
 
 /// `object` with its resourceVersion set to `rv`.
@@ -284,13 +288,13 @@ impl Selection {
         }
         let now = self.matches(&change.object);
         let before = change.previous.as_ref().is_some_and(|p| self.matches(p));
-        let (kind, object) = match change.kind {
-            ChangeType::Added if now => ("ADDED", change.object.clone()),
-            ChangeType::Deleted if now => ("DELETED", change.object.clone()),
-            ChangeType::Modified if now && before => ("MODIFIED", change.object.clone()),
-            ChangeType::Modified if now => ("ADDED", change.object.clone()),
+        let (kind, object) = match (change.kind, before, now) {
+            (ChangeType::Deleted, _, true) => ("DELETED", change.object.clone()),
+            (ChangeType::Modified, true, true) => ("MODIFIED", change.object.clone()),
+            // Added, or moved into the selection.
+            (ChangeType::Added | ChangeType::Modified, _, true) => ("ADDED", change.object.clone()),
             // Left the selection: the watch cache sends the old object, at the new version.
-            ChangeType::Modified if before => (
+            (ChangeType::Modified, true, false) => (
                 "DELETED",
                 at_rv(change.previous.clone().expect("previous"), change.rv),
             ),
@@ -425,7 +429,10 @@ impl FakeKube {
     /// Creates a Namespace with `labels`.
     pub fn create_namespace(&self, name: &str, labels: &[(&str, &str)]) {
         let mut store = self.shared.lock();
-        assert!(!store.namespaces.contains_key(name), "namespace {name} exists");
+        assert!(
+            !store.namespaces.contains_key(name),
+            "namespace {name} exists"
+        );
         let mut all: BTreeMap<&str, &str> = labels.iter().copied().collect();
         all.insert("kubernetes.io/metadata.name", name);
         let object = json!({
@@ -508,7 +515,10 @@ impl FakeKube {
         let mut pod = FakePod {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
-            node: previous["spec"]["nodeName"].as_str().unwrap_or("").to_owned(),
+            node: previous["spec"]["nodeName"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned(),
             labels: labels_of(&previous).into_iter().collect(),
             container_id: previous
                 .pointer("/status/containerStatuses/0/containerID")
@@ -597,7 +607,11 @@ fn uid(seed: u64) -> String {
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
-    format!("{:08x}-{:04x}-4000-8000-{seed:012x}", nanos, std::process::id() & 0xffff)
+    format!(
+        "{:08x}-{:04x}-4000-8000-{seed:012x}",
+        nanos,
+        std::process::id() & 0xffff
+    )
 }
 
 /// A Pod's JSON as the API server holds it once a kubelet reported its status.
@@ -630,9 +644,7 @@ fn pod_json(pod: &FakePod, uid: &str) -> Value {
             "False",
         ),
     };
-    let condition = |kind: &str, status: &str| {
-        json!({"type": kind, "status": status, "lastProbeTime": null, "lastTransitionTime": now})
-    };
+    let condition = |kind: &str, status: &str| json!({"type": kind, "status": status, "lastProbeTime": null, "lastTransitionTime": now});
     let object = json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {
@@ -779,21 +791,25 @@ impl Route {
     }
 }
 
+/// A refused request: code, reason, message (answered as a `Status`).
+type Refusal = (u16, &'static str, String);
+
 fn route(
     method: &Method,
     path: &str,
     params: &HashMap<String, String>,
     headers: &HeaderMap,
-) -> Result<Route, Response> {
+) -> Result<Route, Refusal> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let not_found = || status_response(404, "NotFound", "the server could not find the requested resource");
-    let collection = |resource: &'static str, namespace: Option<&str>| -> Result<Route, Response> {
-        let bad = |m: String| status_response(400, "BadRequest", &m);
+    let collection = |resource: &'static str, namespace: Option<&str>| -> Result<Route, Refusal> {
+        let bad = |m: String| (400, "BadRequest", m);
         let labels = LabelSelector::parse(params.get("labelSelector").map_or("", String::as_str))
             .map_err(|m| bad(format!("unable to parse requirement: {m}")))?;
-        let fields =
-            FieldSelector::parse(resource, params.get("fieldSelector").map_or("", String::as_str))
-                .map_err(bad)?;
+        let fields = FieldSelector::parse(
+            resource,
+            params.get("fieldSelector").map_or("", String::as_str),
+        )
+        .map_err(bad)?;
         let accept = headers
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
@@ -805,9 +821,7 @@ fn route(
             fields,
             metadata_only: accept.contains("as=PartialObjectMetadata"),
         };
-        let watch = params
-            .get("watch")
-            .is_some_and(|w| w == "true" || w == "1");
+        let watch = params.get("watch").is_some_and(|w| w == "true" || w == "1");
         Ok(if watch {
             Route::Watch(selection)
         } else {
@@ -832,7 +846,11 @@ fn route(
         ("POST", ["apis", "authorization.k8s.io", "v1", "subjectaccessreviews"]) => {
             Ok(Route::AccessReview)
         }
-        _ => Err(not_found()),
+        _ => Err((
+            404,
+            "NotFound",
+            "the server could not find the requested resource".to_owned(),
+        )),
     }
 }
 
@@ -846,7 +864,7 @@ async fn handle(
 ) -> Response {
     let route = match route(&method, uri.path(), &params, &headers) {
         Ok(route) => route,
-        Err(response) => return response,
+        Err((code, reason, message)) => return status_response(code, reason, &message),
     };
     let mut store = shared.lock();
     if store.down {
@@ -913,11 +931,9 @@ async fn handle(
                     store.count_sent(resource, 1);
                     json_response(&body)
                 }
-                None => status_response(
-                    404,
-                    "NotFound",
-                    &format!("{resource} \"{name}\" not found"),
-                ),
+                None => {
+                    status_response(404, "NotFound", &format!("{resource} \"{name}\" not found"))
+                }
             }
         }
         Route::TokenReview => token_review(&store, &body),
@@ -996,7 +1012,9 @@ fn watch(shared: &Arc<Shared>, selection: Selection, params: &HashMap<String, St
         .get("timeoutSeconds")
         .and_then(|t| t.parse().ok())
         .map_or(DEFAULT_WATCH_TIMEOUT, Duration::from_secs);
-    let bookmarks = params.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+    let bookmarks = params
+        .get("allowWatchBookmarks")
+        .is_some_and(|b| b == "true");
     if params.contains_key("sendInitialEvents") {
         return status_response(
             400,
@@ -1024,7 +1042,9 @@ fn watch(shared: &Arc<Shared>, selection: Selection, params: &HashMap<String, St
                     None => {
                         for object in store.objects(selection.resource) {
                             if selection.matches(object) {
-                                lines.push(json!({"type": "ADDED", "object": selection.view(object)}));
+                                lines.push(
+                                    json!({"type": "ADDED", "object": selection.view(object)}),
+                                );
                             }
                         }
                     }
@@ -1109,12 +1129,19 @@ fn token_review(store: &Store, body: &[u8]) -> Response {
 
 fn access_review(store: &Store, body: &[u8]) -> Response {
     let Ok(mut review) = serde_json::from_slice::<Value>(body) else {
-        return status_response(400, "BadRequest", "the request body is not a SubjectAccessReview");
+        return status_response(
+            400,
+            "BadRequest",
+            "the request body is not a SubjectAccessReview",
+        );
     };
-    if review["kind"] != "SubjectAccessReview"
-        || review["apiVersion"] != "authorization.k8s.io/v1"
+    if review["kind"] != "SubjectAccessReview" || review["apiVersion"] != "authorization.k8s.io/v1"
     {
-        return status_response(400, "BadRequest", "the request body is not a SubjectAccessReview");
+        return status_response(
+            400,
+            "BadRequest",
+            "the request body is not a SubjectAccessReview",
+        );
     }
     let spec = &review["spec"];
     let user = spec["user"].as_str().unwrap_or("");

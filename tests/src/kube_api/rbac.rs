@@ -29,7 +29,11 @@ impl PolicyRule {
         let strings = |key: &str| -> Vec<String> {
             rule[key]
                 .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         Self {
@@ -90,7 +94,12 @@ impl PolicyRule {
 }
 
 /// Whether `user` (with `groups`) may do `attributes` under `grants`.
-pub(super) fn allowed(grants: &[Grant], user: &str, groups: &[String], attributes: &Attributes) -> bool {
+pub(super) fn allowed(
+    grants: &[Grant],
+    user: &str,
+    groups: &[String],
+    attributes: &Attributes,
+) -> bool {
     grants.iter().any(|grant| {
         let subject = match &grant.subject {
             Subject::User(u) => u == user,
@@ -126,10 +135,30 @@ mod tests {
             namespace: Some("ns-a".into()),
             rules: vec![PolicyRule::core("get", "pods/log")],
         }];
-        assert!(allowed(&grants, "alice", &[], &attrs("get", "pods", "log", "ns-a", "p")));
-        assert!(!allowed(&grants, "alice", &[], &attrs("get", "pods", "log", "ns-b", "p")));
-        assert!(!allowed(&grants, "alice", &[], &attrs("get", "pods", "", "ns-a", "p")));
-        assert!(!allowed(&grants, "bob", &[], &attrs("get", "pods", "log", "ns-a", "p")));
+        assert!(allowed(
+            &grants,
+            "alice",
+            &[],
+            &attrs("get", "pods", "log", "ns-a", "p")
+        ));
+        assert!(!allowed(
+            &grants,
+            "alice",
+            &[],
+            &attrs("get", "pods", "log", "ns-b", "p")
+        ));
+        assert!(!allowed(
+            &grants,
+            "alice",
+            &[],
+            &attrs("get", "pods", "", "ns-a", "p")
+        ));
+        assert!(!allowed(
+            &grants,
+            "bob",
+            &[],
+            &attrs("get", "pods", "log", "ns-a", "p")
+        ));
         let named = [Grant {
             subject: Subject::Group("ops".into()),
             namespace: None,
@@ -139,7 +168,17 @@ mod tests {
             }],
         }];
         let ops = ["ops".to_owned()];
-        assert!(allowed(&named, "x", &ops, &attrs("get", "nodes", "proxy", "", "n1")));
-        assert!(!allowed(&named, "x", &ops, &attrs("get", "nodes", "proxy", "", "n2")));
+        assert!(allowed(
+            &named,
+            "x",
+            &ops,
+            &attrs("get", "nodes", "proxy", "", "n1")
+        ));
+        assert!(!allowed(
+            &named,
+            "x",
+            &ops,
+            &attrs("get", "nodes", "proxy", "", "n2")
+        ));
     }
 }

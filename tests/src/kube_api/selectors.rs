@@ -137,7 +137,7 @@ fn field_path(resource: &str, field: &str) -> Option<&'static str> {
         ("pods", "spec.restartPolicy") => Some("/spec/restartPolicy"),
         ("pods", "spec.schedulerName") => Some("/spec/schedulerName"),
         ("pods", "spec.serviceAccountName") => Some("/spec/serviceAccountName"),
-        ("pods", "status.phase") | ("namespaces", "status.phase") => Some("/status/phase"),
+        ("pods" | "namespaces", "status.phase") => Some("/status/phase"),
         ("pods", "status.podIP") => Some("/status/podIP"),
         _ => None,
     }
@@ -161,9 +161,7 @@ impl FieldSelector {
             };
             let field = field.trim();
             if field_path(resource, field).is_none() {
-                return Err(format!(
-                    "field label not supported: {field}"
-                ));
+                return Err(format!("field label not supported: {field}"));
             }
             terms.push((field.to_owned(), equal, value.trim().to_owned()));
         }

@@ -4,7 +4,7 @@
 //! `~/.kube/config` is never read on its own: an operator's personal configuration on a host
 //! must not turn the collector into a client of some cluster.
 
-use std::ffi::OsString;
+use std::ffi::OsStr;
 
 use kube::{
     Client,
@@ -46,27 +46,21 @@ pub(crate) enum ClientError {
 }
 
 /// Which configuration the environment asks for: the in-cluster service account wins.
-fn choose(
-    service_host: Option<OsString>,
-    kubeconfig: Option<OsString>,
-) -> Option<ClientOrigin> {
-    let set = |v: &Option<OsString>| v.as_ref().is_some_and(|v| !v.is_empty());
-    if set(&service_host) {
+fn choose(service_host: Option<&OsStr>, kubeconfig: Option<&OsStr>) -> Option<ClientOrigin> {
+    if service_host.is_some_and(|h| !h.is_empty()) {
         Some(ClientOrigin::InCluster)
-    } else if set(&kubeconfig) {
-        Some(ClientOrigin::Kubeconfig(
-            kubeconfig.unwrap_or_default().to_string_lossy().into_owned(),
-        ))
     } else {
-        None
+        kubeconfig
+            .filter(|path| !path.is_empty())
+            .map(|path| ClientOrigin::Kubeconfig(path.to_string_lossy().into_owned()))
     }
 }
 
 /// A client from the environment's configuration; `None` when there is none.
 pub(crate) async fn connect() -> Result<Option<(Client, ClientOrigin)>, ClientError> {
     let Some(origin) = choose(
-        std::env::var_os("KUBERNETES_SERVICE_HOST"),
-        std::env::var_os("KUBECONFIG"),
+        std::env::var_os("KUBERNETES_SERVICE_HOST").as_deref(),
+        std::env::var_os("KUBECONFIG").as_deref(),
     ) else {
         return Ok(None);
     };
@@ -95,8 +89,11 @@ mod tests {
 
     #[test]
     fn in_cluster_first_then_kubeconfig_else_off() {
-        let s = |v: &str| Some(OsString::from(v));
-        assert_eq!(choose(s("10.0.0.1"), s("/k")), Some(ClientOrigin::InCluster));
+        let s = |v: &'static str| Some(OsStr::new(v));
+        assert_eq!(
+            choose(s("10.0.0.1"), s("/k")),
+            Some(ClientOrigin::InCluster)
+        );
         assert_eq!(
             choose(None, s("/etc/k.yaml")),
             Some(ClientOrigin::Kubeconfig("/etc/k.yaml".into()))

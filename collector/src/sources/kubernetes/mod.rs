@@ -213,9 +213,8 @@ impl KubernetesSource {
             pod_config = pod_config.fields(&self.selectors.fields);
         }
         let namespace_api: Api<PartialObjectMeta<Namespace>> = Api::all(self.client.clone());
-        let mut pods = pin!(
-            watcher(Api::<Pod>::all(self.client.clone()), pod_config).default_backoff()
-        );
+        let mut pods =
+            pin!(watcher(Api::<Pod>::all(self.client.clone()), pod_config).default_backoff());
         let mut namespaces =
             pin!(watcher(namespace_api.clone(), watcher::Config::default()).default_backoff());
         let mut view = View::new(self.node.clone(), self.seed);

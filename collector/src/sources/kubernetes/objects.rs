@@ -155,10 +155,17 @@ mod tests {
 
     #[test]
     fn project_precedence() {
-        let cases: [(&[(&str, &str)], Option<&str>); 7] = [
+        type Case = (
+            &'static [(&'static str, &'static str)],
+            Option<&'static str>,
+        );
+        let cases: [Case; 7] = [
             (&[(LABEL_PROJECT, "p1")], Some("p1")),
             (
-                &[(LABEL_PROJECT, "p1"), (LABEL_UPSTREAM_CLUSTER, "cluster-p2")],
+                &[
+                    (LABEL_PROJECT, "p1"),
+                    (LABEL_UPSTREAM_CLUSTER, "cluster-p2"),
+                ],
                 Some("p1"),
             ),
             (&[(LABEL_UPSTREAM_CLUSTER, "cluster-p2")], Some("p2")),
@@ -180,10 +187,15 @@ mod tests {
         }
         let l = labels(&[(LABEL_UPSTREAM_NAMESPACE, "default")]);
         assert_eq!(
-            NamespaceLabels::from_labels(Some(&l)).instance_namespace.as_deref(),
+            NamespaceLabels::from_labels(Some(&l))
+                .instance_namespace
+                .as_deref(),
             Some("default")
         );
-        assert_eq!(NamespaceLabels::from_labels(None), NamespaceLabels::default());
+        assert_eq!(
+            NamespaceLabels::from_labels(None),
+            NamespaceLabels::default()
+        );
     }
 
     #[test]

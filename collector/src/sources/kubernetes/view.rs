@@ -11,7 +11,8 @@
 //! - identities seeded from before a restart are not reported again when their Pod is still
 //!   there, and are `Deleted` after the first full list if it is not;
 //! - a Namespace is kept only while a Pod of this node is in it; one that is not kept yet is
-//!   read once (the caller's fetch), so memory follows this node's Pods, not the cluster.
+//!   read once (the caller's fetch), so memory follows this node's Pods, not the cluster;
+//! - `Synced` follows a complete list once every Pod in it has been reported.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -35,6 +36,16 @@ struct KeptNamespace {
     labels: Labels,
     /// Pods of this node in it.
     pods: usize,
+}
+
+/// What an instance should be reported as now.
+#[derive(Debug)]
+enum Desired {
+    /// No Pod backs it.
+    Absent,
+    /// Its Pod's Namespace is being read.
+    Waiting,
+    Ready(Identity),
 }
 
 /// What a namespace fetch found.
@@ -61,6 +72,8 @@ pub(crate) struct View {
     relisting: Option<HashSet<PodKey>>,
     /// A full list has been applied (deletions can be told from not-yet-listed).
     synced: bool,
+    /// A list is complete but some of its Pods wait for their Namespace: `Synced` once none do.
+    sync_due: bool,
     /// Namespaces to read, for the caller.
     to_fetch: Vec<String>,
 }
@@ -115,14 +128,28 @@ impl View {
             self.remove_pod(&key);
         }
         self.synced = true;
+        self.sync_due = true;
         let all: BTreeSet<String> = self
             .reported
             .keys()
             .chain(self.backing.keys())
             .cloned()
             .collect();
-        let mut updates = self.reconcile(all);
-        updates.push(IdentityUpdate::Synced);
+        let updates = self.reconcile(all);
+        self.then_synced(updates)
+    }
+
+    /// `updates`, then `Synced` if a list is complete and no Pod waits for its Namespace.
+    fn then_synced(&mut self, mut updates: Vec<IdentityUpdate>) -> Vec<IdentityUpdate> {
+        if self.sync_due
+            && !self
+                .namespaces
+                .values()
+                .any(|n| n.labels == Labels::Reading)
+        {
+            self.sync_due = false;
+            updates.push(IdentityUpdate::Synced);
+        }
         updates
     }
 
@@ -161,7 +188,8 @@ impl View {
     /// A Pod was deleted.
     pub(crate) fn pod_deleted(&mut self, key: &PodKey) -> Vec<IdentityUpdate> {
         let affected = self.remove_pod(key);
-        self.reconcile(affected)
+        let updates = self.reconcile(affected);
+        self.then_synced(updates)
     }
 
     /// A Namespace was listed, added or changed (the watch: every Namespace of the cluster;
@@ -178,11 +206,16 @@ impl View {
             return Vec::new();
         }
         kept.labels = Labels::Known(labels);
-        self.reconcile_namespace(name)
+        let updates = self.reconcile_namespace(name);
+        self.then_synced(updates)
     }
 
     /// A fetch of a Namespace answered. A watch event that came first wins: it is as new.
-    pub(crate) fn namespace_fetched(&mut self, name: &str, fetched: Fetched) -> Vec<IdentityUpdate> {
+    pub(crate) fn namespace_fetched(
+        &mut self,
+        name: &str,
+        fetched: Fetched,
+    ) -> Vec<IdentityUpdate> {
         let Some(kept) = self.namespaces.get_mut(name) else {
             return Vec::new();
         };
@@ -199,7 +232,8 @@ impl View {
             return Vec::new();
         }
         kept.labels = labels;
-        self.reconcile_namespace(name)
+        let updates = self.reconcile_namespace(name);
+        self.then_synced(updates)
     }
 
     /// Whether a failed fetch of `name` should be retried (it is still kept and unread).
@@ -259,17 +293,18 @@ impl View {
         self.reconcile(affected)
     }
 
-    /// The identity `uuid` should have now: `None` without a Pod, `Some(None)` while its
-    /// Namespace is being read.
-    fn desired(&self, uuid: &str) -> Option<Option<Identity>> {
-        let key = self.backing.get(uuid)?.first()?;
+    /// The identity `uuid` should have now.
+    fn desired(&self, uuid: &str) -> Desired {
+        let Some(key) = self.backing.get(uuid).and_then(|pods| pods.first()) else {
+            return Desired::Absent;
+        };
         let pod = &self.pods[key];
         let namespace = match self.namespaces.get(&key.namespace).map(|n| &n.labels) {
-            Some(Labels::Reading) => return Some(None),
+            Some(Labels::Reading) => return Desired::Waiting,
             Some(Labels::Known(labels) | Labels::Unavailable(Some(labels))) => labels.clone(),
             Some(Labels::Unavailable(None)) | None => NamespaceLabels::default(),
         };
-        Some(Some(Identity {
+        Desired::Ready(Identity {
             project: namespace.project,
             instance_name: pod.instance_name.clone(),
             instance_namespace: namespace.instance_namespace,
@@ -280,15 +315,18 @@ impl View {
                 .host_node
                 .clone()
                 .unwrap_or_else(|| pod.node_name.clone()),
-        }))
+        })
     }
 
     /// The updates that bring `reported` to what the Pods say, for `uuids`.
     fn reconcile(&mut self, uuids: BTreeSet<String>) -> Vec<IdentityUpdate> {
         let mut updates = Vec::new();
         for instance_uuid in uuids {
-            match (self.desired(&instance_uuid), self.reported.get(&instance_uuid)) {
-                (Some(Some(identity)), None) => {
+            match (
+                self.desired(&instance_uuid),
+                self.reported.get(&instance_uuid),
+            ) {
+                (Desired::Ready(identity), None) => {
                     self.reported
                         .insert(instance_uuid.clone(), identity.clone());
                     updates.push(IdentityUpdate::Created {
@@ -296,7 +334,7 @@ impl View {
                         identity,
                     });
                 }
-                (Some(Some(identity)), Some(old)) if *old != identity => {
+                (Desired::Ready(identity), Some(old)) if *old != identity => {
                     self.reported
                         .insert(instance_uuid.clone(), identity.clone());
                     updates.push(IdentityUpdate::Changed {
@@ -305,7 +343,7 @@ impl View {
                     });
                 }
                 // Before the first full list, an instance not listed yet may still be there.
-                (None, Some(_)) if self.synced => {
+                (Desired::Absent, Some(_)) if self.synced => {
                     let identity = self.reported.remove(&instance_uuid).expect("reported");
                     updates.push(IdentityUpdate::Deleted {
                         instance_uuid,
@@ -369,7 +407,11 @@ mod tests {
             .collect()
     }
 
-    fn s(kind: &'static str, uuid: &str, project: Option<&str>) -> (&'static str, String, Option<String>) {
+    fn s(
+        kind: &'static str,
+        uuid: &str,
+        project: Option<&str>,
+    ) -> (&'static str, String, Option<String>) {
         (kind, uuid.to_owned(), project.map(str::to_owned))
     }
 
@@ -379,9 +421,15 @@ mod tests {
         view.relist_begins();
         assert!(view.pod_applied(pod("ns-a", "p1", &["u1"])).is_empty());
         assert_eq!(view.take_fetches(), ["ns-a"]);
-        assert_eq!(summary(&view.relist_done()), [s("synced", "", None)]);
+        assert!(
+            view.relist_done().is_empty(),
+            "synced once the namespace is read"
+        );
         let updates = view.namespace_fetched("ns-a", Fetched::Found(project("pa")));
-        assert_eq!(summary(&updates), [s("created", "u1", Some("pa"))]);
+        assert_eq!(
+            summary(&updates),
+            [s("created", "u1", Some("pa")), s("synced", "", None)]
+        );
         let IdentityUpdate::Created { identity, .. } = &updates[0] else {
             unreachable!()
         };
@@ -410,7 +458,11 @@ mod tests {
         assert_eq!(view.namespaces(), 1);
         assert_eq!(
             summary(&view.namespace_applied("ns-a", project("pa"))),
-            [s("created", "u1", Some("pa")), s("created", "u2", Some("pa"))]
+            [
+                s("created", "u1", Some("pa")),
+                s("created", "u2", Some("pa")),
+                s("synced", "", None)
+            ]
         );
         // The fetch answering after the watch is older news: ignored.
         assert!(
@@ -419,7 +471,10 @@ mod tests {
         );
         assert_eq!(
             summary(&view.namespace_applied("ns-a", project("pb"))),
-            [s("changed", "u1", Some("pb")), s("changed", "u2", Some("pb"))]
+            [
+                s("changed", "u1", Some("pb")),
+                s("changed", "u2", Some("pb"))
+            ]
         );
         // Without a host node name, the Pod's node.
         let IdentityUpdate::Changed { identity, .. } =
@@ -464,7 +519,10 @@ mod tests {
             summary(&view.relist_done()),
             [s("deleted", "u2", Some("pa")), s("synced", "", None)]
         );
-        assert_eq!((view.pods(), view.namespaces(), view.instances()), (0, 0, 0));
+        assert_eq!(
+            (view.pods(), view.namespaces(), view.instances()),
+            (0, 0, 0)
+        );
         // Deleting what is gone does nothing.
         assert!(view.pod_deleted(&key("ns-a", "p2")).is_empty());
     }
@@ -519,7 +577,10 @@ mod tests {
         view.relist_done();
         assert_eq!(
             summary(&view.pod_applied(pod("ns-a", "p1", &["u9"]))),
-            [s("deleted", "u1", Some("pa")), s("created", "u9", Some("pa"))]
+            [
+                s("deleted", "u1", Some("pa")),
+                s("created", "u9", Some("pa"))
+            ]
         );
         // A second Pod claiming u9: the first keeps it; when it goes, the second backs it.
         assert!(view.pod_applied(pod("ns-a", "p2", &["u9"])).is_empty());

@@ -3,7 +3,7 @@
 //! kernel side) prints what the registry will receive. No privileges needed.
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Write},
     process::{Child, Command, Stdio},
     sync::mpsc,
     time::Duration,
@@ -326,6 +326,31 @@ fn a_pod_deleted_while_the_watch_is_cut_is_noticed_after_the_relist() {
         "no relist needed"
     );
     identities.assert_quiet(Duration::from_millis(500));
+
+    // The outages were logged (kube-rs's own lines kept out), by the logging convention.
+    let stderr = identities.stderr();
+    assert!(
+        stderr.contains("kubernetes watch failed, retrying"),
+        "{stderr}"
+    );
+    let mut check = Command::new(collector_bin())
+        .args(["check-logs", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stderr.as_bytes())
+        .unwrap();
+    let checked = check.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "{}\n{stderr}",
+        String::from_utf8_lossy(&checked.stdout)
+    );
 }
 
 /// What `pods` Pods on `nodes` other nodes cost the watch of this node: its RSS before and

@@ -4,7 +4,8 @@ use std::collections::BTreeSet;
 
 use collector_tests::{Collector, Standin, new_uuid, wait_for};
 
-/// Family names in an OpenMetrics exposition (from `# TYPE` lines; counters get `_total`).
+/// Family names in an exposition (from `# TYPE` lines; an OpenMetrics counter family is named
+/// without its `_total`, a Prometheus text one with it).
 fn served_families(exposition: &str) -> BTreeSet<String> {
     exposition
         .lines()
@@ -13,7 +14,7 @@ fn served_families(exposition: &str) -> BTreeSet<String> {
             let mut parts = l.split_whitespace();
             let name = parts.next().unwrap();
             match parts.next() {
-                Some("counter") => format!("{name}_total"),
+                Some("counter") if !name.ends_with("_total") => format!("{name}_total"),
                 _ => name.to_owned(),
             }
         })

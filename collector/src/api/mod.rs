@@ -1,7 +1,7 @@
 //! The HTTP API: one router over one state.
 //!
 //! Routes:
-//! - `GET /metrics`: OpenMetrics, or Prometheus text 0.0.4 to a scraper that prefers it.
+//! - `GET /metrics`: Prometheus text 0.0.4, or OpenMetrics to a scraper that ranks it first.
 //! - `GET /healthz`: 200 while the process serves.
 //! - `GET /readyz`: 200 once the programs are loaded, the start-up scan is done and the core
 //!   probes (`sched_process_exec`, `sched_process_exit`) are attached, else 503; the body

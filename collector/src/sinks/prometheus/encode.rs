@@ -22,11 +22,13 @@ impl Format {
         }
     }
 
-    /// The format an `Accept` header prefers: the higher `q` of OpenMetrics and `text/plain`;
-    /// OpenMetrics on a tie, for `*/*`, and without the header.
+    /// The format an `Accept` header prefers: OpenMetrics when it ranks
+    /// `application/openmetrics-text` above `text/plain` (as Prometheus does); else, for
+    /// `text/plain`, `*/*` (curl, `promtool check metrics`) and without the header, the
+    /// Prometheus text format, which every scraper and linter reads.
     pub(crate) fn negotiate(accept: Option<&str>) -> Self {
         let Some(accept) = accept else {
-            return Self::OpenMetrics;
+            return Self::Text;
         };
         let (mut open_metrics, mut text) = (-1.0_f64, -1.0_f64);
         for range in accept.split(',') {
@@ -37,15 +39,15 @@ impl Format {
                 .find_map(|q| q.parse::<f64>().ok())
                 .unwrap_or(1.0);
             match media.as_str() {
-                "application/openmetrics-text" | "*/*" => open_metrics = open_metrics.max(q),
-                "text/plain" => text = text.max(q),
+                "application/openmetrics-text" => open_metrics = open_metrics.max(q),
+                "text/plain" | "*/*" => text = text.max(q),
                 _ => {}
             }
         }
-        if text > open_metrics {
-            Self::Text
-        } else {
+        if open_metrics > text {
             Self::OpenMetrics
+        } else {
+            Self::Text
         }
     }
 }
@@ -233,10 +235,11 @@ mod tests {
             Format::negotiate(Some("text/plain;version=0.0.4;q=1,*/*;q=0.1")),
             Format::Text
         );
-        assert_eq!(Format::negotiate(Some("*/*")), Format::OpenMetrics);
-        assert_eq!(Format::negotiate(None), Format::OpenMetrics);
+        assert_eq!(Format::negotiate(Some("*/*")), Format::Text);
+        assert_eq!(Format::negotiate(None), Format::Text);
+        assert_eq!(Format::negotiate(Some("application/json")), Format::Text);
         assert_eq!(
-            Format::negotiate(Some("application/json")),
+            Format::negotiate(Some("application/openmetrics-text; version=1.0.0")),
             Format::OpenMetrics
         );
     }

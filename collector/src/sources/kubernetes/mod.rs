@@ -166,14 +166,9 @@ pub(crate) struct KubernetesSource {
     pub(crate) updates: mpsc::Sender<IdentityUpdate>,
 }
 
-/// Reads a Namespace's labels after `delay`: a list selecting it by name, so that `list` on
-/// namespaces (which the watch needs anyway) is all the RBAC asks for.
-async fn fetch(
-    api: Api<PartialObjectMeta<Namespace>>,
-    name: String,
-    delay: Duration,
-) -> (String, Fetched) {
-    tokio::time::sleep(delay).await;
+/// Reads a Namespace's labels: a list selecting it by name, so that `list` on namespaces
+/// (which the watch needs anyway) is all the RBAC asks for.
+async fn fetch(api: Api<PartialObjectMeta<Namespace>>, name: String) -> (String, Fetched) {
     // A Namespace's name is a DNS label: it cannot change the selector it is put in.
     if !valid_node_name(&name) || name.contains('.') {
         return (name, Fetched::NotFound);
@@ -219,7 +214,10 @@ impl KubernetesSource {
             pin!(watcher(namespace_api.clone(), watcher::Config::default()).default_backoff());
         let mut view = View::new(self.node.clone(), self.seed);
         let mut fetches = FuturesUnordered::new();
-        let mut queued: VecDeque<(String, Duration)> = VecDeque::new();
+        // Reads wait here for a slot; failed ones wait for their retry outside the slots, so
+        // that Namespaces that cannot be read never hold back the others.
+        let mut queued: VecDeque<String> = VecDeque::new();
+        let mut retries = FuturesUnordered::new();
         info!(
             label_selector = self.selectors.labels.as_str(),
             field_selector = self.selectors.fields.as_str(),
@@ -227,9 +225,9 @@ impl KubernetesSource {
         );
         loop {
             while fetches.len() < FETCHES_IN_FLIGHT
-                && let Some((name, delay)) = queued.pop_front()
+                && let Some(name) = queued.pop_front()
             {
-                fetches.push(fetch(namespace_api.clone(), name, delay));
+                fetches.push(fetch(namespace_api.clone(), name));
             }
             let updates = tokio::select! {
                 () = stop.cancelled() => return,
@@ -251,12 +249,21 @@ impl KubernetesSource {
                     let failed = matches!(fetched, Fetched::Failed);
                     let updates = view.namespace_fetched(&name, fetched);
                     if failed && view.wants_namespace(&name) {
-                        queued.push_back((name, FETCH_RETRY));
+                        retries.push(async move {
+                            tokio::time::sleep(FETCH_RETRY).await;
+                            name
+                        });
                     }
                     updates
                 }
+                Some(name) = retries.next(), if !retries.is_empty() => {
+                    if view.wants_namespace(&name) {
+                        queued.push_back(name);
+                    }
+                    Vec::new()
+                }
             };
-            queued.extend(view.take_fetches().into_iter().map(|n| (n, Duration::ZERO)));
+            queued.extend(view.take_fetches());
             for update in updates {
                 if update == IdentityUpdate::Synced {
                     info!(

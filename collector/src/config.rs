@@ -32,6 +32,8 @@ pub(crate) struct Config {
     pub(crate) events: EventsConfig,
     /// Console capture: which files are consoles, line assembly, log files and their caps.
     pub(crate) console: ConsoleConfig,
+    /// The Kubernetes identity source and the remote API's access reviews.
+    pub(crate) kubernetes: KubernetesConfig,
 }
 
 impl Default for Config {
@@ -44,6 +46,7 @@ impl Default for Config {
             kernel: KernelConfig::default(),
             events: EventsConfig::default(),
             console: ConsoleConfig::default(),
+            kubernetes: KubernetesConfig::default(),
         }
     }
 }
@@ -184,6 +187,41 @@ impl Default for ConsoleConfig {
     }
 }
 
+/// The Kubernetes identity source: which Pods back this node's instances, and how long the
+/// remote API's token and access reviews are cached.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct KubernetesConfig {
+    /// Watch Pods and Namespaces when a client configuration exists (the in-cluster service
+    /// account, else `KUBECONFIG`); `false` turns the source off even then.
+    pub(crate) enabled: bool,
+    /// Label selector of the Pods that back instances (the Unikraft runtime's by default; Kata:
+    /// `managed-by=kata-provider`).
+    pub(crate) pod_label_selector: String,
+    /// Field selector of this node's Pods, `{node}` standing for the node name (the Unikraft
+    /// runtime's virtual node by default; Kata: `spec.nodeName={node}`). Empty: every node's.
+    pub(crate) pod_field_selector: String,
+    /// Seconds a token review or an access review of the remote API is reused.
+    pub(crate) auth_cache_seconds: u64,
+    /// Most reviews cached (each of the two caches); the oldest leave first.
+    pub(crate) auth_cache_entries: usize,
+}
+
+/// The field selector's stand-in for the node name.
+pub(crate) const NODE_PLACEHOLDER: &str = "{node}";
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            pod_label_selector: "managed-by=infra-provider-unikraft".to_owned(),
+            pod_field_selector: "spec.nodeName=kraftlet-{node}".to_owned(),
+            auth_cache_seconds: 10,
+            auth_cache_entries: 4096,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ConfigError {
     #[error("config {path}")]
@@ -275,6 +313,10 @@ impl Config {
         }
         if self.kernel.max_tracked_threads == 0 {
             return Err("kernel.max_tracked_threads must be at least 1".into());
+        }
+        let k = &self.kubernetes;
+        if k.auth_cache_entries == 0 {
+            return Err("kubernetes.auth_cache_entries must be at least 1".into());
         }
         for name in &self.disable_builtin_matchers {
             if !["firecracker", "qemu", "cloud-hypervisor"].contains(&name.as_str()) {

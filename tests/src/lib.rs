@@ -392,6 +392,7 @@ pub fn sample(exposition: &str, series: &str) -> Option<f64> {
 // Console logs.
 // ---------------------------------------------------------------------------------------------
 
+pub mod kube_api;
 pub mod qemu_guest;
 pub mod servers;
 

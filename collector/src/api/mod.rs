@@ -18,6 +18,7 @@
 //!
 //! Follow streams end when the collector shuts down, so that shutdown never waits for a reader.
 
+pub(crate) mod auth;
 mod events;
 mod health;
 mod instances;

@@ -3,6 +3,7 @@
 
 mod check_logs;
 mod client;
+mod identities;
 
 use std::{io::Write, net::SocketAddr, path::PathBuf, process::ExitCode};
 
@@ -92,6 +93,19 @@ enum Command {
         /// File of log lines, or `-` for standard input.
         #[arg(default_value = "-")]
         file: PathBuf,
+    },
+    /// Print the identity updates (created, changed, deleted, synced) the Kubernetes source sees
+    /// for this node's Pods, one JSON object a line, until interrupted.
+    Identities {
+        /// TOML config file (its [kubernetes] table).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// This node's name (default: the NODE_NAME environment variable).
+        #[arg(long)]
+        node_name: Option<String>,
+        /// Log format (on stderr): text for a terminal, json in production.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
     },
     /// Show instance lifecycle events (start, stop, crash, oom_kill) from a running collector.
     Events {
@@ -185,6 +199,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::CheckLogs { file } => check_logs_command(&file),
+        Command::Identities {
+            config,
+            node_name,
+            log_format,
+        } => {
+            let config = match &config {
+                Some(path) => Config::load(path)?,
+                None => Config::default(),
+            };
+            logging::init(log_format);
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("tokio runtime")?
+                .block_on(identities::run(config, node_name))
+        }
         Command::Events {
             addr,
             follow,

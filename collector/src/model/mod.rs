@@ -5,6 +5,7 @@
 pub(crate) mod console;
 pub(crate) mod console_stats;
 pub(crate) mod health;
+pub(crate) mod identity;
 pub(crate) mod instance;
 pub(crate) mod lifecycle;
 pub(crate) mod metrics;

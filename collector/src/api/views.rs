@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::identity::Identity;
+
 /// A vCPU thread of an instance.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub(crate) struct VcpuThread {
@@ -11,19 +13,30 @@ pub(crate) struct VcpuThread {
     pub(crate) name: String,
 }
 
-/// An instance, as `/v1/instances` shows it.
+/// `state` of an instance whose VMM runs.
+pub(crate) const STATE_RUNNING: &str = "running";
+/// `state` of an instance a Pod backs and no VMM runs (scaled to zero, or not started yet).
+pub(crate) const STATE_CREATED: &str = "created";
+
+/// An instance, as `/v1/instances` shows it. The VMM's fields are `null` for an instance that
+/// is created and not running.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub(crate) struct InstanceView {
     pub(crate) instance_uuid: String,
-    pub(crate) hypervisor: String,
-    pub(crate) pid: u32,
+    /// `running` (its VMM runs) or `created` (a Pod backs it, no VMM runs).
+    pub(crate) state: String,
+    /// The running VMM's; for a created instance, that of its last VMM, if one was seen.
+    pub(crate) hypervisor: Option<String>,
+    pub(crate) pid: Option<u32>,
     /// RFC 3339.
-    pub(crate) start_time: String,
+    pub(crate) start_time: Option<String>,
     /// `exec` (seen starting) or `discovered` (running when the collector started).
-    pub(crate) origin: String,
-    pub(crate) executable: String,
+    pub(crate) origin: Option<String>,
+    pub(crate) executable: Option<String>,
     pub(crate) vcpu_threads: Vec<VcpuThread>,
     pub(crate) instance_dir: Option<String>,
+    /// Whose it is (the Pod backing it); `null` while no Pod is known for it.
+    pub(crate) identity: Option<Identity>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

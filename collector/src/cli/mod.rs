@@ -54,6 +54,10 @@ enum Command {
         /// Log format: text for a terminal, json in production.
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
+        /// This node's name, for the Kubernetes identity source (default: the NODE_NAME
+        /// environment variable).
+        #[arg(long)]
+        node_name: Option<String>,
     },
     /// Print an instance's console lines from a running collector (like `kubectl logs`).
     Logs {
@@ -147,6 +151,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             log_dir,
             log_format,
+            node_name,
         } => {
             let config = match &config {
                 Some(path) => Config::load(path)?,
@@ -158,7 +163,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            tokio.block_on(runtime::run(config, runtime::Overrides { listen, log_dir }))
+            tokio.block_on(runtime::run(
+                config,
+                runtime::Overrides {
+                    listen,
+                    log_dir,
+                    node_name,
+                },
+            ))
         }
         Command::Logs {
             uuid,
@@ -347,29 +359,44 @@ fn event_line(record: &[u8]) -> String {
     if let Some(oom) = field("oom") {
         line.push_str(&format!(" oom={oom}"));
     }
+    if let Some(identity) = field("identity") {
+        for key in ["project", "instance_name", "instance_namespace"] {
+            if let Some(value) = identity.get(key).and_then(serde_json::Value::as_str) {
+                line.push_str(&format!(" {key}={}", value.escape_debug()));
+            }
+        }
+    }
     line
 }
 
 fn instances_table(instances: &[InstanceView]) -> String {
     let mut rows = vec![[
         "INSTANCE_UUID".to_owned(),
+        "STATE".to_owned(),
         "HYPERVISOR".to_owned(),
         "PID".to_owned(),
         "VCPUS".to_owned(),
         "ORIGIN".to_owned(),
         "STARTED".to_owned(),
+        "PROJECT".to_owned(),
+        "INSTANCE".to_owned(),
     ]];
+    let or_dash = |v: Option<&str>| v.unwrap_or("-").escape_debug().to_string();
     for i in instances {
+        let identity = i.identity.as_ref();
         rows.push([
             i.instance_uuid.escape_debug().to_string(),
-            i.hypervisor.clone(),
-            i.pid.to_string(),
+            i.state.clone(),
+            or_dash(i.hypervisor.as_deref()),
+            i.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
             i.vcpu_threads.len().to_string(),
-            i.origin.clone(),
-            i.start_time.clone(),
+            or_dash(i.origin.as_deref()),
+            or_dash(i.start_time.as_deref()),
+            or_dash(identity.and_then(|id| id.project.as_deref())),
+            or_dash(identity.and_then(|id| id.instance_name.as_deref())),
         ]);
     }
-    let widths: Vec<usize> = (0..6)
+    let widths: Vec<usize> = (0..9)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();

@@ -63,6 +63,12 @@ impl Health {
                 health.lifecycle_events.preset(&[kind.as_str(), hypervisor]);
             }
         }
+        // A Pod's create or terminate before any VMM of its instance was seen.
+        for kind in super::lifecycle::EventKind::POD {
+            health
+                .lifecycle_events
+                .preset(&[kind.as_str(), super::instance::HYPERVISOR_UNKNOWN]);
+        }
         health
     }
 }

@@ -4,6 +4,8 @@
 //! Every field the fleet's Pods or Namespaces may lack is an `Option`: absent while unknown,
 //! never an empty string, so an output can leave the label out instead of sending `""`.
 
+use std::time::SystemTime;
+
 use serde::{Deserialize, Serialize};
 
 /// The identity of one instance, from its backing Pod and the Pod's Namespace.
@@ -57,6 +59,17 @@ pub(crate) enum IdentityUpdate {
     /// Pods deleted, and every Pod in it reported (its Namespace read). Sent after every full
     /// list (the first one, and each relist after `410 Gone`).
     Synced,
+}
+
+/// An instance a Pod on this node backs: created, not yet terminated. Kept by the registry
+/// whether or not its VMM runs (an instance scaled to zero has none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PodBacked {
+    pub(crate) identity: Identity,
+    /// When the collector reported its `create`.
+    pub(crate) created: SystemTime,
+    /// The hypervisor of the last VMM seen running it; `None` until one was.
+    pub(crate) hypervisor: Option<String>,
 }
 
 #[cfg(test)]

@@ -5,7 +5,11 @@ use std::{collections::BTreeMap, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::{lifecycle::OomDetails, process::ProcessExit};
+use super::{
+    identity::{Identity, IdentityUpdate, PodBacked},
+    lifecycle::OomDetails,
+    process::ProcessExit,
+};
 
 /// How the collector learned of an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +64,9 @@ pub(crate) struct Instance {
     pub(crate) oom: Option<OomDetails>,
     /// vCPUs and memory from the VMM's configuration.
     pub(crate) allocation: Allocation,
+    /// Whose it is: set by the registry from the Pod that backs it (kept, as it last was, when
+    /// the Pod is deleted before the VMM ends); `None` while no Pod is known for it.
+    pub(crate) identity: Option<Identity>,
 }
 
 /// Which labels an output wants for an instance.
@@ -72,15 +79,48 @@ pub(crate) enum LabelSet {
     Info,
 }
 
-impl Instance {
-    /// The instance's labels, in the order they are exposed. Every encoder takes its instance
-    /// labels from here, so that a new identity label is added in one place.
-    pub(crate) fn labels(&self, set: LabelSet) -> Vec<(&'static str, &str)> {
-        let mut labels = vec![("instance_uuid", self.instance_uuid.as_str())];
-        if set == LabelSet::Info {
-            labels.push(("hypervisor", self.hypervisor.as_str()));
+/// `hypervisor` of an instance no VMM of which was seen (a Pod scaled to zero): in
+/// `compute_instance_info` and in the `create` and `terminate` events and their counter.
+pub(crate) const HYPERVISOR_UNKNOWN: &str = "unknown";
+
+/// The labels of an instance, in the order they are exposed: the join key, and for
+/// [`LabelSet::Info`] its hypervisor and every identity label known (absent while unknown,
+/// never empty). Every encoder takes its instance labels from here, so that a new identity
+/// label is added in one place.
+pub(crate) fn instance_labels<'a>(
+    set: LabelSet,
+    instance_uuid: &'a str,
+    hypervisor: &'a str,
+    identity: Option<&'a Identity>,
+) -> Vec<(&'static str, &'a str)> {
+    let mut labels = vec![("instance_uuid", instance_uuid)];
+    if set == LabelSet::Info {
+        labels.push(("hypervisor", hypervisor));
+        if let Some(identity) = identity {
+            for (name, value) in [
+                ("project", &identity.project),
+                ("instance_name", &identity.instance_name),
+                ("instance_namespace", &identity.instance_namespace),
+                ("workload", &identity.workload),
+            ] {
+                if let Some(value) = value.as_deref().filter(|v| !v.is_empty()) {
+                    labels.push((name, value));
+                }
+            }
         }
-        labels
+    }
+    labels
+}
+
+impl Instance {
+    /// The instance's labels ([`instance_labels`]).
+    pub(crate) fn labels(&self, set: LabelSet) -> Vec<(&'static str, &str)> {
+        instance_labels(
+            set,
+            &self.instance_uuid,
+            &self.hypervisor,
+            self.identity.as_ref(),
+        )
     }
 }
 
@@ -122,14 +162,19 @@ pub(crate) enum InstanceUpdate {
     Untracked { pid: u32, boot_ns: u64 },
     /// Discovery decided this pid is not an instance after all (no event).
     Forget { pid: u32 },
+    /// What the Kubernetes source learned of the Pods backing this node's instances.
+    Identity(IdentityUpdate),
     /// Answered once every update sent before it is applied and published.
     Barrier(tokio::sync::oneshot::Sender<()>),
 }
 
-/// Instances by VMM pid, as published by the registry after each change.
+/// Instances by VMM pid, and the instances Pods back by id, as published by the registry
+/// after each change.
 #[derive(Debug, Default)]
 pub(crate) struct Snapshot {
     pub(crate) by_pid: BTreeMap<u32, Instance>,
+    /// Instances a Pod on this node backs (created, not terminated), running or not.
+    pub(crate) pods: BTreeMap<String, PodBacked>,
 }
 
 /// The registry's latest snapshot, for readers that never block the writer.
@@ -141,6 +186,14 @@ impl Snapshot {
         self.by_pid
             .values()
             .filter(move |i| i.instance_uuid == uuid)
+    }
+
+    /// Instances a Pod backs and no VMM runs (scaled to zero, or not started yet): created,
+    /// not running.
+    pub(crate) fn not_running(&self) -> impl Iterator<Item = (&String, &PodBacked)> + '_ {
+        self.pods
+            .iter()
+            .filter(|(uuid, _)| self.by_uuid(uuid).next().is_none())
     }
 }
 
@@ -163,11 +216,35 @@ mod tests {
             instance_dir: None,
             oom: None,
             allocation: Allocation::default(),
+            identity: None,
         };
         assert_eq!(instance.labels(LabelSet::Series), [("instance_uuid", "u")]);
         assert_eq!(
             instance.labels(LabelSet::Info),
             [("instance_uuid", "u"), ("hypervisor", "qemu")]
+        );
+        // Identity: on the info series only, each label absent while unknown (or empty).
+        let named = Instance {
+            identity: Some(Identity {
+                project: Some("p".into()),
+                instance_name: Some("web-0".into()),
+                instance_namespace: Some(String::new()),
+                workload: None,
+                pod: "web-0-x".into(),
+                pod_namespace: "ns-1".into(),
+                node: "n1".into(),
+            }),
+            ..instance
+        };
+        assert_eq!(named.labels(LabelSet::Series), [("instance_uuid", "u")]);
+        assert_eq!(
+            named.labels(LabelSet::Info),
+            [
+                ("instance_uuid", "u"),
+                ("hypervisor", "qemu"),
+                ("project", "p"),
+                ("instance_name", "web-0")
+            ]
         );
     }
 }

@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use super::{process::OomCounters, time};
+use super::{identity::Identity, process::OomCounters, time};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -20,17 +20,26 @@ pub(crate) enum EventKind {
     Crash,
     /// Chosen by the kernel's OOM killer and then killed by it.
     OomKill,
+    /// A Pod backing the instance appeared on this node (the Kubernetes source).
+    Create,
+    /// The Pod backing the instance was deleted (with the identity it had).
+    Terminate,
 }
 
 impl EventKind {
     /// Every kind, for pre-set metric series.
-    pub(crate) const ALL: [Self; 5] = [
+    pub(crate) const ALL: [Self; 7] = [
         Self::Start,
         Self::Discovered,
         Self::Stop,
         Self::Crash,
         Self::OomKill,
+        Self::Create,
+        Self::Terminate,
     ];
+
+    /// Kinds about the instance's Pod, not its VMM process (no `pid`).
+    pub(crate) const POD: [Self; 2] = [Self::Create, Self::Terminate];
 
     pub(crate) fn as_str(self) -> &'static str {
         match self {
@@ -39,6 +48,8 @@ impl EventKind {
             Self::Stop => "stop",
             Self::Crash => "crash",
             Self::OomKill => "oom_kill",
+            Self::Create => "create",
+            Self::Terminate => "terminate",
         }
     }
 }
@@ -53,12 +64,20 @@ pub(crate) const REASON_EXEC_RECORD_LOST: &str = "exec_record_lost";
 /// record, or the instance ended while the collector was down. No exit status: none is known.
 pub(crate) const REASON_UNOBSERVED_EXIT: &str = "unobserved_exit";
 
+/// `reason` of a `create`: a Pod backing the instance was listed or added on this node.
+pub(crate) const REASON_POD_ADDED: &str = "pod_added";
+/// `reason` of a `terminate`: the Pod was deleted (seen by the watch, missing from a relist, or
+/// gone while the collector was down).
+pub(crate) const REASON_POD_DELETED: &str = "pod_deleted";
+
 /// Every `reason` an event can carry (read back from the events files as these constants).
-pub(crate) const REASONS: [&str; 11] = [
+pub(crate) const REASONS: [&str; 13] = [
     REASON_EXEC,
     REASON_RUNNING_AT_STARTUP,
     REASON_EXEC_RECORD_LOST,
     REASON_UNOBSERVED_EXIT,
+    REASON_POD_ADDED,
+    REASON_POD_DELETED,
     "exited",
     "terminated",
     "killed",
@@ -200,17 +219,22 @@ pub(crate) struct LifecycleEvent {
     #[serde(skip)]
     pub(crate) time: SystemTime,
     pub(crate) instance_uuid: String,
+    /// The VMM's hypervisor; for `create` and `terminate`, that of the instance's last VMM, or
+    /// `unknown` when none was seen.
     pub(crate) hypervisor: String,
     pub(crate) event: EventKind,
     pub(crate) reason: &'static str,
-    pub(crate) pid: u32,
+    /// The VMM's pid; `None` for `create` and `terminate` (events of the Pod).
+    pub(crate) pid: Option<u32>,
     pub(crate) exit_code: Option<i32>,
     pub(crate) signal: Option<u32>,
     pub(crate) signal_name: Option<&'static str>,
     pub(crate) core_dumped: bool,
-    /// Seconds from the VMM's start to this event.
+    /// Seconds from the VMM's start to this event; for `terminate`, from the `create`.
     pub(crate) uptime_seconds: f64,
     pub(crate) oom: Option<OomDetails>,
+    /// Whose the instance is, as known at the event; `None` while no Pod is known for it.
+    pub(crate) identity: Option<Identity>,
 }
 
 impl LifecycleEvent {
@@ -221,7 +245,7 @@ impl LifecycleEvent {
         hypervisor: &str,
         event: EventKind,
         reason: &'static str,
-        pid: u32,
+        pid: Option<u32>,
     ) -> Self {
         Self {
             ts: time::rfc3339(time),
@@ -237,6 +261,7 @@ impl LifecycleEvent {
             core_dumped: false,
             uptime_seconds: 0.0,
             oom: None,
+            identity: None,
         }
     }
 
@@ -269,7 +294,7 @@ struct EventLine {
     hypervisor: String,
     event: EventKind,
     reason: String,
-    pid: u32,
+    pid: Option<u32>,
     exit_code: Option<i32>,
     signal: Option<u32>,
     #[serde(default)]
@@ -277,6 +302,8 @@ struct EventLine {
     #[serde(default)]
     uptime_seconds: f64,
     oom: Option<OomLine>,
+    #[serde(default)]
+    identity: Option<Identity>,
 }
 
 #[derive(Deserialize)]
@@ -315,6 +342,7 @@ impl Sequenced {
                     memcg_path: o.memcg_path,
                     memcg_limit_bytes: o.memcg_limit_bytes,
                 }),
+                identity: l.identity,
             },
         })
     }
@@ -331,6 +359,11 @@ impl EventKind {
     /// Whether an event of this kind ends its instance's life.
     pub(crate) fn ends_instance(self) -> bool {
         matches!(self, Self::Stop | Self::Crash | Self::OomKill)
+    }
+
+    /// Whether this is an event of the instance's Pod (`create`, `terminate`), not its VMM.
+    pub(crate) fn is_pod(self) -> bool {
+        Self::POD.contains(&self)
     }
 }
 
@@ -420,11 +453,28 @@ mod tests {
             LifecycleEvent {
                 oom: Some(oom),
                 uptime_seconds: 1.5,
-                ..LifecycleEvent::new(t, "u", "fc", EventKind::OomKill, "oom_killer", 7)
+                ..LifecycleEvent::new(t, "u", "fc", EventKind::OomKill, "oom_killer", Some(7))
                     .with_exit(classify_exit(9, true))
             },
-            LifecycleEvent::new(t, "u\"2", "fc", EventKind::Stop, REASON_UNOBSERVED_EXIT, 7),
-            LifecycleEvent::new(t, "u", "fc", EventKind::Start, REASON_EXEC, 7),
+            LifecycleEvent::new(
+                t,
+                "u\"2",
+                "fc",
+                EventKind::Stop,
+                REASON_UNOBSERVED_EXIT,
+                Some(7),
+            ),
+            LifecycleEvent::new(t, "u", "fc", EventKind::Start, REASON_EXEC, Some(7)),
+            LifecycleEvent {
+                identity: Some(Identity {
+                    project: Some("p".into()),
+                    pod: "web-0".into(),
+                    pod_namespace: "ns-1".into(),
+                    node: "n1".into(),
+                    ..Identity::default()
+                }),
+                ..LifecycleEvent::new(t, "u", "unknown", EventKind::Create, REASON_POD_ADDED, None)
+            },
         ];
         for (seq, event) in events.into_iter().enumerate() {
             let sequenced = Sequenced {

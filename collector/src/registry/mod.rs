@@ -1,11 +1,16 @@
 //! The instance registry: the one owner of "which instances run on this host".
 //!
-//! Discovery sends [`InstanceUpdate`]s; the registry task applies them in order, derives the
-//! lifecycle events they mean (start, discovered, stop, crash, oom_kill), numbers them, hands
-//! them to its event subscribers and publishes an immutable [`Snapshot`] after each change.
-//! Readers (metrics at scrape time, the HTTP API, the console source) take the latest snapshot
-//! and never block the writer. An instance leaves the snapshot the moment its process exits,
-//! so no output can show it afterwards.
+//! Discovery and the Kubernetes source send [`InstanceUpdate`]s; the registry task applies
+//! them in order, derives the lifecycle events they mean (start, discovered, stop, crash,
+//! oom_kill from the VMM; create, terminate from its Pod), numbers them, hands them to its event
+//! subscribers and publishes an immutable [`Snapshot`] after each change. Readers (metrics at
+//! scrape time, the HTTP API, the console source) take the latest snapshot and never block the
+//! writer. A VMM leaves the snapshot the moment its process exits, so no output can show it
+//! running afterwards; an instance whose Pod remains stays listed as created.
+//!
+//! Identity is joined here, by instance id: a VMM gets the identity of the Pod backing its
+//! instance when either arrives, and keeps it (as it last was) until it exits even if the Pod
+//! is deleted first, so that its last events still name whose it was.
 
 use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
@@ -13,13 +18,68 @@ use tokio::sync::{mpsc, watch};
 
 use crate::model::{
     health::PipelineGuard,
-    instance::{Instance, InstanceUpdate, Origin, PreviousInstance, Snapshot, SnapshotReceiver},
+    identity::{Identity, IdentityUpdate, PodBacked},
+    instance::{
+        HYPERVISOR_UNKNOWN, Instance, InstanceUpdate, Origin, PreviousInstance, Snapshot,
+        SnapshotReceiver,
+    },
     lifecycle::{
         EventKind, EventSubscriber, LifecycleEvent, REASON_EXEC, REASON_EXEC_RECORD_LOST,
-        REASON_RUNNING_AT_STARTUP, REASON_UNOBSERVED_EXIT, Sequenced, classify_exit,
+        REASON_POD_ADDED, REASON_POD_DELETED, REASON_RUNNING_AT_STARTUP, REASON_UNOBSERVED_EXIT,
+        Sequenced, classify_exit,
     },
     time,
 };
+
+/// What the registry owns: running VMMs by pid, and the instances Pods back by id.
+#[derive(Debug, Default)]
+pub(crate) struct Instances {
+    pub(crate) by_pid: BTreeMap<u32, Instance>,
+    pub(crate) pods: BTreeMap<String, PodBacked>,
+}
+
+impl Instances {
+    /// Instances Pods backed before a restart (the state file), listed again without an event.
+    pub(crate) fn seeded(pods: BTreeMap<String, PodBacked>) -> Self {
+        Self {
+            by_pid: BTreeMap::new(),
+            pods,
+        }
+    }
+
+    fn identity_of(&self, uuid: &str) -> Option<Identity> {
+        self.pods.get(uuid).map(|p| p.identity.clone())
+    }
+
+    /// Gives every running VMM of `uuid` this identity.
+    fn stamp(&mut self, uuid: &str, identity: &Identity) {
+        for instance in self.by_pid.values_mut() {
+            if instance.instance_uuid == uuid {
+                instance.identity = Some(identity.clone());
+            }
+        }
+    }
+
+    /// The hypervisor of `uuid`'s running VMM, else of the last one seen, else `unknown`.
+    fn hypervisor_of(&self, uuid: &str) -> String {
+        self.by_pid
+            .values()
+            .find(|i| i.instance_uuid == uuid)
+            .map(|i| i.hypervisor.clone())
+            .or_else(|| self.pods.get(uuid).and_then(|p| p.hypervisor.clone()))
+            .unwrap_or_else(|| HYPERVISOR_UNKNOWN.to_owned())
+    }
+
+    /// A VMM joins the list: named by its Pod when one is known, and remembered as the
+    /// instance's hypervisor.
+    fn insert(&mut self, mut instance: Instance) {
+        if let Some(pod) = self.pods.get_mut(&instance.instance_uuid) {
+            instance.identity = Some(pod.identity.clone());
+            pod.hypervisor = Some(instance.hypervisor.clone());
+        }
+        self.by_pid.insert(instance.pid, instance);
+    }
+}
 
 /// Updates queued for the registry before discovery waits.
 const QUEUE: usize = 1024;
@@ -37,40 +97,138 @@ pub(crate) struct Applied {
 fn ended(instance: &Instance, boot_ns: u64) -> LifecycleEvent {
     LifecycleEvent {
         uptime_seconds: boot_ns.saturating_sub(instance.start_boot_ns) as f64 / 1e9,
+        identity: instance.identity.clone(),
         ..LifecycleEvent::new(
             time::boot_ns_to_system_time(boot_ns),
             &instance.instance_uuid,
             &instance.hypervisor,
             EventKind::Stop,
             REASON_EXEC,
-            instance.pid,
+            Some(instance.pid),
         )
     }
 }
 
 /// The `stop` of an instance whose exit the collector did not see: now (when it found out),
 /// no exit status (none is known; none is made up), uptime up to now.
-fn unobserved_exit(uuid: &str, hypervisor: &str, pid: u32, start: SystemTime) -> LifecycleEvent {
+fn unobserved_exit(
+    uuid: &str,
+    hypervisor: &str,
+    pid: u32,
+    start: SystemTime,
+    identity: Option<Identity>,
+) -> LifecycleEvent {
     let now = SystemTime::now();
     LifecycleEvent {
         uptime_seconds: now.duration_since(start).unwrap_or_default().as_secs_f64(),
+        identity,
         ..LifecycleEvent::new(
             now,
             uuid,
             hypervisor,
             EventKind::Stop,
             REASON_UNOBSERVED_EXIT,
-            pid,
+            Some(pid),
         )
     }
 }
 
+/// A `create` or `terminate` of `uuid`'s Pod, now.
+fn pod_event(
+    uuid: &str,
+    hypervisor: &str,
+    kind: EventKind,
+    identity: Identity,
+    uptime_seconds: f64,
+) -> LifecycleEvent {
+    let reason = if kind == EventKind::Create {
+        REASON_POD_ADDED
+    } else {
+        REASON_POD_DELETED
+    };
+    LifecycleEvent {
+        uptime_seconds,
+        identity: Some(identity),
+        ..LifecycleEvent::new(SystemTime::now(), uuid, hypervisor, kind, reason, None)
+    }
+}
+
+/// Applies what the Kubernetes source reports. The source reports each Pod's instance
+/// `Created` once and `Deleted` once (across relists, and across restarts through the state
+/// file it is seeded from, as the registry is): each makes one event.
+fn apply_identity(instances: &mut Instances, update: IdentityUpdate, applied: &mut Applied) {
+    match update {
+        IdentityUpdate::Created {
+            instance_uuid,
+            identity,
+        } => {
+            let hypervisor = instances.hypervisor_of(&instance_uuid);
+            instances.stamp(&instance_uuid, &identity);
+            if let Some(pod) = instances.pods.get_mut(&instance_uuid) {
+                // Known already (seeded from before a restart): not created again.
+                pod.identity = identity;
+            } else {
+                applied.events.push(pod_event(
+                    &instance_uuid,
+                    &hypervisor,
+                    EventKind::Create,
+                    identity.clone(),
+                    0.0,
+                ));
+                let seen = (hypervisor != HYPERVISOR_UNKNOWN).then_some(hypervisor);
+                instances.pods.insert(
+                    instance_uuid,
+                    PodBacked {
+                        identity,
+                        created: SystemTime::now(),
+                        hypervisor: seen,
+                    },
+                );
+            }
+            applied.changed = true;
+        }
+        IdentityUpdate::Changed {
+            instance_uuid,
+            identity,
+        } => {
+            instances.stamp(&instance_uuid, &identity);
+            if let Some(pod) = instances.pods.get_mut(&instance_uuid) {
+                pod.identity = identity;
+            }
+            applied.changed = true;
+        }
+        IdentityUpdate::Deleted {
+            instance_uuid,
+            identity,
+        } => {
+            let hypervisor = instances.hypervisor_of(&instance_uuid);
+            if let Some(pod) = instances.pods.remove(&instance_uuid) {
+                // A VMM still running keeps the identity it had, until it ends.
+                instances.stamp(&instance_uuid, &identity);
+                let lived = SystemTime::now()
+                    .duration_since(pod.created)
+                    .unwrap_or_default()
+                    .as_secs_f64();
+                applied.events.push(pod_event(
+                    &instance_uuid,
+                    &hypervisor,
+                    EventKind::Terminate,
+                    identity,
+                    lived,
+                ));
+                applied.changed = true;
+            }
+        }
+        IdentityUpdate::Synced => {}
+    }
+}
+
 /// Applies `update` to `instances`.
-pub(crate) fn apply(instances: &mut BTreeMap<u32, Instance>, update: InstanceUpdate) -> Applied {
+pub(crate) fn apply(instances: &mut Instances, update: InstanceUpdate) -> Applied {
     let mut applied = Applied::default();
     match update {
         InstanceUpdate::Add(instance) => {
-            if let Some(existing) = instances.get(&instance.pid) {
+            if let Some(existing) = instances.by_pid.get(&instance.pid) {
                 // The scan and the exec program can both report a process that exec'd while the
                 // collector was starting: the later report of the same exec is a duplicate.
                 if existing.instance_uuid == instance.instance_uuid
@@ -98,41 +256,44 @@ pub(crate) fn apply(instances: &mut BTreeMap<u32, Instance>, update: InstanceUpd
             };
             applied.events.push(LifecycleEvent {
                 uptime_seconds: uptime,
+                identity: instances.identity_of(&instance.instance_uuid),
                 ..LifecycleEvent::new(
                     time,
                     &instance.instance_uuid,
                     &instance.hypervisor,
                     kind,
                     reason,
-                    instance.pid,
+                    Some(instance.pid),
                 )
             });
-            instances.insert(instance.pid, instance);
+            instances.insert(instance);
             applied.changed = true;
         }
         InstanceUpdate::OomVictim { pid, details } => {
-            if let Some(instance) = instances.get_mut(&pid) {
+            if let Some(instance) = instances.by_pid.get_mut(&pid) {
                 instance.oom = Some(details);
             }
         }
         InstanceUpdate::Restore(instance) => {
-            if let Some(existing) = instances.get(&instance.pid) {
+            if let Some(existing) = instances.by_pid.get(&instance.pid) {
                 applied.events.push(ended(existing, time::boot_ns_now()));
             }
-            instances.insert(instance.pid, instance);
+            instances.insert(instance);
             applied.changed = true;
         }
         InstanceUpdate::Vanished { pid, seen_boot_ns } => {
             if instances
+                .by_pid
                 .get(&pid)
                 .is_some_and(|i| i.seen_boot_ns == seen_boot_ns)
-                && let Some(i) = instances.remove(&pid)
+                && let Some(i) = instances.by_pid.remove(&pid)
             {
                 applied.events.push(unobserved_exit(
                     &i.instance_uuid,
                     &i.hypervisor,
                     i.pid,
                     i.start_time,
+                    i.identity,
                 ));
                 applied.changed = true;
             }
@@ -144,15 +305,17 @@ pub(crate) fn apply(instances: &mut BTreeMap<u32, Instance>, update: InstanceUpd
             start_time,
             ..
         }) => {
+            let identity = instances.identity_of(&instance_uuid);
             applied.events.push(unobserved_exit(
                 &instance_uuid,
                 &hypervisor,
                 pid,
                 start_time,
+                identity,
             ));
         }
         InstanceUpdate::Exit { pid, exit } => {
-            if let Some(instance) = instances.remove(&pid) {
+            if let Some(instance) = instances.by_pid.remove(&pid) {
                 // The OOM record may have arrived while the kernel's mark on the process was
                 // lost (a rewrite of its entry raced the OOM killer): either tells an OOM kill.
                 let oom_victim = exit.oom_victim || instance.oom.is_some();
@@ -171,12 +334,15 @@ pub(crate) fn apply(instances: &mut BTreeMap<u32, Instance>, update: InstanceUpd
             }
         }
         InstanceUpdate::Untracked { pid, boot_ns } => {
-            if let Some(instance) = instances.remove(&pid) {
+            if let Some(instance) = instances.by_pid.remove(&pid) {
                 applied.events.push(ended(&instance, boot_ns));
                 applied.changed = true;
             }
         }
-        InstanceUpdate::Forget { pid } => applied.changed = instances.remove(&pid).is_some(),
+        InstanceUpdate::Forget { pid } => {
+            applied.changed = instances.by_pid.remove(&pid).is_some();
+        }
+        InstanceUpdate::Identity(update) => apply_identity(instances, update, &mut applied),
         InstanceUpdate::Barrier(done) => applied.barriers.push(done),
     }
     applied
@@ -195,19 +361,25 @@ pub(crate) struct Registry {
 }
 
 /// Spawns the registry task, numbering events from `last_seq + 1` (where the previous run
-/// stopped). It ends, dropping its subscribers, once every update sender is gone and the
-/// queued updates are applied.
+/// stopped), with the instances Pods backed before (`pods`, listed at once). It ends,
+/// dropping its subscribers, once every update sender is gone and the queued updates are
+/// applied.
 pub(crate) fn spawn(
     mut subscribers: Vec<Box<dyn EventSubscriber>>,
     last_seq: u64,
+    pods: BTreeMap<String, PodBacked>,
     snapshot_tx: watch::Sender<Arc<Snapshot>>,
     guard: PipelineGuard,
 ) -> (Registry, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<InstanceUpdate>(QUEUE);
     let snapshot_rx = snapshot_tx.subscribe();
+    let mut instances = Instances::seeded(pods);
+    snapshot_tx.send_replace(Arc::new(Snapshot {
+        by_pid: BTreeMap::new(),
+        pods: instances.pods.clone(),
+    }));
     let task = tokio::spawn(async move {
         let _guard = guard;
-        let mut instances = BTreeMap::new();
         let mut next_seq = last_seq;
         while let Some(update) = rx.recv().await {
             let mut changed = false;
@@ -232,7 +404,8 @@ pub(crate) fn spawn(
             }
             if changed {
                 let snapshot = Arc::new(Snapshot {
-                    by_pid: instances.clone(),
+                    by_pid: instances.by_pid.clone(),
+                    pods: instances.pods.clone(),
                 });
                 snapshot_tx.send_replace(snapshot);
             }
@@ -270,6 +443,7 @@ mod tests {
             instance_dir: None,
             oom: None,
             allocation: Allocation::default(),
+            identity: None,
         }
     }
 
@@ -293,7 +467,7 @@ mod tests {
 
     #[test]
     fn one_event_per_change() {
-        let mut m = BTreeMap::new();
+        let mut m = Instances::default();
         let a = apply(
             &mut m,
             InstanceUpdate::Add(instance(1, "a", 1_000_000_000, Origin::Exec)),
@@ -311,12 +485,12 @@ mod tests {
         assert!((end.events[0].uptime_seconds - 2.0).abs() < 1e-9);
         // A second exit report for the same pid changes nothing.
         assert!(apply(&mut m, exit(1, 0, false)).events.is_empty());
-        assert!(m.is_empty());
+        assert!(m.by_pid.is_empty());
     }
 
     #[test]
     fn discovered_then_oom_killed() {
-        let mut m = BTreeMap::new();
+        let mut m = Instances::default();
         let d = apply(
             &mut m,
             InstanceUpdate::Add(instance(7, "b", 0, Origin::Discovered)),
@@ -355,7 +529,7 @@ mod tests {
 
     #[test]
     fn the_oom_record_alone_makes_a_sigkill_an_oom_kill() {
-        let mut m = BTreeMap::new();
+        let mut m = Instances::default();
         apply(
             &mut m,
             InstanceUpdate::Add(instance(7, "b", 10, Origin::Exec)),
@@ -398,7 +572,7 @@ mod tests {
 
     #[test]
     fn unobserved_exits_carry_no_status() {
-        let mut m = BTreeMap::new();
+        let mut m = Instances::default();
         apply(
             &mut m,
             InstanceUpdate::Add(instance(1, "a", 10, Origin::Exec)),
@@ -423,7 +597,7 @@ mod tests {
         let e = &gone.events[0];
         assert_eq!(e.reason, REASON_UNOBSERVED_EXIT);
         assert_eq!((e.exit_code, e.signal, e.signal_name), (None, None, None));
-        assert!(m.is_empty());
+        assert!(m.by_pid.is_empty());
         // Its exit record, had it come late, changes nothing.
         assert!(apply(&mut m, exit(1, 0, false)).events.is_empty());
         let down = apply(
@@ -448,7 +622,7 @@ mod tests {
 
     #[test]
     fn restored_and_rescanned_instances() {
-        let mut m = BTreeMap::new();
+        let mut m = Instances::default();
         let restored = apply(
             &mut m,
             InstanceUpdate::Restore(instance(3, "r", 10, Origin::Exec)),
@@ -464,7 +638,7 @@ mod tests {
 
     #[test]
     fn re_exec_and_untrack_end_the_instance() {
-        let mut m = BTreeMap::new();
+        let mut m = Instances::default();
         apply(
             &mut m,
             InstanceUpdate::Add(instance(1, "a", 10, Origin::Exec)),
@@ -486,5 +660,108 @@ mod tests {
         assert_eq!(gone.events[0].reason, "exec");
         let forgotten = apply(&mut m, InstanceUpdate::Forget { pid: 1 });
         assert!(!forgotten.changed && forgotten.events.is_empty());
+    }
+
+    fn identity(project: &str) -> Identity {
+        Identity {
+            project: Some(project.into()),
+            instance_name: Some("web-0".into()),
+            pod: "web-0-pod".into(),
+            pod_namespace: "ns-1".into(),
+            node: "n1".into(),
+            ..Identity::default()
+        }
+    }
+
+    fn created(uuid: &str, project: &str) -> InstanceUpdate {
+        InstanceUpdate::Identity(IdentityUpdate::Created {
+            instance_uuid: uuid.into(),
+            identity: identity(project),
+        })
+    }
+
+    fn deleted(uuid: &str, project: &str) -> InstanceUpdate {
+        InstanceUpdate::Identity(IdentityUpdate::Deleted {
+            instance_uuid: uuid.into(),
+            identity: identity(project),
+        })
+    }
+
+    #[test]
+    fn pods_make_create_and_terminate_and_name_their_vmms() {
+        let mut m = Instances::default();
+        // The Pod first: created, not running, hypervisor unknown, no pid.
+        let c = apply(&mut m, created("a", "p"));
+        assert_eq!(kinds(&c), [EventKind::Create]);
+        let e = &c.events[0];
+        assert_eq!(
+            (e.hypervisor.as_str(), e.pid, e.reason),
+            (HYPERVISOR_UNKNOWN, None, REASON_POD_ADDED)
+        );
+        assert_eq!(e.identity, Some(identity("p")));
+        assert!(c.changed && m.by_pid.is_empty() && m.pods.contains_key("a"));
+        // Its VMM starts: named at once, and its start event carries the identity.
+        let s = apply(
+            &mut m,
+            InstanceUpdate::Add(instance(1, "a", 10, Origin::Exec)),
+        );
+        assert_eq!(s.events[0].identity, Some(identity("p")));
+        assert_eq!(m.by_pid[&1].identity, Some(identity("p")));
+        // A label changes: no event, the running VMM renamed.
+        let changed = apply(
+            &mut m,
+            InstanceUpdate::Identity(IdentityUpdate::Changed {
+                instance_uuid: "a".into(),
+                identity: identity("q"),
+            }),
+        );
+        assert!(changed.events.is_empty() && changed.changed);
+        assert_eq!(m.by_pid[&1].identity, Some(identity("q")));
+        // The VMM stops (scaled to zero): the Pod stays, the hypervisor is remembered.
+        assert_eq!(kinds(&apply(&mut m, exit(1, 0, false))), [EventKind::Stop]);
+        assert!(m.by_pid.is_empty() && m.pods.contains_key("a"));
+        // The Pod goes: terminate, once, with the identity it had and the last hypervisor.
+        let t = apply(&mut m, deleted("a", "q"));
+        assert_eq!(kinds(&t), [EventKind::Terminate]);
+        assert_eq!(
+            (t.events[0].hypervisor.as_str(), t.events[0].reason),
+            ("firecracker", REASON_POD_DELETED)
+        );
+        assert_eq!(t.events[0].identity, Some(identity("q")));
+        assert!(apply(&mut m, deleted("a", "q")).events.is_empty());
+        assert!(m.pods.is_empty());
+    }
+
+    #[test]
+    fn a_vmm_outliving_its_pod_keeps_the_identity_and_seeds_are_not_created_again() {
+        let mut m = Instances::seeded(BTreeMap::from([(
+            "b".to_owned(),
+            PodBacked {
+                identity: identity("p"),
+                created: SystemTime::UNIX_EPOCH,
+                hypervisor: None,
+            },
+        )]));
+        // Running before the Pod's first report after a restart: named from the seed.
+        apply(
+            &mut m,
+            InstanceUpdate::Add(instance(2, "b", 10, Origin::Discovered)),
+        );
+        assert_eq!(m.by_pid[&2].identity, Some(identity("p")));
+        let again = apply(&mut m, created("b", "p"));
+        assert!(again.events.is_empty(), "created before the restart");
+        let t = apply(&mut m, deleted("b", "p"));
+        assert_eq!(kinds(&t), [EventKind::Terminate]);
+        assert_eq!(t.events[0].hypervisor, "firecracker");
+        // The VMM still runs: it keeps the identity, and its stop carries it.
+        assert_eq!(m.by_pid[&2].identity, Some(identity("p")));
+        let stop = apply(&mut m, exit(2, 15, false));
+        assert_eq!(stop.events[0].identity, Some(identity("p")));
+        // A VMM without a Pod has none.
+        let other = apply(
+            &mut m,
+            InstanceUpdate::Add(instance(3, "c", 10, Origin::Exec)),
+        );
+        assert_eq!(other.events[0].identity, None);
     }
 }

@@ -2,9 +2,10 @@
 //! ([`restore`]), builds each stage with plain handles, runs them until a signal, and shuts
 //! down in a fixed order.
 //!
-//! Data path: kernel programs -> process ring -> discovery -> registry -> event sinks; console
-//! ring -> console source (named through the registry's snapshot) -> console sinks; the
-//! Prometheus exposition and the API read the handles. Each long-running task is a
+//! Data path: kernel programs -> process ring -> discovery -> registry -> event sinks; the
+//! Kubernetes source (this node's Pods) -> registry, which joins identity to instances by id;
+//! console ring -> console source (named through the registry's snapshot) -> console sinks;
+//! the Prometheus exposition and the API read the handles. Each long-running task is a
 //! [`Pipeline`]: one that ends before shutdown turns `/healthz` to 503.
 //!
 //! Shutdown (SIGTERM or SIGINT), within [`SHUTDOWN_BUDGET`] in all, so that a stuck disk or
@@ -30,7 +31,7 @@ use std::{
 };
 
 use anyhow::Context;
-use tokio::{net::TcpListener, signal::unix::SignalKind, task::JoinHandle};
+use tokio::{net::TcpListener, signal::unix::SignalKind, sync::mpsc, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
@@ -46,6 +47,8 @@ use crate::{
     model::{
         console_stats::ConsoleStats,
         health::{Health, Pipeline},
+        identity::IdentityUpdate,
+        instance::InstanceUpdate,
     },
     registry,
     sinks::{
@@ -57,8 +60,12 @@ use crate::{
     sources::{
         console::ConsoleSource,
         discovery::{Discovery, DiscoveryKernel},
+        kubernetes::{self, KubernetesSource},
     },
 };
+
+/// Identity updates queued between the Kubernetes source and the registry.
+const IDENTITY_QUEUE: usize = 1024;
 
 /// Bound of all of shutdown (the kubelet's grace period is 30 s).
 const SHUTDOWN_BUDGET: Duration = Duration::from_secs(15);
@@ -73,6 +80,8 @@ const TEST_END_PIPELINE: &str = "COLLECTOR_TEST_END_PIPELINE";
 pub(crate) struct Overrides {
     pub(crate) listen: Option<SocketAddr>,
     pub(crate) log_dir: Option<PathBuf>,
+    /// This node's name (else `NODE_NAME`): the Kubernetes source's node.
+    pub(crate) node_name: Option<String>,
 }
 
 /// Runs the collector until SIGTERM or SIGINT.
@@ -86,6 +95,14 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
     let end_on_purpose = test_hook()?;
     let matchers = Matchers::from_config(&config)?;
     let rules = console_rules::resolve(&config.console.files, &matchers)?;
+
+    // The Kubernetes source's configuration next: a bad selector or node name is the user's
+    // mistake to report before the kernel side loads.
+    let (identity_tx, identity_rx) = mpsc::channel(IDENTITY_QUEUE);
+    let node = kubernetes::node_name(overrides.node_name);
+    let kube = kubernetes::configure(&config.kubernetes, node, Vec::new(), identity_tx)
+        .await
+        .context("kubernetes identity source")?;
 
     // Bind first: a taken address is the cheapest mistake to report.
     let listener = TcpListener::bind(config.listen)
@@ -102,7 +119,16 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
         matchers = matchers.len(),
         "collector running"
     );
-    let stages = Stages::start(&config, matchers, rules, kernel)?;
+    let stages = Stages::start(
+        &config,
+        matchers,
+        rules,
+        kernel,
+        Identities {
+            source: kube,
+            updates: identity_rx,
+        },
+    )?;
     if let Some(pipeline) = end_on_purpose {
         stages.end_when_ready(pipeline);
     }
@@ -127,6 +153,12 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
     Ok(())
 }
 
+/// The Kubernetes source (when configured) and the updates it sends.
+struct Identities {
+    source: Option<KubernetesSource>,
+    updates: mpsc::Receiver<IdentityUpdate>,
+}
+
 /// The running stages and what shutdown needs of them.
 struct Stages {
     api: ApiState,
@@ -139,7 +171,7 @@ struct Stages {
     registry: JoinHandle<()>,
     /// Held until the sources have ended, so that the registry ends only at shutdown (not when
     /// discovery, its one sender, stops early: the other pipelines keep running then).
-    registry_updates: tokio::sync::mpsc::Sender<crate::model::instance::InstanceUpdate>,
+    registry_updates: mpsc::Sender<InstanceUpdate>,
     event_writer: JoinHandle<()>,
     /// Cancelled for the state file's last write.
     state_done: CancellationToken,
@@ -156,6 +188,7 @@ impl Stages {
         matchers: Matchers,
         rules: Vec<console_rules::Rule>,
         kernel: Kernel,
+        identities: Identities,
     ) -> anyhow::Result<Self> {
         let health = Health::new(&matchers.hypervisors());
         let pipelines = health.pipelines.clone();
@@ -185,9 +218,15 @@ impl Stages {
             pipelines.guard(Pipeline::StateFile),
             state_done.clone(),
         );
+        let seed: Vec<_> = restored
+            .pods
+            .iter()
+            .map(|(uuid, pod)| (uuid.clone(), pod.identity.clone()))
+            .collect();
         let (registry, registry_task) = registry::spawn(
             vec![Box::new(event_sink), Box::new(state.events)],
             restored.last_event_seq,
+            restored.pods,
             snapshot_tx,
             pipelines.guard(Pipeline::Registry),
         );
@@ -252,6 +291,15 @@ impl Stages {
                 pipelines.guard(Pipeline::Discovery),
             )
         });
+        if let Some(mut source) = identities.source {
+            // Seeded as the registry is: what was reported before is not reported again.
+            source.seed = seed;
+            sources.spawn(source.run(intake.clone()));
+            sources.spawn(forward_identities(
+                identities.updates,
+                registry.updates.clone(),
+            ));
+        }
         sources.close();
 
         let api = ApiState {
@@ -333,6 +381,22 @@ impl Stages {
         // 5. Detach the programs.
         self.programs.detach();
         drop(self.stats_enabled);
+    }
+}
+
+/// Hands the Kubernetes source's updates to the registry, in order, until the source ends.
+async fn forward_identities(
+    mut updates: mpsc::Receiver<IdentityUpdate>,
+    registry: mpsc::Sender<InstanceUpdate>,
+) {
+    while let Some(update) = updates.recv().await {
+        if registry
+            .send(InstanceUpdate::Identity(update))
+            .await
+            .is_err()
+        {
+            return;
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! newest of both wins.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     time::{Duration, SystemTime},
 };
 
@@ -15,14 +15,15 @@ use crate::{
     host::{names, proc},
     model::{
         console::Resume,
-        instance::{Origin, PreviousInstance},
+        identity::PodBacked,
+        instance::{HYPERVISOR_UNKNOWN, Origin, PreviousInstance},
         lifecycle::{EventKind, REASON_EXEC_RECORD_LOST, Sequenced},
         time,
     },
     sinks::{
         console_logs::tail,
         events::read_back::{self, ReadBack},
-        state::{self, InstanceState, StateError},
+        state::{self, InstanceState, PodState, StateError},
     },
 };
 
@@ -45,6 +46,10 @@ pub(crate) struct Restored {
     pub(crate) events: ReadBack,
     /// Where the console streams of previous instances continue.
     pub(crate) resume: Resume,
+    /// Instances Pods backed when the previous run stopped (created, not terminated): listed
+    /// again, and the seed of the Kubernetes source (not created again; terminated if their Pod
+    /// went while the collector was down).
+    pub(crate) pods: BTreeMap<String, PodBacked>,
 }
 
 /// Reads what `config.log_dir` holds of the previous run. Never fails: a missing or corrupt
@@ -66,13 +71,15 @@ pub(crate) fn restore(config: &Config) -> Restored {
     let same_boot = state
         .as_ref()
         .is_some_and(|s| !boot_id.is_empty() && s.boot_id == boot_id);
-    let (state_seq, written_at, listed) = state.map_or((0, None, Vec::new()), |s| {
-        (
-            s.last_event_seq,
-            time::parse_rfc3339(&s.written_at),
-            s.instances,
-        )
-    });
+    let (state_seq, written_at, listed, pod_states) =
+        state.map_or((0, None, Vec::new(), Vec::new()), |s| {
+            (
+                s.last_event_seq,
+                time::parse_rfc3339(&s.written_at),
+                s.instances,
+                s.pods,
+            )
+        });
     let dirs: HashSet<String> = listed
         .iter()
         .map(|i| names::dir_name(&i.instance_uuid))
@@ -95,8 +102,12 @@ pub(crate) fn restore(config: &Config) -> Restored {
         .map(|p| (p.instance_uuid.clone(), p.pid))
         .collect();
     for (uuid, list) in &events.by_instance {
-        let Some(last) = list.last() else { continue };
-        if last.event.event.ends_instance() || in_state.contains(&(uuid.clone(), last.event.pid)) {
+        // The VMM's events only: a Pod's create or terminate says nothing of a process.
+        let Some(last) = list.iter().rev().find(|e| !e.event.event.is_pod()) else {
+            continue;
+        };
+        let Some(pid) = last.event.pid else { continue };
+        if last.event.event.ends_instance() || in_state.contains(&(uuid.clone(), pid)) {
             continue;
         }
         // Announced after the last state write: the events file knows it.
@@ -131,6 +142,7 @@ pub(crate) fn restore(config: &Config) -> Restored {
         seqs.insert(prev.instance_uuid.clone(), last);
     }
     let last_event_seq = state_seq.max(events.last_seq);
+    let pods = pods_of(pod_states, state_seq, &events);
     info!(
         previous_instances = previous.len(),
         last_event_seq, same_boot, "continuing from the previous run"
@@ -142,7 +154,47 @@ pub(crate) fn restore(config: &Config) -> Restored {
         event_seqs,
         events,
         resume: Resume { seqs, down_since },
+        pods,
     }
+}
+
+/// The instances Pods backed: those of the state file, then the `create`s and `terminate`s the
+/// events files hold after it (the newest of both wins).
+fn pods_of(
+    states: Vec<PodState>,
+    state_seq: u64,
+    events: &ReadBack,
+) -> BTreeMap<String, PodBacked> {
+    let mut pods: BTreeMap<String, PodBacked> = states.into_iter().map(PodState::backed).collect();
+    let mut after: Vec<&Sequenced> = events
+        .by_instance
+        .values()
+        .flatten()
+        .filter(|e| e.seq > state_seq && e.event.event.is_pod())
+        .collect();
+    after.sort_by_key(|e| e.seq);
+    for sequenced in after {
+        let event = &sequenced.event;
+        match (event.event, &event.identity) {
+            (EventKind::Create, Some(identity)) => {
+                let hypervisor =
+                    (event.hypervisor != HYPERVISOR_UNKNOWN).then(|| event.hypervisor.clone());
+                pods.insert(
+                    event.instance_uuid.clone(),
+                    PodBacked {
+                        identity: identity.clone(),
+                        created: event.time,
+                        hypervisor,
+                    },
+                );
+            }
+            (EventKind::Terminate, _) => {
+                pods.remove(&event.instance_uuid);
+            }
+            _ => {}
+        }
+    }
+    pods
 }
 
 /// A listed instance of the state file, unless the events files show it ended after the file
@@ -158,7 +210,7 @@ fn from_state(
         .map_or(&[], Vec::as_slice);
     let began = list
         .iter()
-        .filter(|e| e.event.pid == instance.pid && !e.event.event.ends_instance())
+        .filter(|e| e.event.pid == Some(instance.pid) && !e.event.event.ends_instance())
         .map(|e| e.seq)
         .max()
         .unwrap_or(0);
@@ -205,7 +257,7 @@ fn from_event(last: &Sequenced) -> PreviousInstance {
     PreviousInstance {
         instance_uuid: event.instance_uuid.clone(),
         hypervisor: event.hypervisor.clone(),
-        pid: event.pid,
+        pid: event.pid.unwrap_or(0),
         origin,
         start_time,
         start_boot_ns: time::system_time_to_boot_ns(start_time),
@@ -228,7 +280,7 @@ mod tests {
     fn event(seq: u64, uuid: &str, pid: u32, kind: EventKind) -> Sequenced {
         Sequenced {
             seq,
-            event: LifecycleEvent::new(SystemTime::now(), uuid, "fc", kind, "exec", pid),
+            event: LifecycleEvent::new(SystemTime::now(), uuid, "fc", kind, "exec", Some(pid)),
         }
     }
 
@@ -303,6 +355,7 @@ mod tests {
             written_at: time::rfc3339(SystemTime::now()),
             last_event_seq: 12,
             instances: vec![listed("e", 15, 12)],
+            pods: Vec::new(),
         };
         std::fs::write(
             tmp.path().join(state::FILE_NAME),
@@ -315,5 +368,86 @@ mod tests {
         assert_eq!(restored.previous[0].seen_boot_ns, 6);
         assert_eq!(restored.resume.seqs["e"], [0, 0, 0]);
         assert!(restored.resume.down_since.is_some());
+    }
+
+    #[test]
+    fn pods_from_the_state_then_the_newer_pod_events() {
+        use crate::model::{
+            identity::Identity,
+            lifecycle::{REASON_POD_ADDED, REASON_POD_DELETED},
+        };
+        let identity = |project: &str| Identity {
+            project: Some(project.into()),
+            pod: "p".into(),
+            pod_namespace: "ns".into(),
+            node: "n1".into(),
+            ..Identity::default()
+        };
+        let pod_event = |seq: u64, uuid: &str, kind: EventKind, project: &str| Sequenced {
+            seq,
+            event: LifecycleEvent {
+                identity: Some(identity(project)),
+                ..LifecycleEvent::new(
+                    SystemTime::now(),
+                    uuid,
+                    "unknown",
+                    kind,
+                    if kind == EventKind::Create {
+                        REASON_POD_ADDED
+                    } else {
+                        REASON_POD_DELETED
+                    },
+                    None,
+                )
+            },
+        };
+        let state = |uuid: &str| PodState {
+            instance_uuid: uuid.into(),
+            identity: identity("state"),
+            created: "2027-01-15T06:59:00Z".into(),
+            hypervisor: Some("fc".into()),
+        };
+        let back = ReadBack {
+            by_instance: HashMap::from([
+                // Created before the state was written (in it), terminated after: gone.
+                (
+                    "a".to_owned(),
+                    vec![
+                        pod_event(1, "a", EventKind::Create, "a"),
+                        pod_event(7, "a", EventKind::Terminate, "a"),
+                    ],
+                ),
+                // Created after the state was written: from the events file.
+                (
+                    "b".to_owned(),
+                    vec![pod_event(8, "b", EventKind::Create, "b")],
+                ),
+                // Terminated before the state was written, created again after.
+                (
+                    "c".to_owned(),
+                    vec![
+                        pod_event(2, "c", EventKind::Terminate, "old"),
+                        pod_event(9, "c", EventKind::Create, "new"),
+                    ],
+                ),
+                // In the state, nothing newer: the state's.
+                (
+                    "d".to_owned(),
+                    vec![pod_event(3, "d", EventKind::Create, "old")],
+                ),
+            ]),
+            last_seq: 9,
+        };
+        let pods = pods_of(vec![state("a"), state("d")], 5, &back);
+        let projects: Vec<(&str, Option<&str>)> = pods
+            .iter()
+            .map(|(u, p)| (u.as_str(), p.identity.project.as_deref()))
+            .collect();
+        assert_eq!(
+            projects,
+            [("b", Some("b")), ("c", Some("new")), ("d", Some("state"))]
+        );
+        assert_eq!(pods["d"].hypervisor.as_deref(), Some("fc"));
+        assert_eq!(pods["b"].hypervisor, None, "no VMM seen");
     }
 }

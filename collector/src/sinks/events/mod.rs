@@ -19,7 +19,7 @@ use crate::{
     host::files::{LogDir, RotatingFile},
     model::{
         health::{Health, PipelineGuard},
-        lifecycle::{EventSubscriber, Sequenced},
+        lifecycle::{EventKind, EventSubscriber, Sequenced},
     },
     util::journal::{Cost, Journal, Limits},
 };
@@ -134,7 +134,9 @@ impl EventSubscriber for EventSink {
             .lifecycle_events
             .inc(&[event.event.as_str(), &event.hypervisor]);
         let key = &event.instance_uuid;
-        if event.event.ends_instance() {
+        // A deleted Pod ends the instance for the platform: its retention starts (a VMM that
+        // outlives it still adds its stop).
+        if event.event.ends_instance() || event.event == EventKind::Terminate {
             self.store
                 .journal
                 .push(key, std::slice::from_ref(sequenced), true);

@@ -11,7 +11,11 @@ use std::{
 use tracing::debug;
 
 use super::{EventStore, FILE_NAME};
-use crate::{config::EventsConfig, host::files::LogDir, model::lifecycle::Sequenced};
+use crate::{
+    config::EventsConfig,
+    host::files::LogDir,
+    model::lifecycle::{EventKind, Sequenced},
+};
 
 /// What the events files hold.
 #[derive(Debug, Default)]
@@ -99,7 +103,8 @@ impl EventStore {
             let Some(last) = events.last() else {
                 continue;
             };
-            let ended = last.event.event.ends_instance();
+            let ended =
+                last.event.event.ends_instance() || last.event.event == EventKind::Terminate;
             let ago = SystemTime::now()
                 .duration_since(last.event.time)
                 .unwrap_or_default();
@@ -121,15 +126,12 @@ impl EventStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        host::files::RotatingFile,
-        model::lifecycle::{EventKind, LifecycleEvent},
-    };
+    use crate::{host::files::RotatingFile, model::lifecycle::LifecycleEvent};
 
     fn event(seq: u64, uuid: &str, kind: EventKind, ago: Duration) -> Sequenced {
         Sequenced {
             seq,
-            event: LifecycleEvent::new(SystemTime::now() - ago, uuid, "fc", kind, "exec", 1),
+            event: LifecycleEvent::new(SystemTime::now() - ago, uuid, "fc", kind, "exec", Some(1)),
         }
     }
 

@@ -5,7 +5,7 @@
 use std::time::UNIX_EPOCH;
 
 use crate::model::{
-    instance::{Instance, LabelSet, Snapshot},
+    instance::{HYPERVISOR_UNKNOWN, Instance, LabelSet, Snapshot, instance_labels},
     metrics::{MetricKind, MetricWriter, Value},
 };
 
@@ -29,11 +29,18 @@ pub(crate) fn instance_gauge<'a>(
 pub(crate) fn write(w: &mut dyn MetricWriter, snapshot: &Snapshot) {
     w.family(
         "compute_instance_info",
-        "1 for each instance whose hypervisor process runs on this host.",
+        "1 for each instance on this host: its hypervisor process runs, or a Pod backs it.",
         MetricKind::Gauge,
     );
     for instance in snapshot.by_pid.values() {
         w.sample(&instance.labels(LabelSet::Info), Value::Int(1));
+    }
+    // Created and not running (scaled to zero): named by its Pod; the hypervisor of its last
+    // VMM, `unknown` when none was seen.
+    for (uuid, pod) in snapshot.not_running() {
+        let hypervisor = pod.hypervisor.as_deref().unwrap_or(HYPERVISOR_UNKNOWN);
+        let labels = instance_labels(LabelSet::Info, uuid, hypervisor, Some(&pod.identity));
+        w.sample(&labels, Value::Int(1));
     }
     instance_gauge(
         w,

@@ -13,6 +13,10 @@
 //!   ([`LogDir::replace`]), so a crash leaves the last whole file.
 //! - Not the only record: the events and console files hold what happened after the last
 //!   write, and the start-up takes the newest of both.
+//! - Per instance a Pod backs (created, not terminated): its identity, when its `create` was
+//!   reported and the hypervisor of its last VMM; so that after a restart a deleted Pod's
+//!   instance is still attributed (its `terminate` carries the identity), and a Pod still there
+//!   is not created again.
 
 use std::{
     collections::HashMap,
@@ -31,6 +35,7 @@ use crate::{
     model::{
         console::{ConsoleSubscriber, LogRecord, Resume, Stream},
         health::PipelineGuard,
+        identity::{Identity, PodBacked},
         instance::{Origin, SnapshotReceiver},
         lifecycle::{EventSubscriber, Sequenced},
         time,
@@ -59,6 +64,44 @@ pub(crate) struct StateFile {
     pub(crate) last_event_seq: u64,
     #[serde(default)]
     pub(crate) instances: Vec<InstanceState>,
+    /// Instances a Pod backs (created, not terminated), running or not.
+    #[serde(default)]
+    pub(crate) pods: Vec<PodState>,
+}
+
+/// An instance a Pod backs, in the state file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct PodState {
+    pub(crate) instance_uuid: String,
+    pub(crate) identity: Identity,
+    /// RFC 3339: when its `create` was reported.
+    pub(crate) created: String,
+    #[serde(default)]
+    pub(crate) hypervisor: Option<String>,
+}
+
+impl PodState {
+    fn new(uuid: &str, pod: &PodBacked) -> Self {
+        Self {
+            instance_uuid: uuid.to_owned(),
+            identity: pod.identity.clone(),
+            created: time::rfc3339(pod.created),
+            hypervisor: pod.hypervisor.clone(),
+        }
+    }
+
+    /// The registry's record of it (a `created` that does not read is now).
+    pub(crate) fn backed(self) -> (String, PodBacked) {
+        let created = time::parse_rfc3339(&self.created).unwrap_or_else(SystemTime::now);
+        (
+            self.instance_uuid,
+            PodBacked {
+                identity: self.identity,
+                created,
+                hypervisor: self.hypervisor,
+            },
+        )
+    }
 }
 
 /// A listed instance, in the state file.
@@ -319,6 +362,11 @@ fn render(snapshot: &SnapshotReceiver, boot_id: &str, shared: &Shared) -> Vec<u8
         written_at: time::rfc3339(SystemTime::now()),
         last_event_seq: seqs.last_event_seq,
         instances,
+        pods: listed
+            .pods
+            .iter()
+            .map(|(uuid, pod)| PodState::new(uuid, pod))
+            .collect(),
     };
     let mut bytes = serde_json::to_vec_pretty(&file).unwrap_or_default();
     bytes.push(b'\n');
@@ -329,13 +377,17 @@ impl EventSubscriber for StateEvents {
     fn event(&mut self, event: &Arc<Sequenced>) {
         let mut seqs = lock(&self.0);
         seqs.last_event_seq = seqs.last_event_seq.max(event.seq);
+        seqs.dirty = true;
         let uuid = &event.event.instance_uuid;
+        if event.event.event.is_pod() {
+            // The Pods are in the snapshot; an instance's seq anchors its VMM's events only.
+            return;
+        }
         if event.event.event.ends_instance() {
             seqs.instance_event_seq.remove(uuid);
         } else {
             seqs.instance_event_seq.insert(uuid.clone(), event.seq);
         }
-        seqs.dirty = true;
     }
 }
 
@@ -391,6 +443,18 @@ mod tests {
                     console: 9,
                 },
             }],
+            pods: vec![PodState {
+                instance_uuid: "u".into(),
+                identity: Identity {
+                    project: Some("p".into()),
+                    pod: "web-0".into(),
+                    pod_namespace: "ns-1".into(),
+                    node: "n1".into(),
+                    ..Identity::default()
+                },
+                created: "2027-01-15T06:59:00Z".into(),
+                hypervisor: None,
+            }],
         }
     }
 
@@ -408,6 +472,15 @@ mod tests {
         let back = parse(&serde_json::to_vec(&value).unwrap(), "p").unwrap();
         assert_eq!(back.instances[0].console_seq, ConsoleSeqs::default());
         assert_eq!(back.instances[0].pid, 7);
+        // A file of a collector from before identity reads with no Pods.
+        value.as_object_mut().unwrap().remove("pods");
+        let older = parse(&serde_json::to_vec(&value).unwrap(), "p").unwrap();
+        assert!(older.pods.is_empty());
+        let (uuid, backed) = file().pods[0].clone().backed();
+        assert_eq!(
+            (uuid.as_str(), backed.identity.project),
+            ("u", Some("p".into()))
+        );
     }
 
     #[test]

@@ -333,6 +333,8 @@ impl Discovery {
             });
         let instance = Instance {
             allocation,
+            // The registry's to set, from the Pod that backs it.
+            identity: None,
             instance_dir,
             instance_uuid: claim.instance_uuid,
             hypervisor: matcher.hypervisor.clone(),

@@ -1,0 +1,369 @@
+//! Identity joined to instances: a real collector with stand-in VMMs, and the Pods that back
+//! them from the fake Kubernetes API server (collector_tests::kube_api) through the real
+//! kube-rs client. Identity on the info series, `/v1/instances`, the events API and the events
+//! files within 1 s of the Pod's arrival (both containerID forms); `create` and `terminate`
+//! exactly once each, across a watch cut (410 and relist) and a collector crash and restart;
+//! an instance scaled to zero listed as created and not running. Needs root (BPF).
+
+use std::time::Duration;
+
+use collector_tests::{
+    Collector, Standin,
+    kube_api::{FakeKube, FakePod},
+    ndjson, new_uuid, sample, wait_for,
+};
+use serde_json::{Value, json};
+
+const NODE: &str = "n1";
+const PROJECT: &str = "resourcemanager.miloapis.com/project-name";
+const UPSTREAM_NS: &str = "meta.datumapis.com/upstream-namespace";
+/// The Pod's arrival to every output: the issue's bound.
+const ARRIVAL: Duration = Duration::from_secs(1);
+const WITHIN: Duration = Duration::from_secs(10);
+
+/// A collector for node n1, matching executables `<tag>-vmm --id <uuid>` as hypervisor
+/// `<tag>`, its Kubernetes source pointed at `fake`.
+fn start(fake: &FakeKube, tag: &str, log_dir: tempfile::TempDir) -> Collector {
+    let config = log_dir.path().join("collector.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[[matcher]]
+name = "{tag}"
+executable = "{tag}-vmm"
+instance_id = '--id (\S+)'
+vcpu_thread = '^fc_vcpu (\d+)$'
+"#
+        ),
+    )
+    .unwrap();
+    let kubeconfig = fake.kubeconfig();
+    Collector::start_in_env(
+        log_dir,
+        &["--config", config.to_str().unwrap(), "--node-name", NODE],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    )
+}
+
+fn pod(name: &str, container_id: &str) -> FakePod {
+    FakePod {
+        namespace: "ns-a".into(),
+        name: name.into(),
+        node: format!("kraftlet-{NODE}"),
+        labels: vec![
+            ("managed-by".into(), "infra-provider-unikraft".into()),
+            ("upstream.instance".into(), format!("{name}-instance")),
+            ("compute.datumapis.com/workload-name".into(), "web".into()),
+        ],
+        container_id: Some(container_id.into()),
+    }
+}
+
+fn fake_with_namespace() -> FakeKube {
+    let fake = FakeKube::start();
+    fake.create_namespace("ns-a", &[(PROJECT, "proj-a"), (UPSTREAM_NS, "default")]);
+    fake
+}
+
+/// The identity object of `pod`'s instance, as every output shows it.
+fn identity(pod: &str) -> Value {
+    json!({"project": "proj-a", "instance_name": format!("{pod}-instance"),
+           "instance_namespace": "default", "workload": "web",
+           "pod": pod, "pod_namespace": "ns-a", "node": NODE})
+}
+
+/// `compute_instance_info` of `uuid` with its identity labels, exactly as exposed.
+fn info_series(uuid: &str, hypervisor: &str, pod: &str) -> String {
+    format!(
+        "compute_instance_info{{instance_uuid=\"{uuid}\",hypervisor=\"{hypervisor}\",\
+         project=\"proj-a\",instance_name=\"{pod}-instance\",instance_namespace=\"default\",\
+         workload=\"web\"}}"
+    )
+}
+
+fn counter(collector: &Collector, event: &str, hypervisor: &str) -> f64 {
+    collector.metric(&format!(
+        "compute_instance_lifecycle_events_total{{event=\"{event}\",hypervisor=\"{hypervisor}\"}}"
+    ))
+}
+
+fn kinds(events: &[Value]) -> Vec<&str> {
+    events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect()
+}
+
+/// `uuid`'s events, once `done` holds of them (within 10 s).
+fn events_until(collector: &Collector, uuid: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    wait_for(WITHIN, || collector.events_of(uuid).filter(|e| done(e))).unwrap_or_else(|| {
+        panic!(
+            "events of {uuid}: {:?}\n{}",
+            collector.events_of(uuid),
+            collector.stderr()
+        )
+    })
+}
+
+/// The events `<log-dir>/<uuid>/events.log` holds.
+fn events_file(collector: &Collector, uuid: &str) -> Vec<Value> {
+    ndjson(
+        &std::fs::read_to_string(collector.log_dir.path().join(uuid).join("events.log"))
+            .unwrap_or_default(),
+    )
+}
+
+#[test]
+fn identity_reaches_every_output_within_a_second_of_the_pod_with_either_container_id_form() {
+    let tag = "id-join";
+    let exe = format!("{tag}-vmm");
+    let fake = fake_with_namespace();
+    let collector = start(&fake, tag, tempfile::tempdir().unwrap());
+    let (u1, u2) = (new_uuid(tag), new_uuid(tag));
+    let mut vmm1 = Standin::spawn(&exe, &["--id", &u1], &[]);
+    let _vmm2 = Standin::spawn(&exe, &["--id", &u2], &[]);
+    for uuid in [&u1, &u2] {
+        wait_for(WITHIN, || collector.instance(uuid)).expect("instance listed");
+    }
+    // No Pod yet: running, identity null, the info series without identity labels.
+    let before = collector.instance(&u1).unwrap();
+    assert_eq!(
+        (&before["state"], &before["identity"]),
+        (&json!("running"), &Value::Null)
+    );
+    let bare = format!("compute_instance_info{{instance_uuid=\"{u1}\",hypervisor=\"{tag}\"}}");
+    assert_eq!(sample(&collector.get_text("/metrics"), &bare), Some(1.0));
+
+    // The Pods arrive: with the scheme and without.
+    fake.create_pod(&pod("web-0", &format!("ukp://{u1}")));
+    fake.create_pod(&pod("web-1", &u2));
+    for (uuid, name) in [(&u1, "web-0"), (&u2, "web-1")] {
+        let named = wait_for(ARRIVAL, || {
+            let metrics = collector.get_text("/metrics");
+            let instance = collector.instance(uuid)?;
+            let events = collector.events_of(uuid)?;
+            (instance["identity"] == identity(name)
+                && sample(&metrics, &info_series(uuid, tag, name)) == Some(1.0)
+                && kinds(&events).contains(&"create"))
+            .then_some(events)
+        });
+        let events = named.unwrap_or_else(|| {
+            panic!(
+                "{uuid}: identity not on every output within {ARRIVAL:?}: {:?} {:?}\n{}",
+                collector.instance(uuid),
+                collector.events_of(uuid),
+                collector.stderr()
+            )
+        });
+        assert_eq!(kinds(&events), ["start", "create"], "{events:#?}");
+        assert_eq!(events[0]["identity"], Value::Null, "started before its Pod");
+        let create = &events[1];
+        assert_eq!(create["identity"], identity(name));
+        assert_eq!(
+            (&create["hypervisor"], &create["pid"], &create["reason"]),
+            (&json!(tag), &Value::Null, &json!("pod_added"))
+        );
+        // The file has it too, as the API does.
+        let file = wait_for(ARRIVAL, || {
+            let file = events_file(&collector, uuid);
+            (file.len() == 2).then_some(file)
+        })
+        .expect("events.log");
+        assert_eq!(file[1], *create);
+    }
+    let metrics = collector.get_text("/metrics");
+    // The info series replaced, not doubled; usage series keep only the join key.
+    assert_eq!(sample(&metrics, &bare), None);
+    assert!(
+        metrics.contains(&format!(
+            "compute_instance_start_time_seconds{{instance_uuid=\"{u1}\"}} "
+        )),
+        "{metrics}"
+    );
+
+    // The VMM stops: its stop names it; the instance stays, created and not running.
+    vmm1.signal(libc::SIGTERM);
+    let events = events_until(&collector, &u1, |e| e.len() == 3);
+    assert_eq!(kinds(&events), ["start", "create", "stop"]);
+    assert_eq!(events[2]["identity"], identity("web-0"));
+    let created = wait_for(WITHIN, || {
+        collector.instance(&u1).filter(|i| i["state"] == "created")
+    })
+    .expect("listed as created");
+    assert_eq!(
+        (
+            &created["pid"],
+            &created["hypervisor"],
+            &created["identity"]
+        ),
+        (&Value::Null, &json!(tag), &identity("web-0"))
+    );
+    assert_eq!(
+        sample(
+            &collector.get_text("/metrics"),
+            &info_series(&u1, tag, "web-0")
+        ),
+        Some(1.0),
+        "still on the host, by its Pod"
+    );
+
+    // The Pod goes: terminate, once, with the identity it had; the instance is gone.
+    fake.delete_pod("ns-a", "web-0");
+    let events = events_until(&collector, &u1, |e| e.len() == 4);
+    assert_eq!(kinds(&events), ["start", "create", "stop", "terminate"]);
+    assert_eq!(events[3]["identity"], identity("web-0"));
+    assert_eq!(events[3]["reason"], "pod_deleted");
+    wait_for(WITHIN, || collector.instance(&u1).is_none().then_some(())).expect("unlisted");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(collector.events_of(&u1).unwrap().len(), 4, "nothing more");
+    assert_eq!(counter(&collector, "create", tag), 2.0);
+    assert_eq!(counter(&collector, "terminate", tag), 1.0);
+    assert_eq!(counter(&collector, "create", "unknown"), 0.0);
+}
+
+#[test]
+fn scaled_to_zero_is_created_and_a_pod_deleted_during_a_watch_cut_terminates_after_relist() {
+    let tag = "id-zero";
+    let fake = fake_with_namespace();
+    let collector = start(&fake, tag, tempfile::tempdir().unwrap());
+    let (u1, u2) = (new_uuid(tag), new_uuid(tag));
+    // Pods, and no VMM at all.
+    fake.create_pod(&pod("web-0", &format!("ukp://{u1}")));
+    fake.create_pod(&pod("web-1", &u2));
+    let listed = wait_for(WITHIN, || collector.instance(&u1)).expect("listed");
+    assert_eq!(
+        listed,
+        json!({"instance_uuid": u1, "state": "created", "hypervisor": null, "pid": null,
+               "start_time": null, "origin": null, "executable": null, "vcpu_threads": [],
+               "instance_dir": null, "identity": identity("web-0")})
+    );
+    let metrics = collector.get_text("/metrics");
+    assert_eq!(
+        sample(&metrics, &info_series(&u1, "unknown", "web-0")),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(&format!(
+        "compute_instance_start_time_seconds{{instance_uuid=\"{u1}\"}}"
+    )));
+    let events = events_until(&collector, &u1, |e| !e.is_empty());
+    assert_eq!(kinds(&events), ["create"]);
+    assert_eq!(
+        (&events[0]["hypervisor"], &events[0]["pid"]),
+        (&json!("unknown"), &Value::Null)
+    );
+    wait_for(WITHIN, || collector.events_of(&u2)).expect("u2 created");
+    assert_eq!(counter(&collector, "create", "unknown"), 2.0);
+
+    // The watch is cut; web-0 is deleted meanwhile and the history compacted (410 Gone): the
+    // relist finds it missing, and it terminates once.
+    let lists = fake.counts().requests("list pods");
+    fake.cut();
+    fake.delete_pod("ns-a", "web-0");
+    fake.compact();
+    std::thread::sleep(Duration::from_millis(500));
+    fake.restore();
+    let events = events_until(&collector, &u1, |e| e.len() == 2);
+    assert_eq!(kinds(&events), ["create", "terminate"]);
+    assert_eq!(events[1]["identity"], identity("web-0"));
+    assert!(fake.counts().expired >= 1, "the watch got 410 Gone");
+    assert_eq!(fake.counts().requests("list pods"), lists + 1);
+    wait_for(WITHIN, || collector.instance(&u1).is_none().then_some(())).expect("unlisted");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        kinds(&collector.events_of(&u1).unwrap()),
+        ["create", "terminate"]
+    );
+    assert_eq!(
+        kinds(&collector.events_of(&u2).unwrap()),
+        ["create"],
+        "the relist did not create web-1 again"
+    );
+    assert_eq!(counter(&collector, "terminate", "unknown"), 1.0);
+    // A VMM of the created instance starts: running, named, no second create.
+    let _vmm = Standin::spawn(&format!("{tag}-vmm"), &["--id", &u2], &[]);
+    let running = wait_for(WITHIN, || {
+        collector.instance(&u2).filter(|i| i["state"] == "running")
+    })
+    .expect("running");
+    assert_eq!(running["identity"], identity("web-1"));
+    let events = events_until(&collector, &u2, |e| e.len() == 2);
+    assert_eq!(kinds(&events), ["create", "start"]);
+    assert_eq!(events[1]["identity"], identity("web-1"));
+}
+
+#[test]
+fn a_restart_keeps_identity_attributes_a_pod_deleted_while_down_and_does_not_create_again() {
+    let tag = "id-restart";
+    let fake = fake_with_namespace();
+    let collector = start(&fake, tag, tempfile::tempdir().unwrap());
+    let (running, idle) = (new_uuid(tag), new_uuid(tag));
+    let _vmm = Standin::spawn(&format!("{tag}-vmm"), &["--id", &running], &[]);
+    fake.create_pod(&pod("web-0", &running));
+    fake.create_pod(&pod("web-1", &format!("ukp://{idle}")));
+    events_until(&collector, &running, |e| kinds(e) == ["start", "create"]);
+    events_until(&collector, &idle, |e| kinds(e) == ["create"]);
+    for (uuid, written) in [(&running, 2), (&idle, 1)] {
+        wait_for(WITHIN, || {
+            (events_file(&collector, uuid).len() == written).then_some(())
+        })
+        .expect("events files written");
+    }
+
+    // A crash (no shutdown of its own): the events files have the creates even if the state
+    // file was not written since. web-1 is deleted while the collector is down.
+    let log_dir = collector.kill_keep_dir();
+    fake.delete_pod("ns-a", "web-1");
+    let collector = start(&fake, tag, log_dir);
+
+    // The running instance is named at once (from the state), before the source's first list.
+    let named = collector.instance(&running).expect("listed");
+    assert_eq!(named["identity"], identity("web-0"), "{named}");
+    // web-1's Pod went while down: terminated, once, attributed with the identity it had.
+    let events = events_until(&collector, &idle, |e| e.len() == 2);
+    assert_eq!(kinds(&events), ["create", "terminate"]);
+    assert_eq!(events[1]["identity"], identity("web-1"));
+    assert_eq!(events[1]["hypervisor"], "unknown");
+    wait_for(WITHIN, || collector.instance(&idle).is_none().then_some(())).expect("unlisted");
+    // Neither is created again, in this run or on record.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(counter(&collector, "create", tag), 0.0);
+    assert_eq!(counter(&collector, "create", "unknown"), 0.0);
+    assert_eq!(counter(&collector, "terminate", "unknown"), 1.0);
+    assert_eq!(
+        kinds(&collector.events_of(&running).unwrap()),
+        ["start", "create"]
+    );
+    let file = events_file(&collector, &running);
+    assert_eq!(kinds(&file), ["start", "create"], "{file:#?}");
+    assert_eq!(
+        sample(
+            &collector.get_text("/metrics"),
+            &info_series(&running, tag, "web-0")
+        ),
+        Some(1.0)
+    );
+
+    // A clean restart: the state file alone (written at shutdown) carries it the same way.
+    let log_dir = collector.stop_keep_dir();
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(log_dir.path().join(".collector-state.json")).unwrap(),
+    )
+    .unwrap();
+    let pods = state["pods"].as_array().unwrap();
+    assert_eq!(pods.len(), 1, "{state:#}");
+    assert_eq!(pods[0]["instance_uuid"], running.as_str());
+    assert_eq!(pods[0]["identity"], identity("web-0"));
+    let collector = start(&fake, tag, log_dir);
+    assert_eq!(
+        collector.instance(&running).expect("listed")["identity"],
+        identity("web-0")
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(counter(&collector, "create", tag), 0.0);
+    assert_eq!(
+        kinds(&collector.events_of(&running).unwrap()),
+        ["start", "create"]
+    );
+}

@@ -220,6 +220,25 @@ fn identity_reaches_every_output_within_a_second_of_the_pod_with_either_containe
     assert_eq!(counter(&collector, "create", tag), 2.0);
     assert_eq!(counter(&collector, "terminate", tag), 1.0);
     assert_eq!(counter(&collector, "create", "unknown"), 0.0);
+    // Per instance, every kind (the join for per-project rates); kept after it is gone.
+    let metrics = collector.get_text("/metrics");
+    for (event, count) in [
+        ("create", 1.0),
+        ("start", 1.0),
+        ("stop", 1.0),
+        ("terminate", 1.0),
+        ("crash", 0.0),
+        ("oom_kill", 0.0),
+        ("discovered", 0.0),
+    ] {
+        let series =
+            format!("compute_instance_events_total{{instance_uuid=\"{u1}\",event=\"{event}\"}}");
+        assert_eq!(
+            sample(&metrics, &series),
+            Some(count),
+            "{series}\n{metrics}"
+        );
+    }
 }
 
 #[test]

@@ -17,6 +17,8 @@ pub(crate) struct Health {
     pub(crate) decode_errors: CounterVec,
     /// Lifecycle events by `event` and `hypervisor` (fleet counter, no instance label).
     pub(crate) lifecycle_events: CounterVec,
+    /// Lifecycle events by instance and kind.
+    pub(crate) instance_events: super::lifecycle::InstanceEventCounts,
     /// Lifecycle events not written to their instance's `events.log`.
     pub(crate) event_file_dropped: Counter,
     /// What reconciliation with `/proc` corrected, by `fix`.

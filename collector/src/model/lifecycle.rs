@@ -1,7 +1,11 @@
 //! Lifecycle events of instances and how an exit is classified. Pure: the wait status and the
 //! OOM mark in, the event kind and its fields out. docs/lifecycle.md states the same rules.
 
-use std::time::SystemTime;
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +41,14 @@ impl EventKind {
         Self::Create,
         Self::Terminate,
     ];
+
+    /// The kind's place in [`Self::ALL`].
+    pub(crate) fn index(self) -> usize {
+        Self::ALL
+            .iter()
+            .position(|k| *k == self)
+            .expect("every kind is in ALL")
+    }
 
     /// Kinds about the instance's Pod, not its VMM process (no `pid`).
     pub(crate) const POD: [Self; 2] = [Self::Create, Self::Terminate];
@@ -352,7 +364,7 @@ impl Sequenced {
 /// and must not block it (a subscriber that does I/O queues, bounded, and counts what it
 /// drops).
 pub(crate) trait EventSubscriber: Send {
-    fn event(&mut self, event: &std::sync::Arc<Sequenced>);
+    fn event(&mut self, event: &Arc<Sequenced>);
 }
 
 impl EventKind {
@@ -364,6 +376,70 @@ impl EventKind {
     /// Whether this is an event of the instance's Pod (`create`, `terminate`), not its VMM.
     pub(crate) fn is_pod(self) -> bool {
         Self::POD.contains(&self)
+    }
+}
+
+/// How long an instance's per-instance event counts stay exposed once it is gone (no VMM, no
+/// Pod): several scrapes, so that its last event (stop, terminate) is scraped and a rule's
+/// `rate(...[5m])` sees it.
+pub(crate) const INSTANCE_EVENTS_LINGER: Duration = Duration::from_mins(10);
+/// Most instances whose counts are kept; past it the longest gone leave first.
+pub(crate) const INSTANCE_EVENTS_MAX: usize = 10_000;
+
+#[derive(Debug)]
+struct Counts {
+    by_kind: [u64; EventKind::ALL.len()],
+    /// When a scrape first found the instance gone.
+    gone_since: Option<Instant>,
+}
+
+/// Lifecycle events by instance and kind (`compute_instance_events_total`): what lets a rule
+/// count events per project, joined on `compute_instance_info`. Every kind is exposed from the
+/// instance's first event on (0 until it happens), and kept [`INSTANCE_EVENTS_LINGER`] after
+/// the instance is gone. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct InstanceEventCounts(Arc<Mutex<BTreeMap<String, Counts>>>);
+
+impl InstanceEventCounts {
+    pub(crate) fn inc(&self, uuid: &str, kind: EventKind) {
+        let mut counts = self.0.lock().expect("event counts lock");
+        if !counts.contains_key(uuid) && counts.len() >= INSTANCE_EVENTS_MAX {
+            let oldest = counts
+                .iter()
+                .filter_map(|(u, c)| Some((c.gone_since?, u.clone())))
+                .min();
+            if let Some((_, uuid)) = oldest {
+                counts.remove(&uuid);
+            }
+        }
+        let entry = counts.entry(uuid.to_owned()).or_insert(Counts {
+            by_kind: [0; EventKind::ALL.len()],
+            gone_since: None,
+        });
+        entry.by_kind[kind.index()] += 1;
+        entry.gone_since = None;
+    }
+
+    /// The counts to expose at `now`, by instance and kind; `on_host` tells which instances
+    /// are still on the host. Those gone longer than the linger are forgotten.
+    pub(crate) fn expose(
+        &self,
+        now: Instant,
+        on_host: impl Fn(&str) -> bool,
+    ) -> Vec<(String, [u64; EventKind::ALL.len()])> {
+        let mut counts = self.0.lock().expect("event counts lock");
+        counts.retain(|uuid, c| {
+            if on_host(uuid) {
+                c.gone_since = None;
+                return true;
+            }
+            let since = *c.gone_since.get_or_insert(now);
+            now.duration_since(since) < INSTANCE_EVENTS_LINGER
+        });
+        counts
+            .iter()
+            .map(|(uuid, c)| (uuid.clone(), c.by_kind))
+            .collect()
     }
 }
 
@@ -448,7 +524,7 @@ mod tests {
             memcg_path: Some("/x".into()),
             memcg_limit_bytes: Some(9),
         };
-        let t = SystemTime::UNIX_EPOCH + std::time::Duration::new(1_800_000_000, 123_456_789);
+        let t = SystemTime::UNIX_EPOCH + Duration::new(1_800_000_000, 123_456_789);
         let events = [
             LifecycleEvent {
                 oom: Some(oom),
@@ -497,5 +573,32 @@ mod tests {
         assert_eq!(signal_name(31), Some("SIGSYS"));
         assert_eq!(signal_name(0), None);
         assert_eq!(signal_name(64), None);
+    }
+
+    #[test]
+    fn instance_event_counts_linger_then_go() {
+        let counts = InstanceEventCounts::default();
+        counts.inc("a", EventKind::Create);
+        counts.inc("a", EventKind::Start);
+        counts.inc("a", EventKind::Start);
+        let t0 = Instant::now();
+        let almost = t0
+            + INSTANCE_EVENTS_LINGER
+                .checked_sub(Duration::from_secs(1))
+                .unwrap();
+        let exposed = counts.expose(t0, |_| true);
+        assert_eq!(exposed.len(), 1);
+        let by_kind = exposed[0].1;
+        assert_eq!(by_kind[EventKind::Start.index()], 2);
+        assert_eq!(by_kind[EventKind::Create.index()], 1);
+        assert_eq!(by_kind[EventKind::Crash.index()], 0, "every kind, at 0");
+        // Gone: still exposed within the linger, forgotten after it.
+        assert_eq!(counts.expose(t0, |_| false).len(), 1);
+        assert_eq!(counts.expose(almost, |_| { false }).len(), 1);
+        assert!(
+            counts
+                .expose(t0 + INSTANCE_EVENTS_LINGER, |_| false)
+                .is_empty()
+        );
     }
 }

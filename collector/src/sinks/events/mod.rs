@@ -133,6 +133,9 @@ impl EventSubscriber for EventSink {
         self.health
             .lifecycle_events
             .inc(&[event.event.as_str(), &event.hypervisor]);
+        self.health
+            .instance_events
+            .inc(&event.instance_uuid, event.event);
         let key = &event.instance_uuid;
         // A deleted Pod ends the instance for the platform: its retention starts (a VMM that
         // outlives it still adds its stop).

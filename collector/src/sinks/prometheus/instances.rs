@@ -2,10 +2,11 @@
 //! read from the registry's snapshot at scrape time: an instance that exited is absent from
 //! the next scrape, with no stale series to expire.
 
-use std::time::UNIX_EPOCH;
+use std::time::{Instant, UNIX_EPOCH};
 
 use crate::model::{
     instance::{HYPERVISOR_UNKNOWN, Instance, LabelSet, Snapshot, instance_labels},
+    lifecycle::{EventKind, InstanceEventCounts},
     metrics::{MetricKind, MetricWriter, Value},
 };
 
@@ -26,7 +27,7 @@ pub(crate) fn instance_gauge<'a>(
     }
 }
 
-pub(crate) fn write(w: &mut dyn MetricWriter, snapshot: &Snapshot) {
+pub(crate) fn write(w: &mut dyn MetricWriter, snapshot: &Snapshot, events: &InstanceEventCounts) {
     w.family(
         "compute_instance_info",
         "1 for each instance on this host: its hypervisor process runs, or a Pod backs it.",
@@ -41,6 +42,21 @@ pub(crate) fn write(w: &mut dyn MetricWriter, snapshot: &Snapshot) {
         let hypervisor = pod.hypervisor.as_deref().unwrap_or(HYPERVISOR_UNKNOWN);
         let labels = instance_labels(LabelSet::Info, uuid, hypervisor, Some(&pod.identity));
         w.sample(&labels, Value::Int(1));
+    }
+    w.family(
+        "compute_instance_events",
+        "Lifecycle events of the instance, by event (kept 10 minutes after the instance is gone).",
+        MetricKind::Counter,
+    );
+    let on_host =
+        |uuid: &str| snapshot.pods.contains_key(uuid) || snapshot.by_uuid(uuid).next().is_some();
+    for (uuid, by_kind) in events.expose(Instant::now(), on_host) {
+        let mut labels = instance_labels(LabelSet::Series, &uuid, "", None);
+        for (kind, count) in EventKind::ALL.iter().zip(by_kind) {
+            labels.truncate(1);
+            labels.push(("event", kind.as_str()));
+            w.sample(&labels, Value::Uint(count));
+        }
     }
     instance_gauge(
         w,

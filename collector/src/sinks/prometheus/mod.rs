@@ -30,7 +30,7 @@ impl Exposition {
         let mut w = encode::TextWriter::new(format);
         health::write(&mut w, &self.health);
         self.kernel.write(&mut w);
-        instances::write(&mut w, &snapshot);
+        instances::write(&mut w, &snapshot, &self.health.instance_events);
         usage::write(&mut w, &snapshot, &self.kernel.sched);
         console::write(&mut w, &snapshot, &self.console);
         w.finish()

@@ -4,8 +4,8 @@
 //! (deploy/base/dashboard-<name>.yaml, label `grafana_dashboard: "1"` for Grafana's sidecar).
 //! Every panel has a unit. A panel that an alert points at carries a link to the alert's
 //! runbook, and the runbook links back to the panel (tests/tests/bundle.rs checks both ways).
-//! A panel whose query needs something the collector does not serve yet says so in its
-//! description (the live test allows those, and only those, to be empty).
+//! The live test (tests/tests/rules_live.rs) runs every query against a collector with
+//! stand-ins and identities: each must return data.
 
 use std::path::PathBuf;
 
@@ -14,9 +14,6 @@ use serde_json::{Value, json};
 /// Where the runbooks are published (the same base as the rules' `runbook_url`).
 pub(super) const RUNBOOK_BASE: &str =
     "https://github.com/example/compute-collector/blob/main/docs/runbooks/";
-
-/// Said in the description of a panel that needs compute_instance_info's identity labels.
-pub(super) const NEEDS_IDENTITY: &str = "Empty until compute_instance_info carries the identity labels (project, instance_name, instance_namespace).";
 
 const SEL_FLEET: &str = r#"cluster=~"$cluster""#;
 const SEL_NODE: &str = r#"cluster=~"$cluster", node=~"$node""#;
@@ -62,11 +59,6 @@ impl Panel {
     }
     fn drill(mut self, to: &'static str) -> Self {
         self.drill = Some(to);
-        self
-    }
-    fn needs(mut self, what: &str) -> Self {
-        self.description.push(' ');
-        self.description.push_str(what);
         self
     }
 }
@@ -255,7 +247,7 @@ fn fleet() -> Dashboard {
         uid: "compute-fleet",
         file: "fleet",
         title: "Compute / Fleet",
-        description: "Instances and collectors across the fleet; per project once identity is known. Node and instance dashboards below.",
+        description: "Instances and collectors across the fleet, and per project. Node and instance dashboards below.",
         variables: &["cluster", "hypervisor", "project"],
         panels: vec![
             panel("Nodes scraped", "stat", "short", "Collectors scraped successfully right now.")
@@ -286,7 +278,7 @@ fn fleet() -> Dashboard {
                     format!(r#"sum by (hypervisor) (compute_instance_info{{{SEL_FLEET}, hypervisor=~"$hypervisor"}})"#),
                     "{{hypervisor}}",
                 ),
-            panel("Lifecycle events", "timeseries", "cps", "Lifecycle events a second, by event (start, discovered, stop, crash, oom_kill).")
+            panel("Lifecycle events", "timeseries", "cps", "Lifecycle events a second, by event (create, start, discovered, stop, crash, oom_kill, terminate).")
                 .q(format!("sum by (event) (rate({}[$__rate_interval]))", events("")), "{{event}}"),
             panel(
                 "Crash share of exits (30m)",
@@ -321,18 +313,16 @@ fn fleet() -> Dashboard {
                     "{{node}} {{instance_uuid}}",
                 )
                 .drill("instance"),
-            panel("Instances per project", "timeseries", "short", "Running instances per project (datum_compute_project:instances:count).")
-                .q(format!("datum_compute_project:instances:count{{{SEL_FLEET}, {project}}}"), "{{resourcemanager_datumapis_com_project_name}}")
-                .needs(NEEDS_IDENTITY),
+            panel("Instances per project", "timeseries", "short", "Instances per project, running or created and not running (datum_compute_project:instances:count).")
+                .q(format!("datum_compute_project:instances:count{{{SEL_FLEET}, {project}}}"), "{{resourcemanager_datumapis_com_project_name}}"),
             panel("vCPUs allocated per project", "timeseries", "short", "vCPUs of the running instances, per project.")
-                .q(format!("datum_compute_project:vcpus:sum{{{SEL_FLEET}, {project}}}"), "{{resourcemanager_datumapis_com_project_name}}")
-                .needs(NEEDS_IDENTITY),
+                .q(format!("datum_compute_project:vcpus:sum{{{SEL_FLEET}, {project}}}"), "{{resourcemanager_datumapis_com_project_name}}"),
             panel("Memory allocated per project", "timeseries", "bytes", "Memory of the running instances, per project.")
-                .q(format!("datum_compute_project:memory_allocated_bytes:sum{{{SEL_FLEET}, {project}}}"), "{{resourcemanager_datumapis_com_project_name}}")
-                .needs(NEEDS_IDENTITY),
+                .q(format!("datum_compute_project:memory_allocated_bytes:sum{{{SEL_FLEET}, {project}}}"), "{{resourcemanager_datumapis_com_project_name}}"),
+            panel("Lifecycle events per project", "timeseries", "cps", "Lifecycle events a second per project and event (datum_compute_project:lifecycle_events:rate5m): create, start, stop, crash, oom_kill, terminate.")
+                .q(format!("datum_compute_project:lifecycle_events:rate5m{{{SEL_FLEET}, {project}}}"), "{{resourcemanager_datumapis_com_project_name}} {{event}}"),
             panel("CPU used per project", "timeseries", "suffix: CPU", "CPU the project's instances use (rate of datum_compute_instance_cpu_usage_seconds_total).")
-                .q(format!("datum_compute_project:cpu_usage_seconds:rate5m{{{SEL_FLEET}, {project}}}"), "{{resourcemanager_datumapis_com_project_name}}")
-                .needs(NEEDS_IDENTITY),
+                .q(format!("datum_compute_project:cpu_usage_seconds:rate5m{{{SEL_FLEET}, {project}}}"), "{{resourcemanager_datumapis_com_project_name}}"),
         ],
     }
 }
@@ -442,6 +432,10 @@ fn instance() -> Dashboard {
         description: "One instance (or a few): allocation, CPU, steal and run-queue latency, memory, console.",
         variables: &["cluster", "node", "hypervisor", "project", "instance"],
         panels: vec![
+            panel("Identity", "table", "short", "Whose the instance is (compute_instance_info's labels: project, Instance name and namespace, workload), from its Pod.")
+                .q(format!(r#"max by (instance_uuid, project, instance_name, instance_namespace, workload) (compute_instance_info{{{sel}, project=~"$project"}})"#), "{{instance_name}}"),
+            panel("Lifecycle events", "timeseries", "short", "The instance's lifecycle events in the window, by event (create, start, stop, crash, oom_kill, terminate).")
+                .q(format!("sum by (instance_uuid, event) (increase(compute_instance_events_total{{{sel}}}[$__rate_interval]))"), "{{instance_uuid}} {{event}}"),
             panel("Uptime", "stat", "s", "Seconds since the instance's VMM started.")
                 .q(format!("time() - compute_instance_start_time_seconds{{{sel}}}"), "{{instance_uuid}}")
                 .w(6),
@@ -498,8 +492,7 @@ fn instance() -> Dashboard {
                 .q(
                     format!("sum by (resource_namespace, resource_name) (rate(datum_compute_instance_cpu_usage_seconds_total{{{sel}}}[$__rate_interval]))"),
                     "{{resource_namespace}}/{{resource_name}}",
-                )
-                .needs(NEEDS_IDENTITY),
+                ),
         ],
     }
 }

@@ -293,8 +293,8 @@ scrape_configs:
         ),
         // Exactly ours (only the test's Pods carry the project): the two running and the two
         // whose VMM ended, their Pods still there (created, not running).
-        format!(r#"datum_compute_project:instances:count{{{project}}} == 4"#),
-        format!(r#"datum_compute_project:vcpus:sum{{{project}}} == 4"#),
+        format!("datum_compute_project:instances:count{{{project}}} == 4"),
+        format!("datum_compute_project:vcpus:sum{{{project}}} == 4"),
         r"instance:compute_instance_vcpu_steal:ratio_rate5m >= 0".to_owned(),
         r#"node:compute_instance_lifecycle_events:rate5m{event="crash", node="test-node"}"#
             .to_owned(),

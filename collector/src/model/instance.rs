@@ -1,7 +1,10 @@
 //! Instances: a VMM process and the instance it runs, as the registry publishes them, and the
 //! one place that says which labels name an instance in every output.
 
-use std::{collections::BTreeMap, time::SystemTime};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::SystemTime,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -188,12 +191,28 @@ impl Snapshot {
             .filter(move |i| i.instance_uuid == uuid)
     }
 
+    /// Ids of the instances whose VMM runs.
+    pub(crate) fn running(&self) -> BTreeSet<&str> {
+        self.by_pid
+            .values()
+            .map(|i| i.instance_uuid.as_str())
+            .collect()
+    }
+
+    /// Ids of every instance on the host: its VMM runs, or a Pod backs it.
+    pub(crate) fn on_host(&self) -> BTreeSet<&str> {
+        let mut ids = self.running();
+        ids.extend(self.pods.keys().map(String::as_str));
+        ids
+    }
+
     /// Instances a Pod backs and no VMM runs (scaled to zero, or not started yet): created,
     /// not running.
     pub(crate) fn not_running(&self) -> impl Iterator<Item = (&String, &PodBacked)> + '_ {
+        let running = self.running();
         self.pods
             .iter()
-            .filter(|(uuid, _)| self.by_uuid(uuid).next().is_none())
+            .filter(move |(uuid, _)| !running.contains(uuid.as_str()))
     }
 }
 

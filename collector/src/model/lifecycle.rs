@@ -2,7 +2,7 @@
 //! OOM mark in, the event kind and its fields out. docs/lifecycle.md states the same rules.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
@@ -394,9 +394,9 @@ struct Counts {
 }
 
 /// Lifecycle events by instance and kind (`compute_instance_events_total`): what lets a rule
-/// count events per project, joined on `compute_instance_info`. Every kind is exposed from the
-/// instance's first event on (0 until it happens), and kept [`INSTANCE_EVENTS_LINGER`] after
-/// the instance is gone. Cheap to clone.
+/// count events per project, joined on `compute_instance_info`. Every kind is exposed for each
+/// instance on the host (0 until it happens; so a `rate()` sees the events after its first
+/// scrape), and kept [`INSTANCE_EVENTS_LINGER`] after the instance is gone. Cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct InstanceEventCounts(Arc<Mutex<BTreeMap<String, Counts>>>);
 
@@ -420,16 +420,28 @@ impl InstanceEventCounts {
         entry.gone_since = None;
     }
 
-    /// The counts to expose at `now`, by instance and kind; `on_host` tells which instances
-    /// are still on the host. Those gone longer than the linger are forgotten.
+    /// The counts to expose at `now`, by instance and kind, for the instances `on_host` (at 0
+    /// for those without events) and those gone less than the linger ago (the others are
+    /// forgotten).
     pub(crate) fn expose(
         &self,
         now: Instant,
-        on_host: impl Fn(&str) -> bool,
+        on_host: &BTreeSet<&str>,
     ) -> Vec<(String, [u64; EventKind::ALL.len()])> {
         let mut counts = self.0.lock().expect("event counts lock");
+        for uuid in on_host {
+            if !counts.contains_key(*uuid) {
+                counts.insert(
+                    (*uuid).to_owned(),
+                    Counts {
+                        by_kind: [0; EventKind::ALL.len()],
+                        gone_since: None,
+                    },
+                );
+            }
+        }
         counts.retain(|uuid, c| {
-            if on_host(uuid) {
+            if on_host.contains(uuid.as_str()) {
                 c.gone_since = None;
                 return true;
             }
@@ -582,23 +594,22 @@ mod tests {
         counts.inc("a", EventKind::Start);
         counts.inc("a", EventKind::Start);
         let t0 = Instant::now();
+        let (here, gone) = (BTreeSet::from(["a", "b"]), BTreeSet::new());
         let almost = t0
             + INSTANCE_EVENTS_LINGER
                 .checked_sub(Duration::from_secs(1))
                 .unwrap();
-        let exposed = counts.expose(t0, |_| true);
-        assert_eq!(exposed.len(), 1);
+        let exposed = counts.expose(t0, &here);
+        // b is on the host without events: every kind at 0.
+        assert_eq!(exposed.len(), 2);
+        assert_eq!(exposed[1], ("b".to_owned(), [0; EventKind::ALL.len()]));
         let by_kind = exposed[0].1;
         assert_eq!(by_kind[EventKind::Start.index()], 2);
         assert_eq!(by_kind[EventKind::Create.index()], 1);
         assert_eq!(by_kind[EventKind::Crash.index()], 0, "every kind, at 0");
         // Gone: still exposed within the linger, forgotten after it.
-        assert_eq!(counts.expose(t0, |_| false).len(), 1);
-        assert_eq!(counts.expose(almost, |_| { false }).len(), 1);
-        assert!(
-            counts
-                .expose(t0 + INSTANCE_EVENTS_LINGER, |_| false)
-                .is_empty()
-        );
+        assert_eq!(counts.expose(t0, &gone).len(), 2);
+        assert_eq!(counts.expose(almost, &gone).len(), 2);
+        assert!(counts.expose(t0 + INSTANCE_EVENTS_LINGER, &gone).is_empty());
     }
 }

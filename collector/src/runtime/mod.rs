@@ -218,15 +218,27 @@ impl Stages {
             pipelines.guard(Pipeline::StateFile),
             state_done.clone(),
         );
-        let seed: Vec<_> = restored
-            .pods
+        // Without the source nothing could terminate them: the Pods of a previous run are
+        // forgotten (not terminated: whether they are gone is not known).
+        let pods = if identities.source.is_some() {
+            restored.pods
+        } else {
+            if !restored.pods.is_empty() {
+                info!(
+                    instances = restored.pods.len(),
+                    "kubernetes identity source off: the previous run's Pods are forgotten"
+                );
+            }
+            std::collections::BTreeMap::new()
+        };
+        let seed: Vec<_> = pods
             .iter()
             .map(|(uuid, pod)| (uuid.clone(), pod.identity.clone()))
             .collect();
         let (registry, registry_task) = registry::spawn(
             vec![Box::new(event_sink), Box::new(state.events)],
             restored.last_event_seq,
-            restored.pods,
+            pods,
             snapshot_tx,
             pipelines.guard(Pipeline::Registry),
         );

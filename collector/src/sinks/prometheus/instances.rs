@@ -48,9 +48,7 @@ pub(crate) fn write(w: &mut dyn MetricWriter, snapshot: &Snapshot, events: &Inst
         "Lifecycle events of the instance, by event (kept 10 minutes after the instance is gone).",
         MetricKind::Counter,
     );
-    let on_host =
-        |uuid: &str| snapshot.pods.contains_key(uuid) || snapshot.by_uuid(uuid).next().is_some();
-    for (uuid, by_kind) in events.expose(Instant::now(), on_host) {
+    for (uuid, by_kind) in events.expose(Instant::now(), &snapshot.on_host()) {
         let mut labels = instance_labels(LabelSet::Series, &uuid, "", None);
         for (kind, count) in EventKind::ALL.iter().zip(by_kind) {
             labels.truncate(1);

@@ -41,7 +41,14 @@ vcpu_thread = '^fc_vcpu (\d+)$'
     let kubeconfig = fake.kubeconfig();
     Collector::start_in_env(
         log_dir,
-        &["--config", config.to_str().unwrap(), "--node-name", NODE],
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--node-name",
+            NODE,
+            "--log-format",
+            "json",
+        ],
         &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
     )
 }
@@ -239,6 +246,39 @@ fn identity_reaches_every_output_within_a_second_of_the_pod_with_either_containe
             "{series}\n{metrics}"
         );
     }
+    // The log line of each event names the project with the convention's keys, and the whole
+    // log passes the convention's checker.
+    let stderr = collector.stderr();
+    let terminate: Value = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["event"] == "terminate" && l["instance_uuid"] == u1.as_str())
+        .unwrap_or_else(|| panic!("no terminate log line:\n{stderr}"));
+    assert_eq!(
+        (
+            &terminate["project"],
+            &terminate["instance_name"],
+            &terminate["instance_namespace"]
+        ),
+        (
+            &json!("proj-a"),
+            &json!("web-0-instance"),
+            &json!("default")
+        )
+    );
+    let mut check = std::process::Command::new(collector_tests::collector_bin())
+        .args(["check-logs", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut check.stdin.take().unwrap(), stderr.as_bytes()).unwrap();
+    let checked = check.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stdout)
+    );
 }
 
 #[test]

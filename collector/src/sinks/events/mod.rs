@@ -117,6 +117,7 @@ impl EventSink {
 impl EventSubscriber for EventSink {
     fn event(&mut self, sequenced: &Arc<Sequenced>) {
         let event = &sequenced.event;
+        let identity = event.identity.as_ref();
         info!(
             event = event.event.as_str(),
             reason = event.reason,
@@ -128,6 +129,9 @@ impl EventSubscriber for EventSink {
             core_dumped = event.core_dumped,
             uptime_seconds = event.uptime_seconds,
             oom_constraint = event.oom.as_ref().map(|o| o.constraint),
+            project = identity.and_then(|i| i.project.as_deref()),
+            instance_name = identity.and_then(|i| i.instance_name.as_deref()),
+            instance_namespace = identity.and_then(|i| i.instance_namespace.as_deref()),
             "instance lifecycle event"
         );
         self.health

@@ -53,6 +53,15 @@ vcpu_thread = '^fc_vcpu (\d+)$'
     )
 }
 
+/// Waits until the collector's source listed the Pods and watches: a Pod created from now on
+/// is added while the collector watches (`create` reason `pod_added`, not `pod_listed`).
+fn wait_watching(fake: &FakeKube) {
+    wait_for(WITHIN, || {
+        (fake.counts().requests("watch pods") >= 1).then_some(())
+    })
+    .expect("the collector watches Pods");
+}
+
 fn pod(name: &str, container_id: &str) -> FakePod {
     FakePod {
         namespace: "ns-a".into(),
@@ -127,6 +136,7 @@ fn identity_reaches_every_output_within_a_second_of_the_pod_with_either_containe
     let exe = format!("{tag}-vmm");
     let fake = fake_with_namespace();
     let collector = start(&fake, tag, tempfile::tempdir().unwrap());
+    wait_watching(&fake);
     let (u1, u2) = (new_uuid(tag), new_uuid(tag));
     let mut vmm1 = Standin::spawn(&exe, &["--id", &u1], &[]);
     let _vmm2 = Standin::spawn(&exe, &["--id", &u2], &[]);
@@ -285,7 +295,16 @@ fn identity_reaches_every_output_within_a_second_of_the_pod_with_either_containe
 fn scaled_to_zero_is_created_and_a_pod_deleted_during_a_watch_cut_terminates_after_relist() {
     let tag = "id-zero";
     let fake = fake_with_namespace();
+    // There before the collector: created at its first list, as such.
+    let before = new_uuid(tag);
+    fake.create_pod(&pod("web-9", &before));
     let collector = start(&fake, tag, tempfile::tempdir().unwrap());
+    wait_watching(&fake);
+    let listed = events_until(&collector, &before, |e| !e.is_empty());
+    assert_eq!(
+        (kinds(&listed), &listed[0]["reason"]),
+        (vec!["create"], &json!("pod_listed"))
+    );
     let (u1, u2) = (new_uuid(tag), new_uuid(tag));
     // Pods, and no VMM at all.
     fake.create_pod(&pod("web-0", &format!("ukp://{u1}")));
@@ -313,7 +332,11 @@ fn scaled_to_zero_is_created_and_a_pod_deleted_during_a_watch_cut_terminates_aft
         (&json!("unknown"), &Value::Null)
     );
     wait_for(WITHIN, || collector.events_of(&u2)).expect("u2 created");
-    assert_eq!(counter(&collector, "create", "unknown"), 2.0);
+    assert_eq!(
+        counter(&collector, "create", "unknown"),
+        3.0,
+        "web-0, web-1, web-9"
+    );
 
     // The watch is cut; web-0 is deleted meanwhile and the history compacted (410 Gone): the
     // relist finds it missing, and it terminates once.
@@ -357,6 +380,7 @@ fn a_restart_keeps_identity_attributes_a_pod_deleted_while_down_and_does_not_cre
     let tag = "id-restart";
     let fake = fake_with_namespace();
     let collector = start(&fake, tag, tempfile::tempdir().unwrap());
+    wait_watching(&fake);
     let (running, idle) = (new_uuid(tag), new_uuid(tag));
     let _vmm = Standin::spawn(&format!("{tag}-vmm"), &["--id", &running], &[]);
     fake.create_pod(&pod("web-0", &running));

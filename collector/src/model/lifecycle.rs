@@ -76,19 +76,24 @@ pub(crate) const REASON_EXEC_RECORD_LOST: &str = "exec_record_lost";
 /// record, or the instance ended while the collector was down. No exit status: none is known.
 pub(crate) const REASON_UNOBSERVED_EXIT: &str = "unobserved_exit";
 
-/// `reason` of a `create`: a Pod backing the instance was listed or added on this node.
+/// `reason` of a `create`: a Pod backing the instance was added on this node while the
+/// collector watched.
 pub(crate) const REASON_POD_ADDED: &str = "pod_added";
+/// `reason` of a `create`: the Pod was already there when the collector started (its first
+/// list), and the previous run did not know it.
+pub(crate) const REASON_POD_LISTED: &str = "pod_listed";
 /// `reason` of a `terminate`: the Pod was deleted (seen by the watch, missing from a relist, or
 /// gone while the collector was down).
 pub(crate) const REASON_POD_DELETED: &str = "pod_deleted";
 
 /// Every `reason` an event can carry (read back from the events files as these constants).
-pub(crate) const REASONS: [&str; 13] = [
+pub(crate) const REASONS: [&str; 14] = [
     REASON_EXEC,
     REASON_RUNNING_AT_STARTUP,
     REASON_EXEC_RECORD_LOST,
     REASON_UNOBSERVED_EXIT,
     REASON_POD_ADDED,
+    REASON_POD_LISTED,
     REASON_POD_DELETED,
     "exited",
     "terminated",

@@ -25,8 +25,8 @@ use crate::model::{
     },
     lifecycle::{
         EventKind, EventSubscriber, LifecycleEvent, REASON_EXEC, REASON_EXEC_RECORD_LOST,
-        REASON_POD_ADDED, REASON_POD_DELETED, REASON_RUNNING_AT_STARTUP, REASON_UNOBSERVED_EXIT,
-        Sequenced, classify_exit,
+        REASON_POD_ADDED, REASON_POD_DELETED, REASON_POD_LISTED, REASON_RUNNING_AT_STARTUP,
+        REASON_UNOBSERVED_EXIT, Sequenced, classify_exit,
     },
     time,
 };
@@ -36,6 +36,9 @@ use crate::model::{
 pub(crate) struct Instances {
     pub(crate) by_pid: BTreeMap<u32, Instance>,
     pub(crate) pods: BTreeMap<String, PodBacked>,
+    /// The Kubernetes source completed its first list: a Pod created from now on was added
+    /// while the collector watched.
+    listed: bool,
 }
 
 impl Instances {
@@ -44,6 +47,7 @@ impl Instances {
         Self {
             by_pid: BTreeMap::new(),
             pods,
+            listed: false,
         }
     }
 
@@ -137,15 +141,10 @@ fn unobserved_exit(
 fn pod_event(
     uuid: &str,
     hypervisor: &str,
-    kind: EventKind,
+    (kind, reason): (EventKind, &'static str),
     identity: Identity,
     uptime_seconds: f64,
 ) -> LifecycleEvent {
-    let reason = if kind == EventKind::Create {
-        REASON_POD_ADDED
-    } else {
-        REASON_POD_DELETED
-    };
     LifecycleEvent {
         uptime_seconds,
         identity: Some(identity),
@@ -168,10 +167,15 @@ fn apply_identity(instances: &mut Instances, update: IdentityUpdate, applied: &m
                 // Known already (seeded from before a restart): not created again.
                 pod.identity = identity;
             } else {
+                let reason = if instances.listed {
+                    REASON_POD_ADDED
+                } else {
+                    REASON_POD_LISTED
+                };
                 applied.events.push(pod_event(
                     &instance_uuid,
                     &hypervisor,
-                    EventKind::Create,
+                    (EventKind::Create, reason),
                     identity.clone(),
                     0.0,
                 ));
@@ -212,14 +216,14 @@ fn apply_identity(instances: &mut Instances, update: IdentityUpdate, applied: &m
                 applied.events.push(pod_event(
                     &instance_uuid,
                     &hypervisor,
-                    EventKind::Terminate,
+                    (EventKind::Terminate, REASON_POD_DELETED),
                     identity,
                     lived,
                 ));
                 applied.changed = true;
             }
         }
-        IdentityUpdate::Synced => {}
+        IdentityUpdate::Synced => instances.listed = true,
     }
 }
 
@@ -690,6 +694,10 @@ mod tests {
     #[test]
     fn pods_make_create_and_terminate_and_name_their_vmms() {
         let mut m = Instances::default();
+        // Listed at start-up: there before the collector.
+        let listed = apply(&mut m, created("z", "p"));
+        assert_eq!(listed.events[0].reason, REASON_POD_LISTED);
+        apply(&mut m, InstanceUpdate::Identity(IdentityUpdate::Synced));
         // The Pod first: created, not running, hypervisor unknown, no pid.
         let c = apply(&mut m, created("a", "p"));
         assert_eq!(kinds(&c), [EventKind::Create]);
@@ -729,7 +737,7 @@ mod tests {
         );
         assert_eq!(t.events[0].identity, Some(identity("q")));
         assert!(apply(&mut m, deleted("a", "q")).events.is_empty());
-        assert!(m.pods.is_empty());
+        assert_eq!(m.pods.keys().collect::<Vec<_>>(), ["z"]);
     }
 
     #[test]

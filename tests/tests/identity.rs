@@ -5,7 +5,7 @@
 //! exactly once each, across a watch cut (410 and relist) and a collector crash and restart;
 //! an instance scaled to zero listed as created and not running. Needs root (BPF).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use collector_tests::{
     Collector, Standin,
@@ -153,10 +153,12 @@ fn identity_reaches_every_output_within_a_second_of_the_pod_with_either_containe
     assert_eq!(sample(&collector.get_text("/metrics"), &bare), Some(1.0));
 
     // The Pods arrive: with the scheme and without.
+    let arrived = Instant::now();
     fake.create_pod(&pod("web-0", &format!("ukp://{u1}")));
     fake.create_pod(&pod("web-1", &u2));
     for (uuid, name) in [(&u1, "web-0"), (&u2, "web-1")] {
-        let named = wait_for(ARRIVAL, || {
+        // Both within 1 s of their Pods' arrival, not one after the other.
+        let named = wait_for(ARRIVAL.saturating_sub(arrived.elapsed()), || {
             let metrics = collector.get_text("/metrics");
             let instance = collector.instance(uuid)?;
             let events = collector.events_of(uuid)?;
@@ -173,6 +175,10 @@ fn identity_reaches_every_output_within_a_second_of_the_pod_with_either_containe
                 collector.stderr()
             )
         });
+        eprintln!(
+            "{name}: identity on the info series, /v1/instances and the events {} ms after the Pod",
+            arrived.elapsed().as_millis()
+        );
         assert_eq!(kinds(&events), ["start", "create"], "{events:#?}");
         assert_eq!(events[0]["identity"], Value::Null, "started before its Pod");
         let create = &events[1];

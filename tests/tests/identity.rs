@@ -379,6 +379,35 @@ fn scaled_to_zero_is_created_and_a_pod_deleted_during_a_watch_cut_terminates_aft
     let events = events_until(&collector, &u2, |e| e.len() == 2);
     assert_eq!(kinds(&events), ["create", "start"]);
     assert_eq!(events[1]["identity"], identity("web-1"));
+    // Its workload label changes: renamed on the info series and the API within 1 s, no event;
+    // its hypervisor is now the VMM's.
+    fake.set_pod_labels(
+        "ns-a",
+        "web-1",
+        &[
+            ("managed-by", "infra-provider-unikraft"),
+            ("upstream.instance", "web-1-instance"),
+            ("compute.datumapis.com/workload-name", "api"),
+        ],
+    );
+    let renamed = info_series(&u2, tag, "web-1").replace("workload=\"web\"", "workload=\"api\"");
+    wait_for(ARRIVAL, || {
+        (sample(&collector.get_text("/metrics"), &renamed) == Some(1.0)
+            && collector.instance(&u2)?["identity"]["workload"] == "api")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("not renamed: {}", collector.get_text("/metrics")));
+    let metrics = collector.get_text("/metrics");
+    let info: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("compute_instance_info{") && l.contains(&u2))
+        .collect();
+    assert_eq!(info.len(), 1, "one info series: {info:#?}");
+    assert_eq!(
+        collector.events_of(&u2).unwrap().len(),
+        2,
+        "a rename is no event"
+    );
 }
 
 #[test]

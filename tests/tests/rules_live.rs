@@ -318,7 +318,8 @@ scrape_configs:
     // project after it is gone: its counter lingers, its identity is in the last 10 minutes.
     let gone = new_uuid("live-gone");
     create_pod(&fake, "vm-gone", &gone);
-    wait_for(Duration::from_secs(5), || collector.instance(&gone)).expect("created");
+    wait_for(Duration::from_secs(10), || collector.instance(&gone))
+        .unwrap_or_else(|| panic!("{gone} not created:\n{}", collector.stderr()));
     // Deleted once its identity is recorded (the rules saw it).
     let recorded = format!(
         r#"datum_compute_instance_identity:info{{instance_uuid="{gone}", resource_name="vm-gone-instance"}}"#

@@ -4,5 +4,6 @@
 pub(crate) mod files;
 pub(crate) mod memcg;
 pub(crate) mod names;
+pub(crate) mod privileges;
 pub(crate) mod proc;
 pub(crate) mod vmm_config;

@@ -7,6 +7,10 @@
 //! Prometheus exposition and the API read the handles. Each long-running task is a
 //! [`Pipeline`]: one that ends before shutdown turns `/healthz` to 503.
 //!
+//! The HTTP servers run on a runtime of their own ([`HttpRuntime`]): a slow client, a burst of
+//! requests or a handler reading `/proc` never holds up the workers that read the kernel's
+//! rings.
+//!
 //! Shutdown (SIGTERM or SIGINT), within [`SHUTDOWN_BUDGET`] in all, so that a stuck disk or
 //! reader cannot hold it past the kubelet's grace period (30 s):
 //! 1. stop intake: the HTTP server stops accepting and every follow stream ends; discovery
@@ -26,6 +30,7 @@ use std::{
     net::SocketAddr,
     os::fd::OwnedFd,
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -35,8 +40,12 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
-    api::{self, ApiState, Readiness},
+    api::{
+        self, ApiState, Exposure, Readiness, RequestLimits,
+        server::{self, ConnectionLimits, Listener},
+    },
     config::Config,
+    host::privileges,
     kernel::{
         console::ConsoleReader,
         loader::{self, Kernel, Programs},
@@ -45,7 +54,7 @@ use crate::{
     matching::{Matchers, console_rules},
     model::{
         console_stats::ConsoleStats,
-        health::{Health, Pipeline},
+        health::{Health, Pipeline, PrivilegeState},
     },
     registry,
     sinks::{
@@ -72,7 +81,116 @@ const TEST_END_PIPELINE: &str = "COLLECTOR_TEST_END_PIPELINE";
 #[derive(Debug, Default)]
 pub(crate) struct Overrides {
     pub(crate) listen: Option<SocketAddr>,
+    pub(crate) metrics_listen: Option<SocketAddr>,
+    pub(crate) api_socket: Option<PathBuf>,
+    pub(crate) allow_unauthenticated_remote_api: bool,
     pub(crate) log_dir: Option<PathBuf>,
+}
+
+/// Threads of the HTTP runtime (its `/proc` reads go to its own blocking pool).
+const HTTP_WORKERS: usize = 1;
+
+/// The runtime the HTTP servers run on, apart from the one that reads the kernel's rings.
+struct HttpRuntime(Option<tokio::runtime::Runtime>);
+
+impl HttpRuntime {
+    fn start() -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(HTTP_WORKERS)
+            .thread_name("collector-http")
+            .enable_all()
+            .build()
+            .context("starting the HTTP runtime")?;
+        Ok(Self(Some(runtime)))
+    }
+
+    fn spawn<F>(&self, future: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.0.as_ref().expect("running").spawn(future)
+    }
+}
+
+impl Drop for HttpRuntime {
+    fn drop(&mut self) {
+        // Dropped from inside the main runtime: a blocking drop is not allowed there, and its
+        // servers have ended by now (or overran the shutdown budget, logged).
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// A listener, which routes it serves, and its name in logs and metrics.
+struct Bound {
+    server: &'static str,
+    listener: Listener,
+    exposure: Exposure,
+}
+
+/// Binds every configured listener (on the HTTP runtime, which will serve them).
+async fn bind(http: &HttpRuntime, config: &Config) -> anyhow::Result<Vec<Bound>> {
+    let listen = config.listen;
+    let metrics_listen = config.metrics_listen;
+    let socket = config.api_socket.clone();
+    let mode = config.api_socket_mode;
+    http.spawn(async move {
+        let mut bound = vec![Bound {
+            server: "listen",
+            listener: Listener::Tcp(
+                TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {listen}"))?,
+            ),
+            exposure: Exposure::All,
+        }];
+        if let Some(addr) = metrics_listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (metrics_listen)"))?;
+            bound.push(Bound {
+                server: "metrics_listen",
+                listener: Listener::Tcp(listener),
+                exposure: Exposure::Metrics,
+            });
+        }
+        if let Some(path) = socket {
+            let listener = Listener::bind_unix(&path, mode)
+                .with_context(|| format!("cannot serve the API socket {}", path.display()))?;
+            bound.push(Bound {
+                server: "api_socket",
+                listener,
+                exposure: Exposure::All,
+            });
+        }
+        Ok(bound)
+    })
+    .await
+    .context("binding the HTTP listeners")?
+}
+
+/// `/v1` is unauthenticated: on a non-loopback address only when the operator says so.
+fn check_exposure(config: &Config) -> anyhow::Result<()> {
+    if config.listen.ip().is_loopback() {
+        return Ok(());
+    }
+    if !config.allow_unauthenticated_remote_api {
+        anyhow::bail!(
+            "--listen {} would serve /v1 (every guest's console) without authentication on a \
+             non-loopback address; use --metrics-listen for Prometheus and --api-socket for \
+             local readers, or set allow_unauthenticated_remote_api = true \
+             (--allow-unauthenticated-remote-api) to accept that",
+            config.listen
+        );
+    }
+    warn!(
+        listen = %config.listen,
+        "serving /v1 without authentication on a non-loopback address \
+         (allow_unauthenticated_remote_api): anyone who reaches it reads every guest's console"
+    );
+    Ok(())
 }
 
 /// Runs the collector until SIGTERM or SIGINT.
@@ -80,51 +198,102 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
     if let Some(listen) = overrides.listen {
         config.listen = listen;
     }
+    if let Some(addr) = overrides.metrics_listen {
+        config.metrics_listen = Some(addr);
+    }
+    if let Some(path) = overrides.api_socket {
+        config.api_socket = Some(path);
+    }
+    config.allow_unauthenticated_remote_api |= overrides.allow_unauthenticated_remote_api;
     if let Some(log_dir) = overrides.log_dir {
         config.log_dir = log_dir;
     }
+    check_exposure(&config)?;
     let end_on_purpose = test_hook()?;
     let matchers = Matchers::from_config(&config)?;
     let rules = console_rules::resolve(&config.console.files, &matchers)?;
 
     // Bind first: a taken address is the cheapest mistake to report.
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let listen = listener.local_addr()?;
+    let http = HttpRuntime::start()?;
+    let bound = bind(&http, &config).await?;
+    let listen = match &bound[0].listener {
+        Listener::Tcp(listener) => listener.local_addr()?,
+        Listener::Unix(..) => unreachable!("the first listener is --listen"),
+    };
+    let metrics_listen = bound.iter().find_map(|b| match &b.listener {
+        Listener::Tcp(l) if b.exposure == Exposure::Metrics => l.local_addr().ok(),
+        _ => None,
+    });
 
+    // Each missing capability or mount is said once, before the load that may need it.
+    let privileges = privileges::check();
     // The kernel side first: every stage gets its handles ready-made.
     let kernel = loader::load(&config.kernel, &matchers.kernel_plan(&rules))?;
     info!(
         listen = %listen,
+        metrics_listen = metrics_listen.map(|a| a.to_string()),
+        api_socket = config.api_socket.as_ref().map(|p| p.display().to_string()),
         probes_attached = kernel.probes.iter().filter(|p| p.attached).count(),
         probes_total = kernel.probes.len(),
         matchers = matchers.len(),
         "collector running"
     );
-    let stages = Stages::start(&config, matchers, rules, kernel)?;
+    let stages = Stages::start(&config, matchers, rules, kernel, privileges)?;
     if let Some(pipeline) = end_on_purpose {
         stages.end_when_ready(pipeline);
     }
-    let stop = stages.intake.clone();
-    let mut server = tokio::spawn(
-        axum::serve(listener, api::router(stages.api.clone()))
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .into_future(),
-    );
+    let mut server = serve(&http, &config, bound, &stages);
     tokio::select! {
         () = shutdown_signal() => {}
         ended = &mut server => {
             return match ended {
-                Ok(Ok(())) => Err(anyhow::anyhow!("the HTTP server stopped unexpectedly")),
-                Ok(Err(error)) => Err(error).context("HTTP server"),
+                Ok(()) => Err(anyhow::anyhow!("the HTTP server stopped unexpectedly")),
                 Err(error) => Err(error).context("HTTP server task"),
             };
         }
     }
     stages.shutdown(server).await;
+    drop(http);
     info!("collector stopped; probes detached");
     Ok(())
+}
+
+/// Starts a server on each bound listener; the handle ends once all of them have.
+fn serve(
+    http: &HttpRuntime,
+    config: &Config,
+    bound: Vec<Bound>,
+    stages: &Stages,
+) -> JoinHandle<()> {
+    let requests = RequestLimits {
+        max_concurrent: config.http.max_concurrent_requests,
+        timeout: Duration::from_millis(config.http.request_timeout_ms),
+    };
+    let connections = ConnectionLimits {
+        header_read_timeout: Duration::from_millis(config.http.header_read_timeout_ms),
+        max_connections: config.http.max_connections,
+    };
+    let closed = stages.health.http_connections_closed.clone();
+    let servers: Vec<JoinHandle<()>> = bound
+        .into_iter()
+        .map(|b| {
+            closed.preset(&[b.server, "evicted"]);
+            let router = api::router(stages.api.clone(), b.exposure, requests);
+            http.spawn(server::serve(
+                b.server,
+                b.listener,
+                router,
+                connections,
+                closed.clone(),
+                stages.intake.clone(),
+            ))
+        })
+        .collect();
+    http.spawn(async move {
+        for server in servers {
+            let _ = server.await;
+        }
+    })
 }
 
 /// The running stages and what shutdown needs of them.
@@ -156,8 +325,10 @@ impl Stages {
         matchers: Matchers,
         rules: Vec<console_rules::Rule>,
         kernel: Kernel,
+        privileges: Vec<PrivilegeState>,
     ) -> anyhow::Result<Self> {
-        let health = Health::new(&matchers.hypervisors());
+        let mut health = Health::new(&matchers.hypervisors());
+        health.privileges = Arc::new(privileges);
         let pipelines = health.pipelines.clone();
         let restored = restore::restore(config);
         let console_stats = ConsoleStats::default();
@@ -314,7 +485,7 @@ impl Stages {
     }
 
     /// The shutdown steps of the module's documentation, in order, within the budget.
-    async fn shutdown(self, server: JoinHandle<std::io::Result<()>>) {
+    async fn shutdown(self, server: JoinHandle<()>) {
         let deadline = Instant::now() + SHUTDOWN_BUDGET;
         // Pipelines end from here on as asked.
         self.health.pipelines.stopping();

@@ -108,6 +108,17 @@ impl Collector {
     /// [`Collector::start_in`] with environment variables `env`. Its stderr goes to
     /// `collector.stderr` in the log folder (appended: a restart keeps the earlier run's).
     pub fn start_in_env(log_dir: tempfile::TempDir, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_wrapped(&[], log_dir, extra, env)
+    }
+
+    /// [`Collector::start_in_env`], the collector started by the command `wrapper` (e.g.
+    /// `setpriv ... --`) when it is not empty.
+    pub fn start_wrapped(
+        wrapper: &[String],
+        log_dir: tempfile::TempDir,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         require_bpf();
         let addr = format!("127.0.0.1:{}", free_port());
         let stderr_path = log_dir.path().join("collector.stderr");
@@ -117,7 +128,15 @@ impl Collector {
             .open(&stderr_path)
             .expect("stderr file");
         let extra = with_trusted_standins(log_dir.path(), extra);
-        let child = Command::new(collector_bin())
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(collector_bin());
+                command
+            }
+            None => Command::new(collector_bin()),
+        };
+        let child = command
             .args(["run", "--listen", &addr, "--log-dir"])
             .arg(log_dir.path())
             .args(&extra)

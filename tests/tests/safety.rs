@@ -682,10 +682,8 @@ fn idle_connections_cannot_lock_out_the_scraper() {
         rlim_max: 8192,
     };
     // SAFETY: setrlimit with a valid struct.
-    assert_eq!(
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) },
-        0
-    );
+    let raised = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) };
+    assert_eq!(raised, 0);
     let metrics = format!("127.0.0.1:{}", free_port());
     let collector = Collector::start(&["--metrics-listen", &metrics]);
     let fds_before = fd_count(collector.pid());

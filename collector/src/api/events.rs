@@ -27,13 +27,13 @@ const CHUNK_EVENTS: usize = 256;
 
 /// `events` as an NDJSON body sent in chunks, each encoded only when the client takes it (a
 /// node's whole retained history is never one buffer).
-fn ndjson_body(events: Vec<Arc<Sequenced>>) -> Body {
+fn ndjson_body(events: &[Arc<Sequenced>]) -> Body {
     Body::from_stream(chunks(events))
 }
 
 fn chunks(
-    events: Vec<Arc<Sequenced>>,
-) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> {
+    events: &[Arc<Sequenced>],
+) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + use<> {
     let chunks: Vec<Vec<Arc<Sequenced>>> = events.chunks(CHUNK_EVENTS).map(<[_]>::to_vec).collect();
     stream::iter(chunks).map(|chunk| {
         let body: Vec<u8> = chunk.iter().flat_map(|e| ndjson_line(e)).collect();
@@ -49,7 +49,7 @@ pub(super) async fn of_instance(
     let Some(events) = state.events.of_instance(&uuid) else {
         return error(StatusCode::NOT_FOUND, "no events for this instance");
     };
-    ([(header::CONTENT_TYPE, NDJSON)], ndjson_body(events)).into_response()
+    ([(header::CONTENT_TYPE, NDJSON)], ndjson_body(&events)).into_response()
 }
 
 #[derive(Debug, Deserialize)]
@@ -70,10 +70,10 @@ pub(super) async fn all(
 ) -> Response {
     let (backlog, receiver) = state.events.follow(query.instance.as_deref());
     if !query.follow {
-        return ([(header::CONTENT_TYPE, NDJSON)], ndjson_body(backlog)).into_response();
+        return ([(header::CONTENT_TYPE, NDJSON)], ndjson_body(&backlog)).into_response();
     }
     let last_seq = backlog.last().map_or(0, |e| e.seq);
-    let head = chunks(backlog);
+    let head = chunks(&backlog);
     let tail = stream::unfold(
         (receiver, last_seq, query.instance),
         |(mut receiver, last_seq, instance)| async move {

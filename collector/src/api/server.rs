@@ -349,7 +349,7 @@ mod tests {
         );
         drop(second);
         // Both busy: the next waits until one ends.
-        let _busy = Busy::enter(&third.busy);
+        let busy = Busy::enter(&third.busy);
         let waiting = {
             let connections = connections.clone();
             let shutdown = shutdown.clone();
@@ -358,7 +358,7 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiting.is_finished());
-        drop(_busy);
+        drop(busy);
         drop(third);
         let fourth = waiting.await.unwrap();
         assert!(fourth.is_some());

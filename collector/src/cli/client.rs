@@ -142,7 +142,7 @@ fn unix_get(socket: &Path, path: &str, mut on_chunk: impl FnMut(&[u8])) -> anyho
             let text = body
                 .collect()
                 .await
-                .map(|b| b.to_bytes())
+                .map(http_body_util::Collected::to_bytes)
                 .unwrap_or_default();
             bail!(
                 "GET {path}: {status}: {}",

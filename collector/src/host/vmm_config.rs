@@ -112,7 +112,7 @@ fn read_blocking(pid: u32, file: &ConfigFile) -> Result<String, ConfigReadError>
         FileType::Directory => return Err(ConfigReadError::NotRegular("a folder")),
         // O_PATH with O_NOFOLLOW opens a symlink at the last step itself.
         FileType::Symlink => return Err(ConfigReadError::NotRegular("a symlink")),
-        _ => return Err(ConfigReadError::NotRegular("not a file")),
+        FileType::Unknown => return Err(ConfigReadError::NotRegular("not a file")),
     }
     if stat.st_size as u64 > MAX_CONFIG_BYTES {
         return Err(ConfigReadError::TooLarge);

@@ -224,7 +224,10 @@ fn hostile_instance_id_stays_inside_the_log_dir() {
             .all(|e| !e.contains('/') && !e.starts_with('.')),
         "{entries:?}"
     );
-    assert!(!entries.contains(&uuid), "the id used as a file name: {entries:?}");
+    assert!(
+        !entries.contains(&uuid),
+        "the id used as a file name: {entries:?}"
+    );
     assert_eq!(
         collector.get_status(&format!("/v1/instances/{}/logs", path_segment("nope"))),
         Some(404)

@@ -720,3 +720,34 @@ fn idle_connections_cannot_lock_out_the_scraper() {
     assert!(evicted >= (IDLE - 512) as f64, "{evicted}");
     drop(held);
 }
+
+#[test]
+fn a_client_slow_with_its_headers_is_cut_off() {
+    let config = collector_tests::config_file("[http]\nheader_read_timeout_ms = 300\n");
+    let collector = Collector::start(&["--config", config.path().to_str().unwrap()]);
+    let mut slow = TcpStream::connect(&collector.addr).expect("connect");
+    // Headers begun, never finished.
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let started = Instant::now();
+    let mut buffer = [0u8; 512];
+    let read = std::io::Read::read(&mut slow, &mut buffer);
+    let waited = started.elapsed();
+    // Closed by the collector (no answer to a request it never got), not by our timeout.
+    assert!(
+        matches!(read, Ok(0))
+            || read
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{read:?}"
+    );
+    // At the configured timeout, not before.
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
+    // A prompt client is served as before.
+    assert_eq!(collector.get_status("/healthz"), Some(200));
+}

@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 
 /// Default address of the HTTP server (`/metrics`, `/healthz`, `/readyz`, `/v1`).
 pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:9478";
+/// Bounds of `console.burst_bytes`: a 64 KiB write and its record must fit; the kernel's
+/// refill arithmetic must not overflow.
+const BURST_MIN: u64 = 128 * 1024;
+const BURST_MAX: u64 = 1 << 32;
 /// Default folder of per-instance logs.
 pub(crate) const DEFAULT_LOG_DIR: &str = "/var/log/compute-collector";
 
@@ -113,6 +117,13 @@ pub(crate) struct KernelConfig {
     pub(crate) console_ring_bytes: u32,
     /// Most console descriptors (beyond fds 1 and 2) the kernel follows at once.
     pub(crate) max_console_fds: u32,
+    /// Most entries one process may have in the console-descriptor map: one process cannot
+    /// fill it for the host. Refusals: `collector_ebpf_console_fd_quota_refused_total`.
+    pub(crate) console_fd_quota: u32,
+    /// Syscalls of followed processes in flight at once (threads blocked in a console write
+    /// each hold one). A write that finds it full is lost, counted (`where="evicted"`) and
+    /// marked with a gap record.
+    pub(crate) console_pending_entries: u32,
     /// How console capture hooks syscalls: `auto` (the per-syscall tracepoints when the kernel
     /// has them, else the raw syscall tracepoints) or `raw_syscalls` (always the raw ones; for
     /// testing the fallback).
@@ -136,6 +147,8 @@ impl Default for KernelConfig {
             max_tracked_threads: collector_common::DEFAULT_MAX_TRACKED_THREADS,
             console_ring_bytes: 8 * 1024 * 1024,
             max_console_fds: collector_common::DEFAULT_MAX_CONSOLE_FDS,
+            console_fd_quota: collector_common::DEFAULT_CONSOLE_FD_QUOTA,
+            console_pending_entries: 4096,
             console_hooks: ConsoleHooksMode::Auto,
         }
     }
@@ -169,6 +182,14 @@ pub(crate) struct ConsoleConfig {
     /// Cap on all console log files together; the oldest rotated files (and the files of
     /// instances that are gone) are deleted first, then lines are dropped (`where="sink"`).
     pub(crate) disk_max_bytes: u64,
+    /// Each instance's console budget, bytes per second (a token bucket per process in the
+    /// kernel; 0: none). An instance over it loses its own excess before it can take ring
+    /// space from others (`where="over_budget"`, with a gap record). Userspace gives each
+    /// instance twice this, counting 64 bytes a line, when it turns bytes into lines.
+    pub(crate) rate_bytes_per_sec: u64,
+    /// The bucket's size: what an instance may write at full speed after a quiet spell (a
+    /// boot log).
+    pub(crate) burst_bytes: u64,
 }
 
 impl Default for ConsoleConfig {
@@ -183,6 +204,8 @@ impl Default for ConsoleConfig {
             file_max_bytes: 16 * 1024 * 1024,
             file_rotations: 3,
             disk_max_bytes: 1024 * 1024 * 1024,
+            rate_bytes_per_sec: 1024 * 1024,
+            burst_bytes: 1024 * 1024,
         }
     }
 }
@@ -272,6 +295,21 @@ impl Config {
         Ok(config)
     }
 
+    /// The per-process console limits the kernel programs are loaded with.
+    pub(crate) fn console_limits(&self) -> collector_common::ConsoleLimits {
+        let (rate, burst) = (self.console.rate_bytes_per_sec, self.console.burst_bytes);
+        collector_common::ConsoleLimits {
+            rate_bytes_per_sec: rate,
+            burst_bytes: burst,
+            refill_ns: if rate == 0 {
+                0
+            } else {
+                (u128::from(burst) * 1_000_000_000 / u128::from(rate)) as u64
+            },
+            fd_quota: u64::from(self.kernel.console_fd_quota),
+        }
+    }
+
     fn check(&self) -> Result<(), String> {
         let ring = self.kernel.process_events_ring_bytes;
         if !ring.is_power_of_two() || ring < 4096 {
@@ -287,6 +325,19 @@ impl Config {
         }
         if self.kernel.max_console_fds == 0 {
             return Err("kernel.max_console_fds must be at least 1".into());
+        }
+        if self.kernel.console_fd_quota == 0 || self.kernel.console_pending_entries == 0 {
+            return Err(
+                "kernel.console_fd_quota and kernel.console_pending_entries must be at least 1"
+                    .into(),
+            );
+        }
+        let burst = self.console.burst_bytes;
+        if self.console.rate_bytes_per_sec > 0 && !(BURST_MIN..=BURST_MAX).contains(&burst) {
+            return Err(format!(
+                "console.burst_bytes = {burst}: must be between {BURST_MIN} (a whole 64 KiB \
+                 write) and {BURST_MAX}"
+            ));
         }
         let c = &self.console;
         if c.max_line_bytes < 16 || c.history_bytes == 0 || c.queue_lines == 0 {

@@ -260,6 +260,9 @@ pub(crate) fn load(config: &KernelConfig, plan: &KernelPlan) -> Result<Kernel, L
         .override_global(global::TP_OFFSETS, &tp_offsets, true)
         .map_max_entries(map::CONSOLE_EVENTS, config.console_ring_bytes)
         .map_max_entries(map::CONSOLE_FDS, config.max_console_fds)
+        .map_max_entries(map::CONSOLE_PENDING, config.console_pending_entries)
+        .map_max_entries(map::CONSOLE_PROCS, config.max_tracked_processes)
+        .override_global(global::CONSOLE_LIMITS, &plan.console_limits, true)
         // One scratch record per possible CPU (the programs index it by CPU number).
         .map_max_entries(map::CONSOLE_SCRATCH, possible_cpus())
         .load(EBPF_OBJECT)

@@ -94,7 +94,9 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
     let listen = listener.local_addr()?;
 
     // The kernel side first: every stage gets its handles ready-made.
-    let kernel = loader::load(&config.kernel, &matchers.kernel_plan(&rules))?;
+    let mut plan = matchers.kernel_plan(&rules);
+    plan.console_limits = config.console_limits();
+    let kernel = loader::load(&config.kernel, &plan)?;
     info!(
         listen = %listen,
         probes_attached = kernel.probes.iter().filter(|p| p.attached).count(),

@@ -395,7 +395,10 @@ mod tests {
         wait_until(|| std::fs::read_to_string(&b).is_ok_and(|s| s.contains("\"seq\":30")));
         let total: u64 = walk(tmp.path());
         assert!(total <= 5 * 1024, "{total}");
-        assert_eq!(stats.get("b").dropped, [0, 0, 0]);
+        assert_eq!(
+            stats.get("b").dropped,
+            [0; crate::model::console::DROP_WHERES]
+        );
     }
 
     fn walk(dir: &Path) -> u64 {

@@ -169,8 +169,14 @@ pub(crate) struct ConsoleConfig {
     pub(crate) partial_flush_ms: u64,
     /// Seconds the logs of an exited instance stay readable through the API.
     pub(crate) retention_seconds: u64,
-    /// Bytes of recent lines kept in memory for the API's `tail`, `since` and `follow`.
+    /// Bytes of recent lines kept in memory per instance for the API's `tail`, `since` and
+    /// `follow` (records counted at their real size).
     pub(crate) history_bytes: usize,
+    /// Memory for console lines, histories and the file queue together, all instances: three
+    /// quarters for the histories (past it, ended instances and then the largest histories give
+    /// way), a quarter for the file queue (one instance at most an eighth of that). Default:
+    /// half the collector's cgroup memory limit when it has one, else 128 MiB.
+    pub(crate) memory_max_bytes: Option<usize>,
     /// Lines waiting for the log files; beyond it lines are dropped and counted
     /// (`where="queue"`), so a slow disk never holds up the kernel reader.
     pub(crate) queue_lines: usize,
@@ -200,6 +206,7 @@ impl Default for ConsoleConfig {
             partial_flush_ms: 500,
             retention_seconds: 600,
             history_bytes: 4 * 1024 * 1024,
+            memory_max_bytes: None,
             queue_lines: 65536,
             file_max_bytes: 16 * 1024 * 1024,
             file_rotations: 3,
@@ -208,6 +215,37 @@ impl Default for ConsoleConfig {
             burst_bytes: 1024 * 1024,
         }
     }
+}
+
+/// `console.memory_max_bytes` without a cgroup memory limit.
+const DEFAULT_CONSOLE_MEMORY: usize = 128 << 20;
+
+impl ConsoleConfig {
+    /// `memory_max_bytes`, or its default from the cgroup limit.
+    pub(crate) fn memory_max(&self) -> usize {
+        self.memory_max_bytes.unwrap_or_else(|| {
+            cgroup_memory_limit().map_or(DEFAULT_CONSOLE_MEMORY, |limit| limit / 2)
+        })
+    }
+
+    /// The histories' share of [`Self::memory_max`].
+    pub(crate) fn history_total_bytes(&self) -> usize {
+        self.memory_max() / 4 * 3
+    }
+
+    /// The file queue's share of [`Self::memory_max`].
+    pub(crate) fn queue_bytes(&self) -> usize {
+        self.memory_max() / 4
+    }
+}
+
+/// The memory limit of this process's cgroup (v2 `memory.max`), if it has one.
+fn cgroup_memory_limit() -> Option<usize> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    // cgroup v2: the line `0::/path`.
+    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let max = std::fs::read_to_string(format!("/sys/fs/cgroup{}/memory.max", path.trim())).ok()?;
+    max.trim().parse().ok()
 }
 
 /// The Kubernetes identity source: which Pods back this node's instances, and how long the

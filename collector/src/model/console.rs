@@ -335,9 +335,10 @@ impl LogRecord {
         out.extend_from_slice(b"}\n");
     }
 
-    /// Bytes the record holds, for memory and queue accounting.
+    /// Bytes the record holds, for memory and queue accounting: the record, its `Arc`'s two
+    /// counters, its text's heap allocation, and the slot that points at it.
     pub(crate) fn size(&self) -> usize {
-        self.message.len() + 64
+        size_of::<Self>() + 2 * size_of::<usize>() + self.message.capacity() + size_of::<usize>()
     }
 }
 

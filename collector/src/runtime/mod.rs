@@ -193,7 +193,10 @@ impl Stages {
             snapshot_tx,
             pipelines.guard(Pipeline::Registry),
         );
-        let history = ConsoleHistory::new(config.console.history_bytes);
+        let history = ConsoleHistory::new(
+            config.console.history_bytes,
+            config.console.history_total_bytes(),
+        );
         let files = LogFiles::start(
             &config.log_dir,
             &config.console,

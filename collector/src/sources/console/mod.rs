@@ -637,10 +637,12 @@ fn emit(
             // Carried as kernel time by `gap_line`.
             gap.since = clock.wall(since_ns.as_nanos() as u64);
         }
-        let (message, invalid_utf8) = match String::from_utf8(line.bytes) {
+        let (mut message, invalid_utf8) = match String::from_utf8(line.bytes) {
             Ok(text) => (text, false),
             Err(err) => (String::from_utf8_lossy(err.as_bytes()).into_owned(), true),
         };
+        // Held for the retention: no spare capacity (the assembler's buffer grew in steps).
+        message.shrink_to_fit();
         state.out.push(Arc::new(LogRecord {
             ts: clock.wall(line.boot_ns),
             instance_uuid: uuid.clone(),

@@ -18,6 +18,7 @@ pub mod names {
     pub mod map {
         pub const EXEC_MATCHERS: &str = "EXEC_MATCHERS";
         pub const TRACKED_PROCESSES: &str = "TRACKED_PROCESSES";
+        pub const TRACKED_FILTER: &str = "TRACKED_FILTER";
         pub const PROCESS_EVENTS: &str = "PROCESS_EVENTS";
         pub const DROPS: &str = "DROPS";
         pub const SCHED_THREADS: &str = "SCHED_THREADS";
@@ -35,6 +36,7 @@ pub mod names {
         pub const ALL: &[&str] = &[
             EXEC_MATCHERS,
             TRACKED_PROCESSES,
+            TRACKED_FILTER,
             PROCESS_EVENTS,
             DROPS,
             SCHED_THREADS,

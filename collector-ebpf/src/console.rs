@@ -52,7 +52,7 @@ use collector_common::{
 
 use crate::{
     kernel::read_at,
-    maps::{OFFSETS, TRACKED_PROCESSES, count_drop, offset, read_offset},
+    maps::{OFFSETS, TRACKED_PROCESSES, count_drop, may_be_tracked, offset, read_offset},
     sched::add,
 };
 
@@ -391,6 +391,10 @@ pub(crate) fn console_enter(ctx: TracePointContext) -> u32 {
 }
 
 fn try_enter(ctx: &TracePointContext) -> Result<(), i64> {
+    // Attached to followed syscalls only: the filter is all an untracked process pays.
+    if !may_be_tracked((bpf_get_current_pid_tgid() >> 32) as u32) {
+        return Ok(());
+    }
     let offsets = TP_OFFSETS.load();
     // SAFETY: offsets of this tracepoint's record, from its format in tracefs.
     let nr = unsafe { ctx.read_at::<i32>(offsets.enter_nr as usize) }?;
@@ -408,6 +412,9 @@ pub(crate) fn console_exit(ctx: TracePointContext) -> u32 {
 }
 
 fn try_exit(ctx: &TracePointContext) -> Result<(), i64> {
+    if !may_be_tracked((bpf_get_current_pid_tgid() >> 32) as u32) {
+        return Ok(());
+    }
     let offsets = TP_OFFSETS.load();
     // SAFETY: offsets of this tracepoint's record, from its format in tracefs.
     let nr = unsafe { ctx.read_at::<i32>(offsets.exit_nr as usize) }?;
@@ -420,6 +427,9 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i64> {
 /// for every syscall.
 #[btf_tracepoint(function = "sys_enter")]
 pub(crate) fn console_sys_enter(ctx: BtfTracePointContext) -> i32 {
+    if !may_be_tracked((bpf_get_current_pid_tgid() >> 32) as u32) {
+        return 0;
+    }
     let regs: *const u8 = ctx.arg(0);
     let _ = on_enter(ctx.arg(1), |i| read_at::<u64>(regs, syscall_arg_offset(i)));
     0
@@ -428,6 +438,9 @@ pub(crate) fn console_sys_enter(ctx: BtfTracePointContext) -> i32 {
 /// Fallback: `sys_exit(struct pt_regs *regs, long ret)`, run for every syscall.
 #[btf_tracepoint(function = "sys_exit")]
 pub(crate) fn console_sys_exit(ctx: BtfTracePointContext) -> i32 {
+    if !may_be_tracked((bpf_get_current_pid_tgid() >> 32) as u32) {
+        return 0;
+    }
     let regs: *const u8 = ctx.arg(0);
     if let Ok(nr) = read_at::<i64>(regs, offset!(pt_regs_syscall_nr)) {
         let _ = on_exit(nr, ctx.arg(1));

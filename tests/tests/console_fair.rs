@@ -298,3 +298,60 @@ fn writes_the_pending_map_cannot_hold_are_counted_and_marked() {
         "{marks:?}"
     );
 }
+
+/// A process that opens its console file 200 times holds at most 64 entries of the kernel's
+/// console-descriptor map: the rest are refused and counted, and its first descriptor (opened
+/// before the hoarding) and a neighbour's console are still captured.
+#[test]
+fn one_process_cannot_fill_the_console_descriptor_map() {
+    let _serial = serial();
+    let collector = Collector::start(&[]);
+    let refused = "collector_ebpf_console_fd_quota_refused_total";
+    assert_eq!(collector.metric(refused) as u64, 0);
+    let work = tempfile::tempdir().unwrap();
+    let spawn = |tag: &str, reopen: &str| {
+        let uuid = new_uuid(tag);
+        let dir = work.path().join(&uuid);
+        std::fs::create_dir(&dir).unwrap();
+        let file = dir.join("vm.log");
+        let vmm = Standin::spawn(
+            "firecracker",
+            &["--uuid", &uuid],
+            &[
+                ("STANDIN_CONSOLE_FILE", file.to_str().unwrap()),
+                ("STANDIN_REOPEN", reopen),
+                ("STANDIN_LINES", "5"),
+            ],
+        );
+        (uuid, vmm)
+    };
+    let (hoarder, _h) = spawn("hoarder", "200");
+    let (neighbour, _n) = spawn("neighbour", "0");
+    // The first open and 63 of the 200 more fill the quota of 64: 137 are refused, and so is
+    // the hoarder's later `dup` of its console (its line is not captured).
+    let counted = wait_for(Duration::from_secs(10), || {
+        (collector.metric(refused) as u64 == 138).then_some(())
+    });
+    assert!(
+        counted.is_some(),
+        "refused: {} (want 138)",
+        collector.metric(refused)
+    );
+    let lines: Vec<String> = (1..=5).map(|i| format!("console line {i}")).collect();
+    let mut with_dup = lines.clone();
+    with_dup.push("console via dup".into());
+    for (uuid, want) in [(&hoarder, lines), (&neighbour, with_dup)] {
+        wait_for(Duration::from_secs(10), || collector.instance(uuid))
+            .unwrap_or_else(|| panic!("{uuid} not listed"));
+        let records = wait_for(Duration::from_secs(10), || {
+            let records = collector.logs(uuid, "");
+            (messages(&records, "console").len() >= want.len()).then_some(records)
+        })
+        .unwrap_or_else(|| panic!("{uuid}: console lines missing"));
+        assert_eq!(messages(&records, "console"), want, "{uuid}");
+    }
+    assert_eq!(
+        collector.metric("collector_ebpf_console_fd_map_full_total"),
+        0.0
+    );
+}

@@ -54,6 +54,8 @@
 //!   `blocked line IIII` to it and block there; after `STANDIN_BLOCKED_MS` (default 1000) it
 //!   drains the FIFO until every writer is done, and writes `fill_lines writers` to
 //!   `STANDIN_BLOCKED_REPORT`.
+//! - `STANDIN_REOPEN=N` (with `STANDIN_CONSOLE_FILE`): opens the console file N more times
+//!   first (a process hoarding console descriptors), then writes as above through the first.
 
 use std::{
     env,
@@ -368,6 +370,17 @@ fn cpu_seconds() -> f64 {
 fn console_output() {
     let lines: u32 = var("STANDIN_LINES").unwrap_or(0);
     let console = env::var("STANDIN_CONSOLE_FILE").ok().map(|p| open_file(&p));
+    if let (Ok(path), Some(n)) = (
+        env::var("STANDIN_CONSOLE_FILE"),
+        var::<u32>("STANDIN_REOPEN"),
+    ) {
+        let c = std::ffi::CString::new(path).expect("path");
+        for _ in 0..n {
+            // SAFETY: valid C string; the descriptors stay open for the process's life.
+            let fd = unsafe { libc::open(c.as_ptr(), libc::O_WRONLY | libc::O_APPEND) };
+            assert!(fd >= 0, "reopen the console file");
+        }
+    }
     let other = env::var("STANDIN_OTHER_FILE").ok().map(|p| open_file(&p));
     if let Some(ms) = var::<u64>("STANDIN_DELAY_MS") {
         thread::sleep(Duration::from_millis(ms));

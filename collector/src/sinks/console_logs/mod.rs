@@ -31,7 +31,7 @@ use crate::{
         names,
     },
     model::{
-        console::{ConsoleSubscriber, DropWhere, LogRecord},
+        console::{ConsoleSubscriber, DropWhere, LineEnd, LogRecord},
         console_stats::ConsoleStats,
         health::PipelineGuard,
     },
@@ -162,10 +162,13 @@ impl LogFiles {
                 .get(&record.instance_uuid)
                 .copied()
                 .unwrap_or((0, 0));
+            // A gap record is the mark of a loss: only the queue's own bounds refuse it, never
+            // its instance's share (a flooding instance's marks are what its readers need).
+            let is_gap = matches!(record.end, LineEnd::Gap(_));
+            let over_share = held_bytes + size > share_bytes || held_lines >= share_lines.max(1);
             if queued.lines >= self.max_lines
                 || queued.bytes + size > self.max_bytes
-                || held_bytes + size > share_bytes
-                || held_lines >= share_lines.max(1)
+                || (over_share && !is_gap)
             {
                 self.stats.dropped(
                     &record.instance_uuid,

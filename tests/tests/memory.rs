@@ -101,7 +101,8 @@ fn a_thousand_instances_in_a_small_rss() {
     drop(standins);
 }
 
-/// 10^6 lines (64 bytes) from 16 writers at 10 000 lines/s each, below their budget: every line
+/// 10^6 lines (1 000 448, 64 bytes each) from 16 writers at 2 500 lines/s each (40 000 lines/s together: what
+/// a debug build on 2 shared cores sustains beside its writers), below their budget: every line
 /// in the API's counters and in the files, in order, with no gap and nothing dropped anywhere.
 #[test]
 fn a_million_lines_below_the_budget_lose_nothing() {
@@ -109,7 +110,8 @@ fn a_million_lines_below_the_budget_lose_nothing() {
     let collector = Collector::start(&[]);
     let prefix = new_uuid("soak");
     let writers = 16;
-    let per_writer: u64 = 1_000_000 / writers;
+    // Whole 4 KiB writes of 64 lines: 977 writes each, 1 000 448 lines in all.
+    let per_writer: u64 = 977 * 64;
     let bytes = per_writer * 64;
     let standins: Vec<Standin> = (0..writers)
         .map(|i| {
@@ -119,7 +121,7 @@ fn a_million_lines_below_the_budget_lose_nothing() {
                 &[
                     ("STANDIN_BENCH_BYTES", &bytes.to_string()),
                     ("STANDIN_BENCH_LINE", "64"),
-                    ("STANDIN_BENCH_RATE", "10000"),
+                    ("STANDIN_BENCH_RATE", "2500"),
                     ("STANDIN_VCPUS", "0"),
                 ],
             )
@@ -132,14 +134,20 @@ fn a_million_lines_below_the_budget_lose_nothing() {
             .then_some(metrics)
     });
     let metrics = done.unwrap_or_else(|| {
+        let metrics = collector.get_text("/metrics");
+        let drops: Vec<String> = metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("compute_instance_console_dropped_bytes_total{")
+                    && l.contains(&prefix)
+                    && !l.ends_with(" 0")
+            })
+            .map(str::to_owned)
+            .collect();
         panic!(
-            "lines counted: {} of {total}\n{}",
-            sum_of(
-                &collector.get_text("/metrics"),
-                "compute_instance_console_lines_total{",
-                &prefix
-            ),
-            collector.stderr()
+            "lines counted: {} of {total}; drops:\n{}",
+            sum_of(&metrics, "compute_instance_console_lines_total{", &prefix),
+            drops.join("\n")
         )
     });
     assert_eq!(

@@ -18,6 +18,7 @@ pub mod names {
     pub mod map {
         pub const EXEC_MATCHERS: &str = "EXEC_MATCHERS";
         pub const TRACKED_PROCESSES: &str = "TRACKED_PROCESSES";
+        pub const TRACKED_FILTER: &str = "TRACKED_FILTER";
         pub const PROCESS_EVENTS: &str = "PROCESS_EVENTS";
         pub const DROPS: &str = "DROPS";
         pub const SCHED_THREADS: &str = "SCHED_THREADS";
@@ -30,11 +31,12 @@ pub mod names {
         pub const CONSOLE_RULES: &str = "CONSOLE_RULES";
         pub const CONSOLE_PENDING: &str = "CONSOLE_PENDING";
         pub const CONSOLE_SCRATCH: &str = "CONSOLE_SCRATCH";
-        pub const CONSOLE_DROPS: &str = "CONSOLE_DROPS";
+        pub const CONSOLE_PROCS: &str = "CONSOLE_PROCS";
         /// Every map of the object.
         pub const ALL: &[&str] = &[
             EXEC_MATCHERS,
             TRACKED_PROCESSES,
+            TRACKED_FILTER,
             PROCESS_EVENTS,
             DROPS,
             SCHED_THREADS,
@@ -47,7 +49,7 @@ pub mod names {
             CONSOLE_RULES,
             CONSOLE_PENDING,
             CONSOLE_SCRATCH,
-            CONSOLE_DROPS,
+            CONSOLE_PROCS,
         ];
     }
 
@@ -56,6 +58,7 @@ pub mod names {
         pub const OFFSETS: &str = "OFFSETS";
         pub const SYSCALLS: &str = "SYSCALLS";
         pub const TP_OFFSETS: &str = "TP_OFFSETS";
+        pub const CONSOLE_LIMITS: &str = "CONSOLE_LIMITS";
     }
 
     /// Programs.
@@ -312,9 +315,18 @@ pub mod drop_kind {
     pub const CONSOLE_FD_MAP_FULL: u32 = 4;
     /// A thread of a followed process could not be followed: the thread map was full.
     pub const SCHED_THREAD_MAP_FULL: u32 = 5;
+    /// A console descriptor was refused: its process already has
+    /// [`super::ConsoleLimits::fd_quota`] entries in the console-fd map.
+    pub const CONSOLE_FD_QUOTA: u32 = 6;
+    /// A followed process's console state could not be created: the console-process map was
+    /// full (its writes are then captured without a budget and its losses counted here).
+    pub const CONSOLE_PROC_MAP_FULL: u32 = 7;
+    /// An `open` or `dup` of a followed process could not be stashed between entry and exit:
+    /// the pending-syscall map was full (the new descriptor's role is not recorded).
+    pub const CONSOLE_PENDING_FULL: u32 = 8;
     /// Number of kinds (size of the `DROPS` array). Kinds are dense: every index below it is
     /// one of the kinds above, and userspace exports each (its table checks that it has all).
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 9;
 }
 
 /// Default capacity of the tracked-process map (processes, not threads).
@@ -609,7 +621,15 @@ pub struct SyscallTpOffsets {
     pub ret: u32,
 }
 
-/// Head of each record on the console ring buffer; `len` bytes of output follow it.
+/// Head of each record on the console ring buffer; `len` bytes of output follow it (a record
+/// may be longer: a write is reserved in a size class, see [`CONSOLE_SIZE_CLASSES`]).
+///
+/// `lost_bytes` and `lost_writes` number the losses of the record's (process, stream): the
+/// totals lost so far ([`ConsoleProc::lost_bytes`]), read when the record took its place on
+/// the ring. A record whose totals are higher than those of the previous record of its stream
+/// comes right after a loss: userspace puts one gap record before it. Totals rather than
+/// deltas, because kernels before 5.12 have no atomic fetch-and-add: two CPUs can read one
+/// total at once and both be right, where taking a delta could not be.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConsoleRecordHeader {
@@ -623,15 +643,88 @@ pub struct ConsoleRecordHeader {
     pub total: u64,
     /// `bpf_ktime_get_boot_ns()` when the write returned.
     pub boot_ns: u64,
+    /// Bytes of this stream the kernel gave up so far (every cause).
+    pub lost_bytes: u64,
+    /// Writes of this stream the kernel gave up so far.
+    pub lost_writes: u64,
+    /// The [`console_loss`] cause of the stream's latest loss.
+    pub lost_cause: u32,
+    pub _pad: u32,
 }
 
-/// Writes of one process the kernel could not put on the console ring (full), by tgid.
+/// Why the kernel gave up a console write ([`ConsoleProc::cause_bytes`]).
+pub mod console_loss {
+    /// The console ring was full.
+    pub const RING: u32 = 0;
+    /// The process was over its budget ([`super::ConsoleLimits`]).
+    pub const OVER_BUDGET: u32 = 1;
+    /// The write could not be stashed between entry and exit: the pending-syscall map was full
+    /// (bytes counted as requested, not as accepted).
+    pub const PENDING_FULL: u32 = 2;
+    /// Number of causes.
+    pub const COUNT: u32 = 3;
+}
+
+/// Slots of the per-stream arrays of [`ConsoleProc`], indexed by the [`console_stream`] value
+/// (slot 0 unused), and of its per-cause arrays: a power of two, so an index is masked.
+pub const CONSOLE_SLOTS: usize = 4;
+
+/// Console state of one followed process (`CONSOLE_PROCS`, by tgid): its budget, its
+/// descriptor count and what it lost. Created by the kernel at the process's first console
+/// syscall; removed by userspace after its last read.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ConsoleKernelDrops {
-    pub bytes: u64,
-    pub writes: u64,
+pub struct ConsoleProc {
+    /// [`TrackedProcess::start_boot_ns`]: an entry of an earlier process with this pid is
+    /// replaced, never inherited.
+    pub start_boot_ns: u64,
+    /// Token bucket: bytes the process may still put on the ring.
+    pub tokens: u64,
+    /// When `tokens` was last refilled (`bpf_ktime_get_boot_ns()`).
+    pub refilled_ns: u64,
+    /// Entries of this process in the console-fd map that the kernel made.
+    pub fds: u64,
+    /// Bytes lost, by stream, all causes (see [`ConsoleRecordHeader::lost_bytes`]).
+    pub lost_bytes: [u64; CONSOLE_SLOTS],
+    /// Writes lost, by stream.
+    pub lost_writes: [u64; CONSOLE_SLOTS],
+    /// Bytes lost, by [`console_loss`] cause, all streams.
+    pub cause_bytes: [u64; CONSOLE_SLOTS],
+    /// Writes lost, by cause.
+    pub cause_writes: [u64; CONSOLE_SLOTS],
+    /// Cause of each stream's latest loss.
+    pub last_cause: [u32; CONSOLE_SLOTS],
 }
+
+/// Per-process limits of console capture, set by userspace at load (`CONSOLE_LIMITS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConsoleLimits {
+    /// Token-bucket refill, bytes per second (0: no budget).
+    pub rate_bytes_per_sec: u64,
+    /// Token-bucket size, bytes.
+    pub burst_bytes: u64,
+    /// Nanoseconds in which an empty bucket fills (`burst * 1e9 / rate`): a longer idle time
+    /// fills it without a multiplication that could overflow.
+    pub refill_ns: u64,
+    /// Console-fd map entries one process may have.
+    pub fd_quota: u64,
+}
+
+/// Bytes a write costs against its process's budget besides its own: the ring's share of a
+/// record (its header and the ring's 8-byte header), so that one-byte writes cannot flood the
+/// ring with headers.
+pub const CONSOLE_RECORD_OVERHEAD: u64 = size_of::<ConsoleRecordHeader>() as u64 + 8;
+
+/// Sizes in which a `write` is reserved on the ring and copied there straight from the
+/// writer's memory (a reservation must have a size the verifier knows): the smallest that
+/// holds the write. Powers of two, so a record wastes less than half of its slot.
+pub const CONSOLE_SIZE_CLASSES: [usize; 11] = [
+    64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536,
+];
+
+/// Default per-process console-descriptor quota.
+pub const DEFAULT_CONSOLE_FD_QUOTA: u32 = 64;
 
 #[cfg(feature = "user")]
 mod console_user {
@@ -647,8 +740,10 @@ mod console_user {
     unsafe impl aya::Pod for super::SyscallNumbers {}
     // SAFETY: `SyscallTpOffsets` is `#[repr(C)]`, `Copy`, integers only, without implicit padding.
     unsafe impl aya::Pod for super::SyscallTpOffsets {}
-    // SAFETY: `ConsoleKernelDrops` is `#[repr(C)]`, `Copy`, integers only, without implicit padding.
-    unsafe impl aya::Pod for super::ConsoleKernelDrops {}
+    // SAFETY: `ConsoleProc` is `#[repr(C)]`, `Copy`, integers only, without implicit padding.
+    unsafe impl aya::Pod for super::ConsoleProc {}
+    // SAFETY: `ConsoleLimits` is `#[repr(C)]`, `Copy`, integers only, without implicit padding.
+    unsafe impl aya::Pod for super::ConsoleLimits {}
 }
 
 const _: () = assert!(size_of::<ConsoleFdKey>() == 8);
@@ -656,5 +751,9 @@ const _: () = assert!(size_of::<ConsoleFd>() == 16);
 const _: () = assert!(size_of::<ConsoleRule>() == 8 + CONSOLE_RULE_LEN);
 const _: () = assert!(size_of::<SyscallNumbers>() == 14 * 4);
 const _: () = assert!(size_of::<SyscallTpOffsets>() == 6 * 4);
-const _: () = assert!(size_of::<ConsoleRecordHeader>() == 32);
-const _: () = assert!(size_of::<ConsoleKernelDrops>() == 16);
+const _: () = assert!(size_of::<ConsoleRecordHeader>() == 56);
+const _: () =
+    assert!(size_of::<ConsoleProc>() == 4 * 8 + 4 * CONSOLE_SLOTS * 8 + 4 * CONSOLE_SLOTS);
+const _: () = assert!(size_of::<ConsoleLimits>() == 4 * 8);
+const _: () = assert!(CONSOLE_SIZE_CLASSES[CONSOLE_SIZE_CLASSES.len() - 1] == CONSOLE_MAX_WRITE);
+const _: () = assert!((console_loss::COUNT as usize) < CONSOLE_SLOTS);

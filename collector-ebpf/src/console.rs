@@ -16,6 +16,14 @@
 //!   [`CONSOLE_EVENTS`]; an open whose path ends with a console-file rule of the process's
 //!   matcher marks the new descriptor; a dup copies the old descriptor's role to the new one.
 //!
+//! Fairness and losses, per process ([`CONSOLE_PROCS`]): a write first pays its bytes (and its
+//! record's overhead) from the process's token bucket ([`ConsoleLimits`]); a process over its
+//! budget loses its own excess there, before it can take ring space from others. Every loss
+//! (over budget, ring full, no room to stash the syscall) is added to the totals of its stream
+//! and its cause; the next record of the stream carries the stream's totals, so userspace puts
+//! one gap record exactly where output went missing. A `write` is copied once, from the
+//! writer's memory into its ring reservation ([`send_write`]).
+//!
 //! Descriptors 1 and 2 are stdout and stderr from the exec on, with no map entry, so nothing
 //! written before userspace has seen the process is missed; an entry with
 //! [`console_stream::NONE`] overrides that after `close(1)` or a `dup2` of another file.
@@ -32,19 +40,20 @@ use aya_ebpf::{
         },
     },
     macros::{btf_tracepoint, map, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
 };
 use collector_common::{
-    CONSOLE_MAX_IOVECS, CONSOLE_MAX_RULES, CONSOLE_MAX_WRITE, CONSOLE_RULE_LEN, ConsoleFd,
-    ConsoleFdKey, ConsoleKernelDrops, ConsoleRecordHeader, ConsoleRule, DEFAULT_MAX_CONSOLE_FDS,
-    DEFAULT_MAX_TRACKED_PROCESSES, SYSCALL_NONE, SyscallNumbers, SyscallTpOffsets, console_stream,
-    drop_kind,
+    CONSOLE_MAX_IOVECS, CONSOLE_MAX_RULES, CONSOLE_MAX_WRITE, CONSOLE_RECORD_OVERHEAD,
+    CONSOLE_RULE_LEN, CONSOLE_SLOTS, ConsoleFd, ConsoleFdKey, ConsoleLimits, ConsoleProc,
+    ConsoleRecordHeader, ConsoleRule, DEFAULT_MAX_CONSOLE_FDS, DEFAULT_MAX_TRACKED_PROCESSES,
+    SYSCALL_NONE, SyscallNumbers, SyscallTpOffsets, console_loss, console_stream, drop_kind,
 };
 
 use crate::{
     kernel::read_at,
-    maps::{OFFSETS, TRACKED_PROCESSES, count_drop, offset, read_offset},
+    maps::{OFFSETS, TRACKED_PROCESSES, count_drop, may_be_tracked, offset, read_offset},
+    sched::add,
 };
 
 /// Offset in `pt_regs` of syscall argument `n` (0..3).
@@ -97,21 +106,37 @@ static CONSOLE_FDS: HashMap<ConsoleFdKey, ConsoleFd> =
 #[map]
 static CONSOLE_RULES: Array<ConsoleRule> = Array::with_max_entries(CONSOLE_MAX_RULES, 0);
 
-/// Syscalls in flight, by `pid_tgid` of the calling thread: entry stashes, exit consumes. LRU,
-/// so a thread that never returns (killed mid-call) cannot leak an entry.
+/// Syscalls in flight, by `pid_tgid` of the calling thread: entry stashes, exit consumes. A
+/// plain hash, not an LRU: an LRU would evict a write in flight without a word when many
+/// threads block in writes at once. Here a full map refuses the new entry, and the refused
+/// write is counted against its process ([`console_loss::PENDING_FULL`]) and marked in its
+/// stream; userspace removes the entries of threads that died inside a syscall. Size set by
+/// config (`kernel.console_pending_entries`).
 #[map]
-static CONSOLE_PENDING: LruHashMap<u64, Pending> = LruHashMap::with_max_entries(4096, 0);
+static CONSOLE_PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(4096, 0);
 
-/// Writes the console ring could not take, by tgid (per CPU: no atomics on the hot path).
-/// Userspace sums, reads and removes them.
+/// Console state of each followed process that made a console syscall: budget, descriptor
+/// count, losses by stream and cause ([`ConsoleProc`]). Userspace reads and removes them.
 #[map]
-static CONSOLE_DROPS: PerCpuHashMap<u32, ConsoleKernelDrops> =
-    PerCpuHashMap::with_max_entries(DEFAULT_MAX_TRACKED_PROCESSES, 0);
+static CONSOLE_PROCS: HashMap<u32, ConsoleProc> =
+    HashMap::with_max_entries(DEFAULT_MAX_TRACKED_PROCESSES, 0);
 
-/// One record under construction per CPU (indexed by CPU number; userspace sizes it). A
-/// record is built here and copied to the ring with `bpf_ringbuf_output`, because a ring
-/// reservation must have a constant size and a write's length is not. Twice the largest write:
-/// the verifier then accepts `data + (offset & mask)` for any offset below the largest write.
+/// Per-process limits, set by userspace at load (`EbpfLoader::override_global`). A plain
+/// static read one field at a time, as [`OFFSETS`].
+#[unsafe(no_mangle)]
+pub(crate) static CONSOLE_LIMITS: ConsoleLimits = ConsoleLimits {
+    rate_bytes_per_sec: 0,
+    burst_bytes: 0,
+    refill_ns: 0,
+    fd_quota: 0,
+};
+
+/// One record under construction per CPU (indexed by CPU number; userspace sizes it), for a
+/// `writev` (and the path compared at `open`). A `write` is copied straight into its ring
+/// reservation ([`send_write`]); a `writev` is assembled here and copied to the ring with
+/// `bpf_ringbuf_output`, because its iovecs land at offsets the verifier cannot bound inside a
+/// reservation of the write's own size class. Twice the largest write: the verifier then
+/// accepts `data + (offset & mask)` for any offset below the largest write.
 #[map]
 static CONSOLE_SCRATCH: Array<Scratch> = Array::with_max_entries(1, 0);
 
@@ -204,7 +229,8 @@ fn stream_of(tgid: u32, fd: u32, start: u64) -> u32 {
 }
 
 /// Gives descriptor `fd` the role `stream` (fds 1 and 2 need a tombstone to stop being
-/// stdout/stderr; others just lose their entry).
+/// stdout/stderr; others just lose their entry). A new entry counts against the process's
+/// quota ([`ConsoleLimits::fd_quota`]): one process cannot fill the map for the host.
 #[inline(always)]
 fn set_stream(tgid: u32, fd: u32, stream: u32, start: u64) {
     let key = ConsoleFdKey { tgid, fd };
@@ -214,7 +240,16 @@ fn set_stream(tgid: u32, fd: u32, stream: u32, start: u64) {
         _ => console_stream::NONE,
     };
     if stream == implicit {
-        let _ = CONSOLE_FDS.remove(&key);
+        if CONSOLE_FDS.remove(&key).is_ok()
+            && let Some(proc) = CONSOLE_PROCS.get_ptr_mut(&tgid)
+        {
+            // SAFETY: pointer from a successful lookup; the count only moves by atomic adds.
+            unsafe {
+                if (*proc).start_boot_ns == start && read_volatile(&raw const (*proc).fds) > 0 {
+                    add(&raw mut (*proc).fds, u64::MAX);
+                }
+            }
+        }
         return;
     }
     let value = ConsoleFd {
@@ -222,9 +257,130 @@ fn set_stream(tgid: u32, fd: u32, stream: u32, start: u64) {
         _pad: 0,
         start_boot_ns: start,
     };
-    if CONSOLE_FDS.insert(&key, &value, 0).is_err() {
-        count_drop(drop_kind::CONSOLE_FD_MAP_FULL);
+    if let Some(entry) = CONSOLE_FDS.get_ptr_mut(&key) {
+        // SAFETY: pointer from a successful lookup: the slot exists, and is not counted again.
+        unsafe { *entry = value };
+        return;
     }
+    let Some(proc) = console_proc(tgid, start) else {
+        return;
+    };
+    // SAFETY: pointer from a successful lookup.
+    let fds = unsafe { read_volatile(&raw const (*proc).fds) };
+    if fds >= read_offset64(&CONSOLE_LIMITS.fd_quota) {
+        count_drop(drop_kind::CONSOLE_FD_QUOTA);
+        return;
+    }
+    // Counted before the insert, taken back if it fails: never fewer than there are.
+    // SAFETY: as above.
+    unsafe { add(&raw mut (*proc).fds, 1) };
+    if let Err(err) = CONSOLE_FDS.insert(&key, &value, NOEXIST) {
+        // SAFETY: as above.
+        unsafe { add(&raw mut (*proc).fds, u64::MAX) };
+        if err == ERR_EXIST {
+            let _ = CONSOLE_FDS.insert(&key, &value, EXIST);
+        } else {
+            count_drop(drop_kind::CONSOLE_FD_MAP_FULL);
+        }
+    }
+}
+
+/// `BPF_NOEXIST`
+const NOEXIST: u64 = 1;
+/// `BPF_EXIST`
+const EXIST: u64 = 2;
+/// `-EEXIST`, as map helpers return it.
+const ERR_EXIST: i32 = -17;
+
+/// A `u64` field of a load-time global (see [`read_offset`]).
+#[inline(always)]
+fn read_offset64(field: &'static u64) -> u64 {
+    // SAFETY: a reference to a field of a static: aligned, initialised.
+    unsafe { read_volatile(field) }
+}
+
+/// The console state of process `tgid` (started at `start`), created on first use; `None`
+/// (counted) when the map is full.
+#[inline(always)]
+fn console_proc(tgid: u32, start: u64) -> Option<*mut ConsoleProc> {
+    if let Some(proc) = CONSOLE_PROCS.get_ptr_mut(&tgid) {
+        // SAFETY: pointer from a successful lookup.
+        if unsafe { (*proc).start_boot_ns } == start {
+            return Some(proc);
+        }
+    }
+    // New, or left by an earlier process with this pid (replaced).
+    let fresh = ConsoleProc {
+        start_boot_ns: start,
+        tokens: read_offset64(&CONSOLE_LIMITS.burst_bytes),
+        // SAFETY: plain helper call.
+        refilled_ns: unsafe { bpf_ktime_get_boot_ns() },
+        ..ConsoleProc::default()
+    };
+    if CONSOLE_PROCS.insert(&tgid, &fresh, 0).is_err() {
+        count_drop(drop_kind::CONSOLE_PROC_MAP_FULL);
+        return None;
+    }
+    CONSOLE_PROCS.get_ptr_mut(&tgid)
+}
+
+/// Counts a write of `bytes` on `stream` given up for `cause`, against its process: the
+/// stream's loss totals (which the next record of the stream carries, so userspace marks the
+/// gap there) and the cause's.
+#[inline(always)]
+fn lose(proc: *mut ConsoleProc, stream: u32, cause: u32, bytes: u64) {
+    let s = stream as usize & (CONSOLE_SLOTS - 1);
+    let c = cause as usize & (CONSOLE_SLOTS - 1);
+    // SAFETY: `proc` is a map value from a successful lookup; indexes masked inside the arrays.
+    unsafe {
+        add(&raw mut (*proc).lost_bytes[s], bytes);
+        add(&raw mut (*proc).lost_writes[s], 1);
+        add(&raw mut (*proc).cause_bytes[c], bytes);
+        add(&raw mut (*proc).cause_writes[c], 1);
+        write_volatile(&raw mut (*proc).last_cause[s], cause);
+    }
+}
+
+/// Takes `cost` bytes from the process's token bucket; false when it has not got them.
+///
+/// Not atomic: two threads of one process writing at the same instant may both spend the same
+/// tokens. The budget is a policy and stays approximate then; what it drops is counted exactly.
+#[inline(always)]
+fn take_budget(proc: *mut ConsoleProc, cost: u64) -> bool {
+    let rate = read_offset64(&CONSOLE_LIMITS.rate_bytes_per_sec);
+    if rate == 0 {
+        return true;
+    }
+    let burst = read_offset64(&CONSOLE_LIMITS.burst_bytes);
+    let refill_ns = read_offset64(&CONSOLE_LIMITS.refill_ns);
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    // SAFETY: `proc` is a map value from a successful lookup.
+    unsafe {
+        let elapsed = now.saturating_sub((*proc).refilled_ns);
+        let mut tokens = (*proc).tokens;
+        if elapsed >= refill_ns {
+            tokens = burst;
+            (*proc).refilled_ns = now;
+        } else {
+            // elapsed < burst * 1e9 / rate: the product stays below burst * 1e9.
+            let earned = elapsed * rate / 1_000_000_000;
+            if earned > 0 {
+                tokens = if tokens + earned > burst {
+                    burst
+                } else {
+                    tokens + earned
+                };
+                (*proc).refilled_ns = now;
+            }
+        }
+        if tokens < cost {
+            (*proc).tokens = tokens;
+            return false;
+        }
+        (*proc).tokens = tokens - cost;
+    }
+    true
 }
 
 /// Entry of one of the followed syscalls (`syscalls/sys_enter_<name>`).
@@ -235,6 +391,10 @@ pub(crate) fn console_enter(ctx: TracePointContext) -> u32 {
 }
 
 fn try_enter(ctx: &TracePointContext) -> Result<(), i64> {
+    // Attached to followed syscalls only: the filter is all an untracked process pays.
+    if !may_be_tracked((bpf_get_current_pid_tgid() >> 32) as u32) {
+        return Ok(());
+    }
     let offsets = TP_OFFSETS.load();
     // SAFETY: offsets of this tracepoint's record, from its format in tracefs.
     let nr = unsafe { ctx.read_at::<i32>(offsets.enter_nr as usize) }?;
@@ -252,6 +412,9 @@ pub(crate) fn console_exit(ctx: TracePointContext) -> u32 {
 }
 
 fn try_exit(ctx: &TracePointContext) -> Result<(), i64> {
+    if !may_be_tracked((bpf_get_current_pid_tgid() >> 32) as u32) {
+        return Ok(());
+    }
     let offsets = TP_OFFSETS.load();
     // SAFETY: offsets of this tracepoint's record, from its format in tracefs.
     let nr = unsafe { ctx.read_at::<i32>(offsets.exit_nr as usize) }?;
@@ -264,6 +427,9 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i64> {
 /// for every syscall.
 #[btf_tracepoint(function = "sys_enter")]
 pub(crate) fn console_sys_enter(ctx: BtfTracePointContext) -> i32 {
+    if !may_be_tracked((bpf_get_current_pid_tgid() >> 32) as u32) {
+        return 0;
+    }
     let regs: *const u8 = ctx.arg(0);
     let _ = on_enter(ctx.arg(1), |i| read_at::<u64>(regs, syscall_arg_offset(i)));
     0
@@ -272,6 +438,9 @@ pub(crate) fn console_sys_enter(ctx: BtfTracePointContext) -> i32 {
 /// Fallback: `sys_exit(struct pt_regs *regs, long ret)`, run for every syscall.
 #[btf_tracepoint(function = "sys_exit")]
 pub(crate) fn console_sys_exit(ctx: BtfTracePointContext) -> i32 {
+    if !may_be_tracked((bpf_get_current_pid_tgid() >> 32) as u32) {
+        return 0;
+    }
     let regs: *const u8 = ctx.arg(0);
     if let Ok(nr) = read_at::<i64>(regs, offset!(pt_regs_syscall_nr)) {
         let _ = on_exit(nr, ctx.arg(1));
@@ -330,9 +499,38 @@ fn on_enter(nr: i64, arg: impl Fn(usize) -> Result<u64, i64>) -> Result<(), i64>
         }
         _ => {}
     }
-    CONSOLE_PENDING
-        .insert(&pid_tgid, &pending, 0)
-        .map_err(i64::from)
+    if CONSOLE_PENDING.insert(&pid_tgid, &pending, 0).is_err() {
+        if pending.kind == kind::WRITE || pending.kind == kind::WRITEV {
+            // Lost before it happened: counted at the bytes asked for.
+            let bytes = if pending.kind == kind::WRITE {
+                pending.count
+            } else {
+                iovec_bytes(pending.arg, pending.count)
+            };
+            if let Some(proc) = console_proc(tgid, start) {
+                lose(proc, pending.stream, console_loss::PENDING_FULL, bytes);
+            }
+        } else {
+            count_drop(drop_kind::CONSOLE_PENDING_FULL);
+        }
+    }
+    Ok(())
+}
+
+/// Bytes the iovecs of a `writev` ask to write (the first [`CONSOLE_MAX_IOVECS`] of them).
+fn iovec_bytes(iov: u64, count: u64) -> u64 {
+    let mut sum = 0u64;
+    for i in 0..CONSOLE_MAX_IOVECS {
+        if u64::from(i) >= count {
+            break;
+        }
+        // SAFETY: a user pointer, read with the checking helper.
+        let Ok(vec) = (unsafe { probe_read_user((iov as *const [u64; 2]).add(i as usize)) }) else {
+            break;
+        };
+        sum = sum.saturating_add(vec[1]);
+    }
+    sum
 }
 
 /// Syscall `nr` returns `ret`. Cheap when nothing is pending: one hash lookup (after a
@@ -378,47 +576,143 @@ fn scratch() -> Option<*mut Scratch> {
     CONSOLE_SCRATCH.get_ptr_mut(cpu)
 }
 
-/// Sends the `total` bytes a write accepted (the first [`CONSOLE_MAX_WRITE`] of them).
+/// Sends the `total` bytes a write accepted (the first [`CONSOLE_MAX_WRITE`] of them), or
+/// counts them lost: over the process's budget before they take ring space, or the ring full.
 fn capture(tgid: u32, pending: &Pending, total: u64) {
-    let Some(scratch) = scratch() else {
-        count_lost(tgid, total);
-        return;
-    };
     let max = CONSOLE_MAX_WRITE as u64;
     let want = if total > max { max } else { total };
-    // SAFETY: `scratch` is this CPU's slot; the programs run with migration off and do not
-    // nest on a CPU. Every copy stays inside `data` (offsets masked below the largest write,
-    // sizes at most the largest write, `data` twice that).
-    let captured = unsafe {
-        let data = (*scratch).data.as_mut_ptr();
-        if pending.kind == kind::WRITE {
-            if bpf_probe_read_user(data.cast(), want as u32, pending.arg as *const _) == 0 {
-                want
-            } else {
-                0
-            }
-        } else {
-            copy_iovecs(scratch, pending.arg, pending.count, want)
-        }
+    let proc = console_proc(tgid, pending.start_boot_ns);
+    if let Some(proc) = proc
+        && !take_budget(proc, want + CONSOLE_RECORD_OVERHEAD)
+    {
+        lose(proc, pending.stream, console_loss::OVER_BUDGET, total);
+        return;
+    }
+    let mut header = ConsoleRecordHeader {
+        tgid,
+        fd: pending.fd,
+        stream: pending.stream,
+        len: 0,
+        total,
+        boot_ns: 0,
+        lost_bytes: 0,
+        lost_writes: 0,
+        lost_cause: 0,
+        _pad: 0,
     };
+    let sent = if pending.kind == kind::WRITE {
+        send_write(&mut header, proc, pending.arg, want)
+    } else {
+        send_writev(&mut header, proc, pending, want)
+    };
+    if !sent {
+        match proc {
+            Some(proc) => lose(proc, pending.stream, console_loss::RING, total),
+            None => count_drop(drop_kind::CONSOLE_PROC_MAP_FULL),
+        }
+    }
+}
+
+/// Completes `header` with the time and the stream's loss totals, read now: the record is
+/// about to take its place on the ring, after every loss counted so far.
+#[inline(always)]
+fn stamp(header: &mut ConsoleRecordHeader, proc: Option<*mut ConsoleProc>) {
+    // SAFETY: plain helper call.
+    header.boot_ns = unsafe { bpf_ktime_get_boot_ns() };
+    if let Some(proc) = proc {
+        let s = header.stream as usize & (CONSOLE_SLOTS - 1);
+        // SAFETY: a map value from a successful lookup; index masked inside the arrays.
+        unsafe {
+            header.lost_bytes = read_volatile(&raw const (*proc).lost_bytes[s]);
+            header.lost_writes = read_volatile(&raw const (*proc).lost_writes[s]);
+            header.lost_cause = read_volatile(&raw const (*proc).last_cause[s]);
+        }
+    }
+}
+
+/// A record of a size class: the header and room for `N` bytes.
+#[repr(C)]
+struct Record<const N: usize> {
+    header: ConsoleRecordHeader,
+    data: [u8; N],
+}
+
+/// Sends the first `want` bytes at user address `buf` (1 <= want <= [`CONSOLE_MAX_WRITE`]) in
+/// one copy: reserved on the ring in the smallest size class that holds them, read from the
+/// writer's memory straight into the reservation. False when the ring is full.
+#[inline(always)]
+fn send_write(
+    header: &mut ConsoleRecordHeader,
+    proc: Option<*mut ConsoleProc>,
+    buf: u64,
+    want: u64,
+) -> bool {
+    macro_rules! classes {
+        ($($n:literal)*) => {
+            $(if want <= $n {
+                return send_class::<$n>(header, proc, buf, want);
+            })*
+        };
+    }
+    classes!(64 128 256 512 1024 2048 4096 8192 16384 32768);
+    send_class::<65536>(header, proc, buf, want)
+}
+
+#[inline(always)]
+fn send_class<const N: usize>(
+    header: &mut ConsoleRecordHeader,
+    proc: Option<*mut ConsoleProc>,
+    buf: u64,
+    want: u64,
+) -> bool {
+    let Some(mut entry) = CONSOLE_EVENTS.reserve::<Record<N>>(0) else {
+        return false;
+    };
+    let record = entry.as_mut_ptr();
+    // Bounded again where the verifier sees it: at most the class.
+    let len = if want > N as u64 { N as u64 } else { want };
+    stamp(header, proc);
+    // SAFETY: `record` is an exclusive reservation of size_of::<Record<N>>() bytes; the copy
+    // fills at most `N` bytes of its data; the header is written whole before submit.
+    unsafe {
+        let copied = bpf_probe_read_user(
+            (*record).data.as_mut_ptr().cast(),
+            len as u32,
+            buf as *const _,
+        );
+        // A buffer the kernel could not read (paged out): the bytes are cut, and say so.
+        header.len = if copied == 0 { len as u32 } else { 0 };
+        (*record).header = *header;
+    }
+    entry.submit(0);
+    true
+}
+
+/// Sends the first `want` bytes of a `writev`'s iovecs, assembled in this CPU's scratch record.
+fn send_writev(
+    header: &mut ConsoleRecordHeader,
+    proc: Option<*mut ConsoleProc>,
+    pending: &Pending,
+    want: u64,
+) -> bool {
+    let Some(scratch) = scratch() else {
+        return false;
+    };
+    let max = CONSOLE_MAX_WRITE as u64;
+    // SAFETY: `scratch` is this CPU's slot; the programs run with migration off and do not
+    // nest on a CPU.
+    let captured = unsafe { copy_iovecs(scratch, pending.arg, pending.count, want) };
     // Re-bounded for the verifier (it cannot follow the sum over iovecs).
     let captured = captured & (2 * max - 1);
     let captured = if captured > max { max } else { captured };
-    // SAFETY: as above.
+    header.len = captured as u32;
+    stamp(header, proc);
+    // SAFETY: as above; the record is the header and `captured` bytes of `data`.
     unsafe {
-        (*scratch).header = ConsoleRecordHeader {
-            tgid,
-            fd: pending.fd,
-            stream: pending.stream,
-            len: captured as u32,
-            total,
-            boot_ns: bpf_ktime_get_boot_ns(),
-        };
+        (*scratch).header = *header;
         let size = size_of::<ConsoleRecordHeader>() as u64 + captured;
         let ring = core::ptr::from_ref(&CONSOLE_EVENTS).cast_mut().cast();
-        if bpf_ringbuf_output(ring, scratch.cast(), size, 0) != 0 {
-            count_lost(tgid, total);
-        }
+        bpf_ringbuf_output(ring, scratch.cast(), size, 0) == 0
     }
 }
 
@@ -533,18 +827,4 @@ unsafe fn ends_with(scratch: *mut Scratch, len: u64, rule: &ConsoleRule) -> bool
         }
     }
     true
-}
-
-/// Counts a write of `bytes` the console ring could not take, against its process.
-fn count_lost(tgid: u32, bytes: u64) {
-    if CONSOLE_DROPS.get_ptr_mut(&tgid).is_none() {
-        let _ = CONSOLE_DROPS.insert(&tgid, &ConsoleKernelDrops::default(), 0);
-    }
-    if let Some(drops) = CONSOLE_DROPS.get_ptr_mut(&tgid) {
-        // SAFETY: this CPU's value, from a successful lookup (see `count_drop`).
-        unsafe {
-            (*drops).bytes += bytes;
-            (*drops).writes += 1;
-        }
-    }
 }

@@ -2,10 +2,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use collector_common::{
-    CommKey, DEFAULT_MAX_TRACKED_PROCESSES, ExecMatch, KernelOffsets, TrackedProcess, drop_kind,
+    CommKey, DEFAULT_MAX_TRACKED_PROCESSES, ExecMatch, KernelOffsets, SCHED_FILTER_SLOTS,
+    TrackedProcess, drop_kind, sched_filter_slot,
 };
 
 /// Kernel struct offsets from the running kernel's BTF, set by the collector at load time
@@ -74,6 +75,36 @@ pub(crate) static EXEC_MATCHERS: LpmTrie<CommKey, ExecMatch> = LpmTrie::with_max
 #[map]
 pub(crate) static TRACKED_PROCESSES: HashMap<u32, TrackedProcess> =
     HashMap::with_max_entries(DEFAULT_MAX_TRACKED_PROCESSES, 0);
+
+/// For each slot `tgid % SCHED_FILTER_SLOTS`, how many [`TRACKED_PROCESSES`] entries have their
+/// tgid there, never fewer (an insert counts just before it is tried, a removal just after it
+/// succeeded; the exec and exit programs here, userspace through its memory map, all with
+/// atomic adds). A zero tells the console programs that a process is not followed for the
+/// price of an inlined array load, before they read anything else: the untracked path of every
+/// write on the host.
+#[map]
+pub(crate) static TRACKED_FILTER: Array<u64> =
+    Array::with_max_entries(SCHED_FILTER_SLOTS, BPF_F_MMAPABLE);
+
+/// `BPF_F_MMAPABLE`
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Whether `tgid` can be in [`TRACKED_PROCESSES`]: `false` is certain.
+#[inline(always)]
+pub(crate) fn may_be_tracked(tgid: u32) -> bool {
+    // SAFETY: pointer from a successful lookup; an aligned 8-byte load, atomic.
+    TRACKED_FILTER
+        .get_ptr(sched_filter_slot(tgid))
+        .is_some_and(|count| unsafe { *count } != 0)
+}
+
+/// Adds `delta` to `tgid`'s slot of [`TRACKED_FILTER`] (`u64::MAX` takes one away).
+#[inline(always)]
+pub(crate) fn count_tracked(tgid: u32, delta: u64) {
+    if let Some(count) = TRACKED_FILTER.get_ptr_mut(sched_filter_slot(tgid)) {
+        crate::sched::add(count, delta);
+    }
+}
 
 /// Lifecycle records to userspace (exec, exit, untrack, OOM). Low volume; never shared with
 /// console bytes or other high-volume data so a burst there cannot cost a lifecycle event. Size

@@ -26,8 +26,15 @@ use collector_common::{
 
 use crate::{
     kernel::read_at,
-    maps::{EXEC_MATCHERS, PROCESS_EVENTS, TRACKED_PROCESSES, count_drop, offset},
+    maps::{EXEC_MATCHERS, PROCESS_EVENTS, TRACKED_PROCESSES, count_drop, count_tracked, offset},
 };
+
+/// `BPF_NOEXIST`
+const NOEXIST: u64 = 1;
+/// `BPF_EXIST`
+const EXIST: u64 = 2;
+/// `-EEXIST`, as map helpers return it.
+const ERR_EXIST: i32 = -17;
 
 /// `sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`
 #[btf_tracepoint(function = "sched_process_exec")]
@@ -44,7 +51,9 @@ fn try_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let Some(matched) = EXEC_MATCHERS.get(&key) else {
         // A followed process that execs something no matcher claims is no longer a VMM.
         if TRACKED_PROCESSES.get_ptr(&tgid).is_some() {
-            let _ = TRACKED_PROCESSES.remove(&tgid);
+            if TRACKED_PROCESSES.remove(&tgid).is_ok() {
+                count_tracked(tgid, u64::MAX);
+            }
             crate::sched::forget_process(tgid);
             send_untrack(tgid);
         }
@@ -58,9 +67,15 @@ fn try_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
         flags: 0,
         start_boot_ns: now,
     };
-    if TRACKED_PROCESSES.insert(&tgid, &tracked, 0).is_err() {
-        count_drop(drop_kind::TRACKED_MAP_FULL);
-        return Ok(());
+    // Counted in the filter before it exists; a re-exec of a followed process replaces its
+    // entry, counted once.
+    count_tracked(tgid, 1);
+    if let Err(err) = TRACKED_PROCESSES.insert(&tgid, &tracked, NOEXIST) {
+        count_tracked(tgid, u64::MAX);
+        if err != ERR_EXIST || TRACKED_PROCESSES.insert(&tgid, &tracked, EXIST).is_err() {
+            count_drop(drop_kind::TRACKED_MAP_FULL);
+            return Ok(());
+        }
     }
     crate::sched::follow_exec(tgid, pid_tgid as u32, matcher_id, comm);
 
@@ -136,7 +151,9 @@ fn try_sched_process_exit() -> Result<(), i64> {
     if live != 0 {
         return Ok(());
     }
-    let _ = TRACKED_PROCESSES.remove(&tgid);
+    if TRACKED_PROCESSES.remove(&tgid).is_ok() {
+        count_tracked(tgid, u64::MAX);
+    }
     crate::sched::forget_process(tgid);
 
     let event = ExitEvent {

@@ -440,7 +440,7 @@ fn stats_for(key: &SchedKey) -> Option<*mut SchedStats> {
 /// instruction itself (`BPF_ATOMIC | BPF_ADD`, the old `XADD` every kernel has): core's atomics
 /// have no read-modify-write on the BPF target.
 #[inline(always)]
-fn add(counter: *mut u64, value: u64) {
+pub(crate) fn add(counter: *mut u64, value: u64) {
     // SAFETY: `counter` points into a map value, 8-byte aligned, checked by the verifier.
     unsafe {
         core::arch::asm!(

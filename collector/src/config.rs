@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:9478";
 /// Default permission bits of the API socket: its owner (root) only.
 pub(crate) const DEFAULT_API_SOCKET_MODE: u32 = 0o600;
+/// Bounds of `console.burst_bytes`: a 64 KiB write and its record must fit; the kernel's
+/// refill arithmetic must not overflow.
+const BURST_MIN: u64 = 128 * 1024;
+const BURST_MAX: u64 = 1 << 32;
 /// Default folder of per-instance logs.
 pub(crate) const DEFAULT_LOG_DIR: &str = "/var/log/compute-collector";
 
@@ -181,6 +185,13 @@ pub(crate) struct KernelConfig {
     pub(crate) console_ring_bytes: u32,
     /// Most console descriptors (beyond fds 1 and 2) the kernel follows at once.
     pub(crate) max_console_fds: u32,
+    /// Most entries one process may have in the console-descriptor map: one process cannot
+    /// fill it for the host. Refusals: `collector_ebpf_console_fd_quota_refused_total`.
+    pub(crate) console_fd_quota: u32,
+    /// Syscalls of followed processes in flight at once (threads blocked in a console write
+    /// each hold one). A write that finds it full is lost, counted (`where="evicted"`) and
+    /// marked with a gap record.
+    pub(crate) console_pending_entries: u32,
     /// How console capture hooks syscalls: `auto` (the per-syscall tracepoints when the kernel
     /// has them, else the raw syscall tracepoints) or `raw_syscalls` (always the raw ones; for
     /// testing the fallback).
@@ -204,6 +215,8 @@ impl Default for KernelConfig {
             max_tracked_threads: collector_common::DEFAULT_MAX_TRACKED_THREADS,
             console_ring_bytes: 8 * 1024 * 1024,
             max_console_fds: collector_common::DEFAULT_MAX_CONSOLE_FDS,
+            console_fd_quota: collector_common::DEFAULT_CONSOLE_FD_QUOTA,
+            console_pending_entries: 4096,
             console_hooks: ConsoleHooksMode::Auto,
         }
     }
@@ -224,8 +237,14 @@ pub(crate) struct ConsoleConfig {
     pub(crate) partial_flush_ms: u64,
     /// Seconds the logs of an exited instance stay readable through the API.
     pub(crate) retention_seconds: u64,
-    /// Bytes of recent lines kept in memory for the API's `tail`, `since` and `follow`.
+    /// Bytes of recent lines kept in memory per instance for the API's `tail`, `since` and
+    /// `follow` (records counted at their real size).
     pub(crate) history_bytes: usize,
+    /// Memory for console lines, histories and the file queue together, all instances: three
+    /// quarters for the histories (past it, ended instances and then the largest histories give
+    /// way), a quarter for the file queue (one instance at most an eighth of that). Default:
+    /// half the collector's cgroup memory limit when it has one, else 128 MiB.
+    pub(crate) memory_max_bytes: Option<usize>,
     /// Lines waiting for the log files; beyond it lines are dropped and counted
     /// (`where="queue"`), so a slow disk never holds up the kernel reader.
     pub(crate) queue_lines: usize,
@@ -237,6 +256,14 @@ pub(crate) struct ConsoleConfig {
     /// Cap on all console log files together; the oldest rotated files (and the files of
     /// instances that are gone) are deleted first, then lines are dropped (`where="sink"`).
     pub(crate) disk_max_bytes: u64,
+    /// Each instance's console budget, bytes per second (a token bucket per process in the
+    /// kernel; 0: none). An instance over it loses its own excess before it can take ring
+    /// space from others (`where="over_budget"`, with a gap record). Userspace gives each
+    /// instance twice this, counting 64 bytes a line, when it turns bytes into lines.
+    pub(crate) rate_bytes_per_sec: u64,
+    /// The bucket's size: what an instance may write at full speed after a quiet spell (a
+    /// boot log).
+    pub(crate) burst_bytes: u64,
 }
 
 impl Default for ConsoleConfig {
@@ -247,12 +274,46 @@ impl Default for ConsoleConfig {
             partial_flush_ms: 500,
             retention_seconds: 600,
             history_bytes: 4 * 1024 * 1024,
+            memory_max_bytes: None,
             queue_lines: 65536,
             file_max_bytes: 16 * 1024 * 1024,
             file_rotations: 3,
             disk_max_bytes: 1024 * 1024 * 1024,
+            rate_bytes_per_sec: 1024 * 1024,
+            burst_bytes: 1024 * 1024,
         }
     }
+}
+
+/// `console.memory_max_bytes` without a cgroup memory limit.
+const DEFAULT_CONSOLE_MEMORY: usize = 128 << 20;
+
+impl ConsoleConfig {
+    /// `memory_max_bytes`, or its default from the cgroup limit.
+    pub(crate) fn memory_max(&self) -> usize {
+        self.memory_max_bytes.unwrap_or_else(|| {
+            cgroup_memory_limit().map_or(DEFAULT_CONSOLE_MEMORY, |limit| limit / 2)
+        })
+    }
+
+    /// The histories' share of [`Self::memory_max`].
+    pub(crate) fn history_total_bytes(&self) -> usize {
+        self.memory_max() / 4 * 3
+    }
+
+    /// The file queue's share of [`Self::memory_max`].
+    pub(crate) fn queue_bytes(&self) -> usize {
+        self.memory_max() / 4
+    }
+}
+
+/// The memory limit of this process's cgroup (v2 `memory.max`), if it has one.
+fn cgroup_memory_limit() -> Option<usize> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    // cgroup v2: the line `0::/path`.
+    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let max = std::fs::read_to_string(format!("/sys/fs/cgroup{}/memory.max", path.trim())).ok()?;
+    max.trim().parse().ok()
 }
 
 /// The Kubernetes identity source: which Pods back this node's instances, and how long the
@@ -340,6 +401,21 @@ impl Config {
         Ok(config)
     }
 
+    /// The per-process console limits the kernel programs are loaded with.
+    pub(crate) fn console_limits(&self) -> collector_common::ConsoleLimits {
+        let (rate, burst) = (self.console.rate_bytes_per_sec, self.console.burst_bytes);
+        collector_common::ConsoleLimits {
+            rate_bytes_per_sec: rate,
+            burst_bytes: burst,
+            refill_ns: if rate == 0 {
+                0
+            } else {
+                (u128::from(burst) * 1_000_000_000 / u128::from(rate)) as u64
+            },
+            fd_quota: u64::from(self.kernel.console_fd_quota),
+        }
+    }
+
     fn check(&self) -> Result<(), String> {
         let ring = self.kernel.process_events_ring_bytes;
         if !ring.is_power_of_two() || ring < 4096 {
@@ -355,6 +431,19 @@ impl Config {
         }
         if self.kernel.max_console_fds == 0 {
             return Err("kernel.max_console_fds must be at least 1".into());
+        }
+        if self.kernel.console_fd_quota == 0 || self.kernel.console_pending_entries == 0 {
+            return Err(
+                "kernel.console_fd_quota and kernel.console_pending_entries must be at least 1"
+                    .into(),
+            );
+        }
+        let burst = self.console.burst_bytes;
+        if self.console.rate_bytes_per_sec > 0 && !(BURST_MIN..=BURST_MAX).contains(&burst) {
+            return Err(format!(
+                "console.burst_bytes = {burst}: must be between {BURST_MIN} (a whole 64 KiB \
+                 write) and {BURST_MAX}"
+            ));
         }
         let c = &self.console;
         if c.max_line_bytes < 16 || c.history_bytes == 0 || c.queue_lines == 0 {

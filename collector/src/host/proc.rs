@@ -195,6 +195,11 @@ pub(crate) fn exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Whether thread `tid` of process `tgid` exists.
+pub(crate) fn thread_exists(tgid: u32, tid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{tgid}/task/{tid}")).exists()
+}
+
 /// Open descriptors of `pid` with what each points to (`/proc/PID/fd`).
 pub(crate) fn open_files(pid: u32) -> Vec<(u32, std::path::PathBuf)> {
     let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {

@@ -6,10 +6,10 @@ use std::collections::{HashMap as StdHashMap, HashSet};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, MapData, RingBuf},
 };
 use collector_common::{
-    ConsoleFd, ConsoleFdKey, ConsoleKernelDrops, ConsoleRule, console_stream, names::map,
+    ConsoleFd, ConsoleFdKey, ConsoleProc, ConsoleRule, console_stream, names::map,
 };
 use tokio::io::{
     Interest,
@@ -23,8 +23,12 @@ pub(crate) struct ConsoleKernel {
     /// Held, not read: the programs refer to the map by this descriptor.
     _rules: Array<MapData, ConsoleRule>,
     fds: HashMap<MapData, ConsoleFdKey, ConsoleFd>,
-    drops: PerCpuHashMap<MapData, u32, ConsoleKernelDrops>,
+    procs: HashMap<MapData, u32, ConsoleProc>,
+    pending: HashMap<MapData, u64, [u8; PENDING_SIZE]>,
 }
+
+/// Bytes of a pending-syscall entry (the kernel's `Pending`): read only to find dead threads.
+const PENDING_SIZE: usize = 48;
 
 impl ConsoleKernel {
     /// Takes the console maps out of the loaded object and loads the rules. Returns the ring
@@ -45,7 +49,8 @@ impl ConsoleKernel {
         let console = Self {
             _rules: kernel_rules,
             fds: take_map(ebpf, map::CONSOLE_FDS)?,
-            drops: take_map(ebpf, map::CONSOLE_DROPS)?,
+            procs: take_map(ebpf, map::CONSOLE_PROCS)?,
+            pending: take_map(ebpf, map::CONSOLE_PENDING)?,
         };
         Ok((console, take_map(ebpf, map::CONSOLE_EVENTS)?))
     }
@@ -74,20 +79,36 @@ impl ConsoleKernel {
         }
     }
 
-    /// Bytes the kernel could not put on the ring, summed over CPUs, by tgid.
-    pub(crate) fn drops(&self) -> StdHashMap<u32, u64> {
-        self.drops
-            .iter()
-            .flatten()
-            .map(|(tgid, per_cpu)| (tgid, per_cpu.iter().map(|d| d.bytes).sum()))
-            .collect()
+    /// The console state of every process the kernel keeps one for, by tgid.
+    pub(crate) fn procs(&self) -> StdHashMap<u32, ConsoleProc> {
+        self.procs.iter().flatten().collect()
     }
 
-    /// Removes the drop counters of these processes (after their last read).
-    pub(crate) fn forget_drops(&mut self, tgids: &HashSet<u32>) {
+    /// The console state of `tgid`, if the kernel keeps one.
+    pub(crate) fn proc(&self, tgid: u32) -> Option<ConsoleProc> {
+        self.procs.get(&tgid, 0).ok()
+    }
+
+    /// Removes the console state of these processes (after their last read).
+    pub(crate) fn forget_procs(&mut self, tgids: &HashSet<u32>) {
         for tgid in tgids {
-            let _ = self.drops.remove(tgid);
+            let _ = self.procs.remove(tgid);
         }
+    }
+
+    /// Removes the pending-syscall entries of threads for which `gone(tgid, tid)` holds (they
+    /// died inside a syscall: the map is not an LRU and would keep them). Returns how many.
+    pub(crate) fn forget_pending(&mut self, gone: impl Fn(u32, u32) -> bool) -> usize {
+        let stale: Vec<u64> = self
+            .pending
+            .keys()
+            .flatten()
+            .filter(|k| gone((k >> 32) as u32, *k as u32))
+            .collect();
+        for key in &stale {
+            let _ = self.pending.remove(key);
+        }
+        stale.len()
     }
 }
 

@@ -1,8 +1,28 @@
 //! Decoding of console-ring records. Pure: every malformed input is a table test away.
 
-use collector_common::{CONSOLE_MAX_WRITE, ConsoleRecordHeader, console_stream};
+use collector_common::{CONSOLE_MAX_WRITE, ConsoleRecordHeader, console_loss, console_stream};
 
-use crate::model::console::Stream;
+use crate::model::console::{GapReason, Stream};
+
+/// The kernel's losses of a stream so far, as a record carries them: totals, so the gap
+/// before a record is its totals less the previous record's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Lost {
+    pub(crate) bytes: u64,
+    pub(crate) writes: u64,
+    /// Cause of the latest loss.
+    pub(crate) reason: GapReason,
+}
+
+/// The gap reason of a kernel loss cause (`console_loss`).
+pub(crate) fn loss_reason(cause: u32) -> GapReason {
+    match cause {
+        console_loss::RING => GapReason::KernelRing,
+        console_loss::OVER_BUDGET => GapReason::OverBudget,
+        console_loss::PENDING_FULL => GapReason::Evicted,
+        _ => GapReason::Unknown,
+    }
+}
 
 /// One write of a tracked process, as the kernel captured it, borrowed from the ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,6 +34,8 @@ pub(crate) struct Chunk<'a> {
     pub(crate) data: &'a [u8],
     /// Bytes the write accepted beyond `data` (a write over 64 KiB): cut in the kernel.
     pub(crate) cut: u64,
+    /// The stream's kernel losses up to this write.
+    pub(crate) lost: Lost,
 }
 
 /// A [`Chunk`] kept beyond its ring record (its process is not named yet).
@@ -24,6 +46,7 @@ pub(crate) struct OwnedChunk {
     pub(crate) boot_ns: u64,
     pub(crate) data: Vec<u8>,
     pub(crate) cut: u64,
+    pub(crate) lost: Lost,
 }
 
 impl Chunk<'_> {
@@ -34,6 +57,7 @@ impl Chunk<'_> {
             boot_ns: self.boot_ns,
             data: self.data.to_vec(),
             cut: self.cut,
+            lost: self.lost,
         }
     }
 }
@@ -46,6 +70,7 @@ impl OwnedChunk {
             boot_ns: self.boot_ns,
             data: &self.data,
             cut: self.cut,
+            lost: self.lost,
         }
     }
 }
@@ -103,6 +128,11 @@ pub(crate) fn chunk(bytes: &[u8]) -> Result<Chunk<'_>, ConsoleDecodeError> {
         boot_ns: header.boot_ns,
         data: &data[..len],
         cut: header.total - u64::from(header.len),
+        lost: Lost {
+            bytes: header.lost_bytes,
+            writes: header.lost_writes,
+            reason: loss_reason(header.lost_cause),
+        },
     })
 }
 
@@ -118,6 +148,10 @@ mod tests {
             len,
             total,
             boot_ns: 99,
+            lost_bytes: 5,
+            lost_writes: 1,
+            lost_cause: console_loss::OVER_BUDGET,
+            _pad: 0,
         };
         // SAFETY: reading the bytes of a plain ABI struct.
         let mut bytes = unsafe {
@@ -139,7 +173,12 @@ mod tests {
                 stream: Stream::Stderr,
                 boot_ns: 99,
                 data: b"abc",
-                cut: 0
+                cut: 0,
+                lost: Lost {
+                    bytes: 5,
+                    writes: 1,
+                    reason: GapReason::OverBudget
+                },
             }
         );
         assert_eq!(c.to_owned_chunk().as_chunk(), c);

@@ -260,6 +260,9 @@ pub(crate) fn load(config: &KernelConfig, plan: &KernelPlan) -> Result<Kernel, L
         .override_global(global::TP_OFFSETS, &tp_offsets, true)
         .map_max_entries(map::CONSOLE_EVENTS, config.console_ring_bytes)
         .map_max_entries(map::CONSOLE_FDS, config.max_console_fds)
+        .map_max_entries(map::CONSOLE_PENDING, config.console_pending_entries)
+        .map_max_entries(map::CONSOLE_PROCS, config.max_tracked_processes)
+        .override_global(global::CONSOLE_LIMITS, &plan.console_limits, true)
         // One scratch record per possible CPU (the programs index it by CPU number).
         .map_max_entries(map::CONSOLE_SCRATCH, possible_cpus())
         .load(EBPF_OBJECT)
@@ -299,13 +302,16 @@ pub(crate) fn load(config: &KernelConfig, plan: &KernelPlan) -> Result<Kernel, L
         .collect();
     probes.extend(attach_console(&mut ebpf, &btf, console_hooks));
     Ok(Kernel {
-        tracked: TrackedProcesses::new(take_map(&mut ebpf, map::TRACKED_PROCESSES)?),
+        tracked: TrackedProcesses::new(
+            take_map(&mut ebpf, map::TRACKED_PROCESSES)?,
+            mmap_filter(&mut ebpf, map::TRACKED_FILTER)?,
+        ),
         process_events: take_map(&mut ebpf, map::PROCESS_EVENTS)?,
         drops: KernelDrops(Arc::new(take_map(&mut ebpf, map::DROPS)?)),
         sched: Arc::new(Mutex::new(SchedMaps::new(
             take_map(&mut ebpf, map::SCHED_THREADS)?,
             take_map(&mut ebpf, map::SCHED_STATS)?,
-            thread_filter(&mut ebpf)?,
+            mmap_filter(&mut ebpf, map::SCHED_THREAD_FILTER)?,
         ))),
         console,
         console_fds,
@@ -348,16 +354,15 @@ fn fill_vcpu_comms(
     Ok(trie)
 }
 
-/// `SCHED_THREAD_FILTER`, mapped into memory.
-fn thread_filter(ebpf: &mut Ebpf) -> Result<ThreadFilter, LoadError> {
-    const NAME: &str = map::SCHED_THREAD_FILTER;
-    let Map::Array(data) = ebpf.take_map(NAME).ok_or(LoadError::MissingMap(NAME))? else {
+/// A counting filter (`SCHED_THREAD_FILTER`, `TRACKED_FILTER`), mapped into memory.
+fn mmap_filter(ebpf: &mut Ebpf, name: &'static str) -> Result<ThreadFilter, LoadError> {
+    let Map::Array(data) = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))? else {
         return Err(LoadError::Mmap {
-            name: NAME,
+            name,
             source: std::io::Error::other("not an array"),
         });
     };
-    ThreadFilter::new(data).map_err(|source| LoadError::Mmap { name: NAME, source })
+    ThreadFilter::new(data).map_err(|source| LoadError::Mmap { name, source })
 }
 
 /// A handle of its own on the hash map `name`, which stays in `ebpf` for its owner to take.

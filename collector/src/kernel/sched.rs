@@ -90,12 +90,12 @@ impl ThreadFilter {
     }
 
     /// Counts an entry for `tid` that is about to be inserted.
-    fn count(&self, tid: u32) {
+    pub(crate) fn count(&self, tid: u32) {
         self.slot(tid).fetch_add(1, Ordering::SeqCst);
     }
 
     /// Takes back a count: an insert that did not add an entry, or a removal that did remove.
-    fn uncount(&self, tid: u32) {
+    pub(crate) fn uncount(&self, tid: u32) {
         self.slot(tid).fetch_sub(1, Ordering::SeqCst);
     }
 

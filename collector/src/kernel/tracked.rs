@@ -9,6 +9,8 @@
 use aya::maps::{HashMap, MapData, MapError};
 use collector_common::{TRACKED_DISCOVERED, TrackedProcess};
 
+use super::sched::ThreadFilter;
+
 /// `BPF_NOEXIST`: insert only.
 const NOEXIST: u64 = 1;
 /// `BPF_EXIST`: update only.
@@ -16,6 +18,9 @@ const EXIST: u64 = 2;
 
 pub(crate) struct TrackedProcesses {
     map: HashMap<MapData, u32, TrackedProcess>,
+    /// `TRACKED_FILTER`: every entry userspace inserts or removes is counted there (by tgid),
+    /// or the console programs would not look at the process.
+    filter: ThreadFilter,
 }
 
 impl std::fmt::Debug for TrackedProcesses {
@@ -38,8 +43,8 @@ fn is_errno(error: &MapError, errno: i32) -> bool {
 }
 
 impl TrackedProcesses {
-    pub(crate) fn new(map: HashMap<MapData, u32, TrackedProcess>) -> Self {
-        Self { map }
+    pub(crate) fn new(map: HashMap<MapData, u32, TrackedProcess>, filter: ThreadFilter) -> Self {
+        Self { map, filter }
     }
 
     /// Keeps `pid`, which exec'd at `exec_boot_ns` (the entry's start), as a process of
@@ -92,7 +97,12 @@ impl TrackedProcesses {
             flags: TRACKED_DISCOVERED,
             start_boot_ns: seen_boot_ns,
         };
-        match self.map.insert(&pid, &value, NOEXIST) {
+        self.filter.count(pid);
+        let inserted = self.map.insert(&pid, &value, NOEXIST);
+        if inserted.is_err() {
+            self.filter.uncount(pid);
+        }
+        match inserted {
             Ok(()) => Ok(Kept::Yes {
                 start_boot_ns: seen_boot_ns,
             }),
@@ -126,6 +136,10 @@ impl TrackedProcesses {
             .map
             .get(&pid, 0)
             .is_ok_and(|e| e.start_boot_ns == start_boot_ns);
-        same && self.map.remove(&pid).is_ok()
+        let removed = same && self.map.remove(&pid).is_ok();
+        if removed {
+            self.filter.uncount(pid);
+        }
+        removed
     }
 }

@@ -7,7 +7,7 @@ pub(crate) mod cmdline;
 pub(crate) mod console_rules;
 pub(crate) mod matcher;
 
-use collector_common::{COMM_LEN, ConsoleRule};
+use collector_common::{COMM_LEN, ConsoleLimits, ConsoleRule};
 
 pub(crate) use cmdline::split_cmdline;
 use console_rules::Rule;
@@ -162,6 +162,7 @@ impl Matchers {
             vcpu_prefixes,
             without_vcpu_prefix,
             console_rules: console_rules.iter().map(Rule::to_kernel).collect(),
+            console_limits: ConsoleLimits::default(),
         }
     }
 }
@@ -177,6 +178,8 @@ pub(crate) struct KernelPlan {
     /// `vmm`), for a warning at load.
     pub(crate) without_vcpu_prefix: Vec<String>,
     pub(crate) console_rules: Vec<ConsoleRule>,
+    /// Per-process console budget and descriptor quota (from the config).
+    pub(crate) console_limits: ConsoleLimits,
 }
 
 #[cfg(test)]

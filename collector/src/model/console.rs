@@ -65,11 +65,7 @@ pub(crate) struct Gap {
 }
 
 /// Why output is missing (the gap record's `gap_reason`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(
-    dead_code,
-    reason = "each reason is marked by the loss handling that finds it"
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) enum GapReason {
     /// The kernel's console ring was full.
     KernelRing,
@@ -80,6 +76,7 @@ pub(crate) enum GapReason {
     /// The collector was not running (a restart).
     CollectorDown,
     /// The kernel's write numbering shows writes missing, cause unknown.
+    #[default]
     Unknown,
 }
 
@@ -106,25 +103,60 @@ pub(crate) struct Resume {
 }
 
 /// Where console bytes were given up (the `where` label of
-/// `compute_instance_console_dropped_bytes_total`).
+/// `compute_instance_console_dropped_bytes_total`): one value for every cause.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum DropWhere {
-    /// The kernel's console ring was full, or a write was over 64 KiB (the cut part).
-    Kernel,
-    /// The queue to the log files was full.
+    /// The kernel's console ring was full.
+    KernelRing,
+    /// The instance was over its budget in the kernel (`console.rate_bytes_per_sec`).
+    OverBudget,
+    /// The kernel's pending-syscall map was full: the write could not be followed.
+    Evicted,
+    /// The part of a write over 64 KiB (or past 64 iovecs) the kernel cut.
+    Cut,
+    /// Lines over the instance's share of userspace's line handling (twice its budget).
+    /// These bytes were captured (they are in `compute_instance_console_bytes_total`).
+    LineBudget,
+    /// The queue to the log files was full (the lines are still in the API).
     Queue,
     /// The log files could not take them (disk cap reached, write error).
     Sink,
 }
 
+/// Number of [`DropWhere`] values.
+pub(crate) const DROP_WHERES: usize = 7;
+
 impl DropWhere {
-    pub(crate) const ALL: [Self; 3] = [Self::Kernel, Self::Queue, Self::Sink];
+    pub(crate) const ALL: [Self; DROP_WHERES] = [
+        Self::KernelRing,
+        Self::OverBudget,
+        Self::Evicted,
+        Self::Cut,
+        Self::LineBudget,
+        Self::Queue,
+        Self::Sink,
+    ];
 
     pub(crate) fn as_str(self) -> &'static str {
         match self {
-            Self::Kernel => "kernel",
+            Self::KernelRing => "kernel_ring",
+            Self::OverBudget => "over_budget",
+            Self::Evicted => "evicted",
+            Self::Cut => "cut",
+            Self::LineBudget => "line_budget",
             Self::Queue => "queue",
             Self::Sink => "sink",
+        }
+    }
+
+    /// Where the kernel's loss cause `cause` (`console_loss`) is counted.
+    pub(crate) fn of_kernel_cause(cause: u32) -> Option<Self> {
+        use collector_common::console_loss;
+        match cause {
+            console_loss::RING => Some(Self::KernelRing),
+            console_loss::OVER_BUDGET => Some(Self::OverBudget),
+            console_loss::PENDING_FULL => Some(Self::Evicted),
+            _ => None,
         }
     }
 }
@@ -303,9 +335,10 @@ impl LogRecord {
         out.extend_from_slice(b"}\n");
     }
 
-    /// Bytes the record holds, for memory and queue accounting.
+    /// Bytes the record holds, for memory and queue accounting: the record, its `Arc`'s two
+    /// counters, its text's heap allocation, and the slot that points at it.
     pub(crate) fn size(&self) -> usize {
-        self.message.len() + 64
+        size_of::<Self>() + 2 * size_of::<usize>() + self.message.capacity() + size_of::<usize>()
     }
 }
 

@@ -6,13 +6,13 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use super::console::DropWhere;
+use super::console::{DROP_WHERES, DropWhere};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Counters {
     pub(crate) bytes: [u64; 3],
     pub(crate) lines: [u64; 3],
-    pub(crate) dropped: [u64; 3],
+    pub(crate) dropped: [u64; DROP_WHERES],
 }
 
 #[derive(Debug, Default)]

@@ -137,7 +137,10 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
     // Each missing capability or mount is said once, before the load that may need it.
     let privileges = privileges::check();
     // The kernel side first: every stage gets its handles ready-made.
-    let kernel = loader::load(&config.kernel, &matchers.kernel_plan(&rules))?;
+    let mut plan = matchers.kernel_plan(&rules);
+    plan.console_limits = config.console_limits();
+    let kernel = loader::load(&config.kernel, &plan)?;
+    release_load_memory();
     info!(
         listen = %listen,
         metrics_listen = metrics_listen.map(|a| a.to_string()),
@@ -275,7 +278,10 @@ impl Stages {
             snapshot_tx,
             pipelines.guard(Pipeline::Registry),
         );
-        let history = ConsoleHistory::new(config.console.history_bytes);
+        let history = ConsoleHistory::new(
+            config.console.history_bytes,
+            config.console.history_total_bytes(),
+        );
         let files = LogFiles::start(
             &config.log_dir,
             &config.console,
@@ -487,5 +493,16 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => info!(signal = "SIGTERM", "shutting down"),
         _ = int.recv() => info!(signal = "SIGINT", "shutting down"),
+    }
+}
+
+/// Hands back to the system the heap the load used once (the kernel's BTF, parsed into several
+/// MiB of tables, and the object's relocation data): glibc keeps freed memory mapped otherwise,
+/// and it would count in the collector's RSS for as long as it runs.
+fn release_load_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap memory to the system; no pointer is affected.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

@@ -26,6 +26,9 @@ pub(crate) trait Cost {
 pub(crate) struct Limits {
     /// Cost kept per key (oldest items leave first).
     pub(crate) per_key: usize,
+    /// Cost kept over all keys together; past it, the items of keys that ended (longest ago
+    /// first) leave, then the oldest items of the largest keys.
+    pub(crate) total: usize,
     /// Keys kept; past it, those that ended longest ago go.
     pub(crate) keys: usize,
     /// How long an ended key stays readable; `None`: until [`Journal::remove`].
@@ -59,6 +62,8 @@ impl<T> Log<T> {
 #[derive(Debug)]
 struct Inner<K, T> {
     logs: HashMap<K, Log<T>>,
+    /// Cost of every key's items.
+    cost: usize,
     /// Followers of every key, when the journal has a global feed.
     global: Option<broadcast::Sender<Arc<T>>>,
 }
@@ -86,6 +91,7 @@ impl<K: Eq + Hash + Clone + Ord, T: Cost> Journal<K, T> {
             limits,
             inner: Mutex::new(Inner {
                 logs: HashMap::new(),
+                cost: 0,
                 global: global_feed.then(|| broadcast::channel(limits.follow_backlog).0),
             }),
             begun: Notify::new(),
@@ -122,6 +128,7 @@ impl<K: Eq + Hash + Clone + Ord, T: Cost> Journal<K, T> {
         if log.live.as_ref().is_some_and(|l| l.receiver_count() == 0) {
             log.live = None;
         }
+        let before = log.cost;
         for item in items {
             log.cost += item.cost();
             log.items.push_back(item.clone());
@@ -139,8 +146,50 @@ impl<K: Eq + Hash + Clone + Ord, T: Cost> Journal<K, T> {
             };
             log.cost -= old.cost();
         }
+        inner.cost = inner.cost + log.cost - before;
+        if inner.cost > self.limits.total {
+            self.make_room(inner);
+        }
         if create {
             self.trim(inner);
+        }
+    }
+
+    /// Brings the total cost to 15/16 of its bound (so that this runs once per many pushes):
+    /// keys that ended give way first, longest ago first; then the largest keys, oldest items
+    /// first, so each running key keeps its share.
+    fn make_room(&self, inner: &mut Inner<K, T>) {
+        let goal = self.limits.total - self.limits.total / 16;
+        while inner.cost > goal {
+            let ended = inner
+                .logs
+                .iter()
+                .filter(|(_, log)| log.ended.is_some() && log.cost > 0)
+                .min_by_key(|(_, log)| log.ended)
+                .map(|(key, _)| key.clone());
+            let victim = ended.or_else(|| {
+                inner
+                    .logs
+                    .iter()
+                    .max_by_key(|(_, log)| log.cost)
+                    .map(|(key, _)| key.clone())
+            });
+            let Some(log) = victim.and_then(|key| inner.logs.get_mut(&key)) else {
+                break;
+            };
+            // The largest gives way down to the next size step, not all at once.
+            let keep = if log.ended.is_some() { 0 } else { log.cost / 2 };
+            while log.cost > keep && inner.cost > goal {
+                let Some(old) = log.items.pop_front() else {
+                    break;
+                };
+                log.cost -= old.cost();
+                inner.cost -= old.cost();
+            }
+            if log.items.is_empty() && log.cost > 0 {
+                inner.cost -= log.cost;
+                log.cost = 0;
+            }
         }
     }
 
@@ -148,9 +197,15 @@ impl<K: Eq + Hash + Clone + Ord, T: Cost> Journal<K, T> {
     /// longest ago.
     fn trim(&self, inner: &mut Inner<K, T>) {
         if let Some(retention) = self.limits.retention {
-            inner
-                .logs
-                .retain(|_, log| log.ended.is_none_or(|t| t.elapsed() < retention));
+            let mut freed = 0;
+            inner.logs.retain(|_, log| {
+                let keep = log.ended.is_none_or(|t| t.elapsed() < retention);
+                if !keep {
+                    freed += log.cost;
+                }
+                keep
+            });
+            inner.cost -= freed;
         }
         while inner.logs.len() > self.limits.keys {
             let oldest = inner
@@ -159,7 +214,9 @@ impl<K: Eq + Hash + Clone + Ord, T: Cost> Journal<K, T> {
                 .filter_map(|(key, log)| Some((log.ended?, key.clone())))
                 .min();
             let Some((_, key)) = oldest else { break };
-            inner.logs.remove(&key);
+            if let Some(log) = inner.logs.remove(&key) {
+                inner.cost -= log.cost;
+            }
         }
     }
 
@@ -185,7 +242,16 @@ impl<K: Eq + Hash + Clone + Ord, T: Cost> Journal<K, T> {
 
     /// Forgets `key`.
     pub(crate) fn remove(&self, key: &K) {
-        self.lock().logs.remove(key);
+        let mut inner = self.lock();
+        if let Some(log) = inner.logs.remove(key) {
+            inner.cost -= log.cost;
+        }
+    }
+
+    /// Cost of every key's items together.
+    #[cfg(test)]
+    pub(crate) fn cost(&self) -> usize {
+        self.lock().cost
     }
 
     /// The items of `key` and, when `follow` and the key runs, a subscription to the later
@@ -262,6 +328,7 @@ mod tests {
     fn limits(per_key: usize, keys: usize) -> Limits {
         Limits {
             per_key,
+            total: usize::MAX,
             keys,
             retention: None,
             follow_backlog: 16,
@@ -312,6 +379,39 @@ mod tests {
         let (all, feed) = journal.follow_all(None, |i| i.0);
         assert_eq!(all.len(), 11);
         assert!(feed.is_some());
+    }
+
+    #[test]
+    fn total_bound_ended_first_then_the_largest() {
+        let journal: Journal<String, Item> = Journal::new(
+            Limits {
+                total: 1000,
+                ..limits(1 << 20, 10)
+            },
+            false,
+        );
+        let key = |k: &str| k.to_owned();
+        journal.push(&key("ended"), &items(0..30), true);
+        journal.end(&key("ended"));
+        journal.push(&key("big"), &items(0..60), true);
+        journal.push(&key("small"), &items(0..5), true);
+        // 950 so far; 70 more: the ended key gives way first.
+        journal.push(&key("small"), &items(5..12), true);
+        let len = |k: &str| {
+            journal
+                .subscribe(&key(k), false)
+                .map_or(0, |s| s.history.len())
+        };
+        // Down to 15/16 of the bound (938): 9 of the ended key's items go, no other.
+        assert_eq!(len("ended"), 21);
+        assert_eq!((len("big"), len("small")), (60, 12));
+        // Over again: the largest gives way, its oldest first; the small one keeps its lines.
+        journal.push(&key("small"), &items(12..50), true);
+        assert!(journal.cost() <= 1000, "{}", journal.cost());
+        assert_eq!(len("small"), 50);
+        let big = journal.subscribe(&key("big"), false).unwrap().history;
+        assert_eq!(big.last().unwrap().0, 59);
+        assert!(big.len() < 60);
     }
 
     #[test]

@@ -45,6 +45,17 @@
 //!   when set (each line then carries its send time), then writes `lines seconds cpu_seconds`
 //!   to `STANDIN_BENCH_REPORT` (CPU: user + system time of the process, which includes the
 //!   kernel programs that run in its syscalls).
+//! - `STANDIN_FLOOD_MS=N`: for N ms, writes 4 KiB writes of `\0\n` pairs (2048 lines each) to
+//!   stdout at full speed, then the bytes written to `STANDIN_FLOOD_REPORT`.
+//! - `STANDIN_QUIET_LINES=N`: writes `quiet line I` (I = 1..=N) to stdout, one every
+//!   `STANDIN_QUIET_MS` (default 10) ms.
+//! - `STANDIN_BLOCKED_FIFO=PATH` (a console file name): makes PATH a FIFO, fills it with 64-byte
+//!   `fill` lines, then starts `STANDIN_BLOCKED_WRITERS` threads that each write one 18-byte
+//!   `blocked line IIII` to it and block there; after `STANDIN_BLOCKED_MS` (default 1000) it
+//!   drains the FIFO until every writer is done, and writes `fill_lines writers` to
+//!   `STANDIN_BLOCKED_REPORT`.
+//! - `STANDIN_REOPEN=N` (with `STANDIN_CONSOLE_FILE`): opens the console file N more times
+//!   first (a process hoarding console descriptors), then writes as above through the first.
 
 use std::{
     env,
@@ -272,6 +283,80 @@ fn bench(total: u64, line_len: usize, rate: Option<u64>) -> u64 {
     lines
 }
 
+/// `\0\n` pairs at full speed for `ms`; returns the bytes written.
+fn flood(ms: u64) -> u64 {
+    let block = b"\0\n".repeat(2048);
+    let until = Instant::now() + Duration::from_millis(ms);
+    let mut written = 0u64;
+    while Instant::now() < until {
+        write_fd(1, &block);
+        written += block.len() as u64;
+    }
+    written
+}
+
+fn quiet(lines: u32, every: Duration) {
+    for i in 1..=lines {
+        write_fd(1, format!("quiet line {i}\n").as_bytes());
+        thread::sleep(every);
+    }
+}
+
+fn set_nonblocking(fd: i32, on: bool) {
+    // SAFETY: plain fcntl calls on a descriptor we own.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        let flags = if on {
+            flags | libc::O_NONBLOCK
+        } else {
+            flags & !libc::O_NONBLOCK
+        };
+        libc::fcntl(fd, libc::F_SETFL, flags);
+    }
+}
+
+/// Writers blocked in writes to a full FIFO at once; returns the fill lines written.
+fn blocked_writers(path: &str, writers: u32, hold: Duration) -> u32 {
+    let c = std::ffi::CString::new(path).expect("path");
+    // SAFETY: valid C string; the descriptors are ours.
+    let (fd, rd) = unsafe {
+        assert_eq!(libc::mkfifo(c.as_ptr(), 0o600), 0, "mkfifo {path}");
+        let fd = libc::open(c.as_ptr(), libc::O_RDWR);
+        let rd = libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_NONBLOCK);
+        assert!(fd >= 0 && rd >= 0, "open {path}");
+        (fd, rd)
+    };
+    set_nonblocking(fd, true);
+    let mut fill = 0u32;
+    loop {
+        let line = format!("fill {:058}\n", fill + 1);
+        // SAFETY: valid buffer of that length.
+        let n = unsafe { libc::write(fd, line.as_ptr().cast(), line.len()) };
+        if n < 0 {
+            break;
+        }
+        assert_eq!(n as usize, line.len(), "pipe writes of 64 bytes are atomic");
+        fill += 1;
+    }
+    set_nonblocking(fd, false);
+    let handles: Vec<_> = (1..=writers)
+        .map(|i| thread::spawn(move || write_fd(fd, format!("blocked line {i:04}\n").as_bytes())))
+        .collect();
+    thread::sleep(hold);
+    let mut buf = vec![0u8; 65536];
+    while !handles.iter().all(JoinHandle::is_finished) {
+        // SAFETY: valid buffer.
+        let n = unsafe { libc::read(rd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+    for handle in handles {
+        let _ = handle.join();
+    }
+    fill
+}
+
 /// User + system CPU time of this process so far.
 fn cpu_seconds() -> f64 {
     // SAFETY: zeroed rusage is a valid out-parameter.
@@ -285,6 +370,17 @@ fn cpu_seconds() -> f64 {
 fn console_output() {
     let lines: u32 = var("STANDIN_LINES").unwrap_or(0);
     let console = env::var("STANDIN_CONSOLE_FILE").ok().map(|p| open_file(&p));
+    if let (Ok(path), Some(n)) = (
+        env::var("STANDIN_CONSOLE_FILE"),
+        var::<u32>("STANDIN_REOPEN"),
+    ) {
+        let c = std::ffi::CString::new(path).expect("path");
+        for _ in 0..n {
+            // SAFETY: valid C string; the descriptors stay open for the process's life.
+            let fd = unsafe { libc::open(c.as_ptr(), libc::O_WRONLY | libc::O_APPEND) };
+            assert!(fd >= 0, "reopen the console file");
+        }
+    }
     let other = env::var("STANDIN_OTHER_FILE").ok().map(|p| open_file(&p));
     if let Some(ms) = var::<u64>("STANDIN_DELAY_MS") {
         thread::sleep(Duration::from_millis(ms));
@@ -314,6 +410,26 @@ fn console_output() {
     }
     if let Ok(tail) = env::var("STANDIN_TAIL") {
         write_fd(1, tail.as_bytes());
+    }
+    if let Some(ms) = var::<u64>("STANDIN_FLOOD_MS") {
+        let written = flood(ms);
+        if let Ok(report) = env::var("STANDIN_FLOOD_REPORT") {
+            let _ = std::fs::write(report, format!("{written}\n"));
+        }
+    }
+    if let Some(lines) = var::<u32>("STANDIN_QUIET_LINES") {
+        quiet(
+            lines,
+            Duration::from_millis(var("STANDIN_QUIET_MS").unwrap_or(10)),
+        );
+    }
+    if let Ok(path) = env::var("STANDIN_BLOCKED_FIFO") {
+        let writers = var("STANDIN_BLOCKED_WRITERS").unwrap_or(64);
+        let hold = Duration::from_millis(var("STANDIN_BLOCKED_MS").unwrap_or(1000));
+        let fill = blocked_writers(&path, writers, hold);
+        if let Ok(report) = env::var("STANDIN_BLOCKED_REPORT") {
+            let _ = std::fs::write(report, format!("{fill} {writers}\n"));
+        }
     }
     if let Some(total) = var::<u64>("STANDIN_BENCH_BYTES") {
         let started = Instant::now();

@@ -4,6 +4,7 @@
 //! bookkeeping does not add up (e.g. console lines captured + dropped != written).
 
 mod console;
+mod memory;
 mod sched;
 
 use std::{process::Command, time::Duration};
@@ -19,12 +20,16 @@ pub(crate) enum Bench {
     /// Console capture: loss-free throughput, writer slowdown, write-to-API latency, and the
     /// books balancing above capacity (16 stand-in VMMs, 4 KiB writes).
     Console(console::Args),
+    /// Memory: RSS, `/metrics` size and scrape time with 0, 200 and 1000 stand-in instances
+    /// that printed 16 KiB of console each.
+    Memory(memory::Args),
 }
 
 pub(crate) fn bench(bench: Bench) -> anyhow::Result<()> {
     match bench {
         Bench::Sched(options) => sched::run(&options),
         Bench::Console(args) => console::run(&args),
+        Bench::Memory(args) => memory::run(&args),
     }
 }
 

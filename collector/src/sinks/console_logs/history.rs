@@ -1,6 +1,9 @@
 //! Recent console lines of each instance, in memory, for the logs API (`tail`, `since`,
-//! `follow`). Bounded in bytes per instance (oldest lines leave first); an instance's lines
-//! stay until the console source expires them (`console.retention_seconds` after it exited).
+//! `follow`). Bounded in bytes (records' real size) per instance and for all instances
+//! together (three quarters of `console.memory_max_bytes`): past the total, instances that
+//! ended give way first, then the largest histories, oldest lines first. An instance's lines
+//! stay until the console source expires them (`console.retention_seconds` after it exited),
+//! or the bound takes them.
 
 use std::{sync::Arc, time::Duration};
 
@@ -25,11 +28,12 @@ pub(crate) struct ConsoleHistory {
 }
 
 impl ConsoleHistory {
-    pub(crate) fn new(history_bytes: usize) -> Self {
+    pub(crate) fn new(history_bytes: usize, total_bytes: usize) -> Self {
         Self {
             journal: Arc::new(Journal::new(
                 Limits {
                     per_key: history_bytes,
+                    total: total_bytes,
                     keys: usize::MAX,
                     retention: None,
                     follow_backlog: FOLLOW_BACKLOG,
@@ -88,7 +92,7 @@ mod tests {
 
     #[tokio::test]
     async fn lines_of_begun_instances_only() {
-        let history = ConsoleHistory::new(1 << 20);
+        let history = ConsoleHistory::new(1 << 20, usize::MAX);
         let mut subscriber = history.subscriber();
         let a: Arc<str> = "a".into();
         subscriber.begin(&a);
@@ -106,7 +110,7 @@ mod tests {
 
     #[tokio::test]
     async fn bounded_in_bytes() {
-        let history = ConsoleHistory::new(1000);
+        let history = ConsoleHistory::new(1000, usize::MAX);
         let mut subscriber = history.subscriber();
         subscriber.begin(&"a".into());
         for seq in 0..100 {

@@ -1,9 +1,11 @@
 //! Console logs: per-instance NDJSON files `<log-dir>/<instance>/console.log` (one record a
 //! line), and the in-memory [`history`] the logs API reads.
 //!
-//! - Written by a thread of its own, fed through a queue bounded in lines: when the disk is
-//!   slow or full the queue fills and lines are dropped and counted (`where="queue"`); the
-//!   console source never waits for the disk.
+//! - Written by a thread of its own, fed through a queue bounded in bytes (a quarter of
+//!   `console.memory_max_bytes`) and in lines (`console.queue_lines`), of which one instance may
+//!   hold at most an eighth: when the disk is slow or full, or a guest floods, lines are dropped
+//!   and counted (`where="queue"`), the flooding instance's first; the console source never
+//!   waits for the disk.
 //! - Rotated by size (`console.log.1` ... `.N`), so an instance holds at most
 //!   `file_max_bytes * (file_rotations + 1)`. All instances together stay under
 //!   `disk_max_bytes`: the oldest rotated files, and the files of instances that are gone, are
@@ -17,11 +19,7 @@ pub(crate) mod tail;
 use std::{
     collections::{HashMap, HashSet},
     path::Path,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-        mpsc,
-    },
+    sync::{Arc, Mutex, mpsc},
 };
 
 use tracing::warn;
@@ -33,7 +31,7 @@ use crate::{
         names,
     },
     model::{
-        console::{ConsoleSubscriber, DropWhere, LogRecord},
+        console::{ConsoleSubscriber, DropWhere, LineEnd, LogRecord},
         console_stats::ConsoleStats,
         health::PipelineGuard,
     },
@@ -58,12 +56,40 @@ enum Message {
     Ended(Arc<str>),
 }
 
+/// What waits in the queue: lines and bytes (records' real size), in all and per instance.
+#[derive(Debug, Default)]
+struct Queued {
+    lines: usize,
+    bytes: usize,
+    /// Bytes and lines of each instance.
+    per_instance: HashMap<Arc<str>, (usize, usize)>,
+}
+
+impl Queued {
+    /// Takes a written batch's records off the books.
+    fn written(&mut self, batch: &[Arc<LogRecord>]) {
+        for record in batch {
+            let size = record.size();
+            self.lines -= 1;
+            self.bytes -= size;
+            if let Some(held) = self.per_instance.get_mut(&record.instance_uuid) {
+                held.0 -= size;
+                held.1 -= 1;
+                if held.1 == 0 {
+                    self.per_instance.remove(&record.instance_uuid);
+                }
+            }
+        }
+    }
+}
+
 /// The sending side: a console subscriber.
 pub(crate) struct LogFiles {
     tx: mpsc::Sender<Message>,
     thread: std::thread::JoinHandle<()>,
-    queued: Arc<AtomicUsize>,
-    max_queued: usize,
+    queued: Arc<Mutex<Queued>>,
+    max_lines: usize,
+    max_bytes: usize,
     stats: ConsoleStats,
 }
 
@@ -82,7 +108,7 @@ impl LogFiles {
         };
         let root = LogDir::open(dir).map_err(dir_error)?;
         let (tx, rx) = mpsc::channel();
-        let queued = Arc::new(AtomicUsize::new(0));
+        let queued = Arc::new(Mutex::new(Queued::default()));
         let mut writer = Writer {
             total: root.files(FILE_NAME).iter().map(|f| f.size).sum(),
             root,
@@ -100,9 +126,8 @@ impl LogFiles {
                 while let Ok(message) = rx.recv() {
                     match message {
                         Message::Records(batch) => {
-                            let n = batch.len();
                             writer.write(&batch);
-                            thread_queued.fetch_sub(n, Ordering::AcqRel);
+                            thread_queued.lock().expect("queue lock").written(&batch);
                         }
                         Message::Ended(uuid) => {
                             writer.open.remove(&uuid);
@@ -115,33 +140,61 @@ impl LogFiles {
             tx,
             thread,
             queued,
-            max_queued: config.queue_lines,
+            max_lines: config.queue_lines,
+            max_bytes: config.queue_bytes(),
             stats,
         })
     }
 
-    /// Queues lines for the files; never blocks. Lines over the queue's bound are dropped and
-    /// counted.
+    /// Queues lines for the files; never blocks. A line over the queue's bounds (or over its
+    /// instance's share, an eighth of the bytes and of the lines) is dropped and counted.
     pub(crate) fn send(&self, batch: Vec<Arc<LogRecord>>) {
         if batch.is_empty() {
             return;
         }
-        let n = batch.len();
-        let before = self.queued.fetch_add(n, Ordering::AcqRel);
-        if before + n > self.max_queued {
-            self.queued.fetch_sub(n, Ordering::AcqRel);
-            for record in &batch {
+        let (share_bytes, share_lines) = (self.max_bytes / 8, self.max_lines / 8);
+        let mut admitted = Vec::with_capacity(batch.len());
+        let mut queued = self.queued.lock().expect("queue lock");
+        for record in batch {
+            let size = record.size();
+            let (held_bytes, held_lines) = queued
+                .per_instance
+                .get(&record.instance_uuid)
+                .copied()
+                .unwrap_or((0, 0));
+            // A gap record is the mark of a loss: only the queue's own bounds refuse it, never
+            // its instance's share (a flooding instance's marks are what its readers need).
+            let is_gap = matches!(record.end, LineEnd::Gap(_));
+            let over_share = held_bytes + size > share_bytes || held_lines >= share_lines.max(1);
+            if queued.lines >= self.max_lines
+                || queued.bytes + size > self.max_bytes
+                || (over_share && !is_gap)
+            {
                 self.stats.dropped(
                     &record.instance_uuid,
                     DropWhere::Queue,
                     record.message.len() as u64,
                 );
+                continue;
             }
+            queued.lines += 1;
+            queued.bytes += size;
+            let held = queued
+                .per_instance
+                .entry(record.instance_uuid.clone())
+                .or_default();
+            held.0 += size;
+            held.1 += 1;
+            admitted.push(record);
+        }
+        drop(queued);
+        if admitted.is_empty() {
             return;
         }
-        if let Err(mpsc::SendError(Message::Records(batch))) = self.tx.send(Message::Records(batch))
+        if let Err(mpsc::SendError(Message::Records(batch))) =
+            self.tx.send(Message::Records(admitted))
         {
-            self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
+            self.queued.lock().expect("queue lock").written(&batch);
         }
     }
 }
@@ -395,7 +448,10 @@ mod tests {
         wait_until(|| std::fs::read_to_string(&b).is_ok_and(|s| s.contains("\"seq\":30")));
         let total: u64 = walk(tmp.path());
         assert!(total <= 5 * 1024, "{total}");
-        assert_eq!(stats.get("b").dropped, [0, 0, 0]);
+        assert_eq!(
+            stats.get("b").dropped,
+            [0; crate::model::console::DROP_WHERES]
+        );
     }
 
     fn walk(dir: &Path) -> u64 {

@@ -48,6 +48,7 @@ impl EventStore {
             journal: Arc::new(Journal::new(
                 Limits {
                     per_key: config.max_per_instance,
+                    total: usize::MAX,
                     keys: config.max_instances,
                     retention: Some(Duration::from_secs(config.retention_seconds)),
                     follow_backlog: 1024,

@@ -52,8 +52,10 @@ pub(crate) fn write(w: &mut dyn MetricWriter, snapshot: &Snapshot, stats: &Conso
 
     w.family(
         "compute_instance_console_dropped_bytes",
-        "Console bytes of the instance given up, by where: kernel (ring full, or cut from a \
-         write over 64 KiB), queue (log-file queue full), sink (disk cap or write error).",
+        "Console bytes of the instance given up, by where: kernel_ring (console ring full), \
+         over_budget (over its budget in the kernel), evicted (pending-syscall map full), cut \
+         (the part of a write over 64 KiB), line_budget (lines over its share of userspace line \
+         handling), queue (log-file queue full), sink (disk cap or write error).",
         MetricKind::Counter,
     );
     for (labels, c) in &counters {

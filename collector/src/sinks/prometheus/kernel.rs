@@ -39,6 +39,23 @@ const THREAD_MAP_FULL: DropFamily = DropFamily {
            (kernel.max_tracked_threads).",
 };
 
+const CONSOLE_FD_QUOTA: DropFamily = DropFamily {
+    name: "collector_ebpf_console_fd_quota_refused",
+    help: "Console descriptors the kernel refused because their process already had \
+           kernel.console_fd_quota of them in the console-fd map; their writes are not captured.",
+};
+const CONSOLE_PROC_MAP_FULL: DropFamily = DropFamily {
+    name: "collector_ebpf_console_proc_map_full",
+    help: "Console syscalls of followed processes whose console state (budget, loss counters) \
+           could not be created: the console-process map was full.",
+};
+const CONSOLE_PENDING_FULL: DropFamily = DropFamily {
+    name: "collector_ebpf_console_pending_full",
+    help: "Opens and dups of followed processes not stashed between entry and exit: the \
+           pending-syscall map was full (kernel.console_pending_entries). Writes refused there \
+           are counted per instance, where=\"evicted\".",
+};
+
 /// A drop kind, the family it is exported in, and its labels there.
 type DropSeries = (
     u32,
@@ -66,6 +83,13 @@ const DROPS: [DropSeries; drop_kind::COUNT as usize] = [
     ),
     (drop_kind::CONSOLE_FD_MAP_FULL, &CONSOLE_FD_MAP_FULL, &[]),
     (drop_kind::SCHED_THREAD_MAP_FULL, &THREAD_MAP_FULL, &[]),
+    (drop_kind::CONSOLE_FD_QUOTA, &CONSOLE_FD_QUOTA, &[]),
+    (
+        drop_kind::CONSOLE_PROC_MAP_FULL,
+        &CONSOLE_PROC_MAP_FULL,
+        &[],
+    ),
+    (drop_kind::CONSOLE_PENDING_FULL, &CONSOLE_PENDING_FULL, &[]),
 ];
 
 // The table holds every kind, in index order (so no kind goes unexported).

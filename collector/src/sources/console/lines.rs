@@ -79,6 +79,15 @@ impl LineAssembler {
         }
     }
 
+    /// Output went missing here: the unterminated line, if any, ends (as
+    /// [`LineEnd::Partial`]), and nothing before the gap joins what comes after it (a `\n`
+    /// after the gap is not the end of a `\r\n` before it).
+    pub(crate) fn break_at_gap(&mut self, out: &mut Vec<Line>) {
+        self.flush(out);
+        self.after_cr = false;
+        self.begun = false;
+    }
+
     /// Emits the unterminated line, if any, as [`LineEnd::Partial`].
     pub(crate) fn flush(&mut self, out: &mut Vec<Line>) {
         if !self.buf.is_empty() {

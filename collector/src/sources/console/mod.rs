@@ -16,6 +16,7 @@
 //! numbering ([`Resume`]), each with one `collector_down` gap record first: output written
 //! while the collector was down is missing there.
 
+mod budget;
 pub(crate) mod lines;
 
 use std::{
@@ -27,6 +28,8 @@ use std::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
+use budget::LineBudget;
+use collector_common::console_loss;
 use lines::{Line, LineAssembler};
 
 use crate::{
@@ -65,6 +68,97 @@ struct Proc {
     /// When each stream last received bytes (for the idle flush of partial lines).
     last_write: [Instant; 3],
     left: Option<Instant>,
+    /// The kernel's loss totals of each stream already marked with a gap record.
+    marked: [u64; 3],
+    /// Kernel time of each stream's latest write (where a gap after it begins).
+    last_ns: [u64; 3],
+    /// The kernel's loss totals of each cause already counted in the metrics.
+    counted: [u64; console_loss::COUNT as usize],
+    /// The instance's share of line handling.
+    budget: LineBudget,
+    /// Lines given up to the budget since the stream's last record: one gap record marks them
+    /// before the next line that passes (or at the idle flush, or at the end).
+    shed: [Option<Shed>; 3],
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Shed {
+    bytes: u64,
+    since_ns: u64,
+    until_ns: u64,
+}
+
+impl Proc {
+    fn new(uuid: Arc<str>, config: &ConsoleConfig, now: Instant) -> Self {
+        Self {
+            uuid,
+            streams: std::array::from_fn(|_| LineAssembler::new(config.max_line_bytes)),
+            last_write: [now; 3],
+            left: None,
+            marked: [0; 3],
+            last_ns: [0; 3],
+            counted: [0; console_loss::COUNT as usize],
+            budget: LineBudget::new(config.rate_bytes_per_sec, config.burst_bytes, now),
+            shed: [None; 3],
+        }
+    }
+
+    /// Lines of stream `slot` that pass the budget, with a gap record where lines were given
+    /// up; adds the bytes given up to `shed_bytes`.
+    fn admit(
+        &mut self,
+        slot: usize,
+        lines: Vec<Line>,
+        now: Instant,
+        shed_bytes: &mut u64,
+    ) -> Vec<Line> {
+        let mut out = Vec::with_capacity(lines.len());
+        for line in lines {
+            let is_gap = matches!(line.end, LineEnd::Gap(_));
+            if is_gap || self.budget.take(line.bytes.len(), now) {
+                if let Some(gap) = self.take_shed(slot) {
+                    out.push(gap);
+                }
+                out.push(line);
+                continue;
+            }
+            let bytes = line.bytes.len() as u64 + u64::from(line.end == LineEnd::Newline);
+            *shed_bytes += bytes;
+            let shed = self.shed[slot].get_or_insert(Shed {
+                bytes: 0,
+                since_ns: line.boot_ns,
+                until_ns: line.boot_ns,
+            });
+            shed.bytes += bytes;
+            shed.until_ns = line.boot_ns;
+        }
+        out
+    }
+
+    /// The gap record of the lines given up on stream `slot`, if any.
+    fn take_shed(&mut self, slot: usize) -> Option<Line> {
+        let shed = self.shed[slot].take()?;
+        Some(gap_line(
+            GapReason::OverBudget,
+            shed.bytes,
+            shed.since_ns,
+            shed.until_ns,
+        ))
+    }
+}
+
+/// A gap record as a line: `dropped` bytes missing between kernel times `since_ns` and `at_ns`.
+/// Its `since` is resolved to wall time when it is emitted.
+fn gap_line(reason: GapReason, dropped: u64, since_ns: u64, at_ns: u64) -> Line {
+    Line {
+        boot_ns: at_ns,
+        bytes: Vec::new(),
+        end: LineEnd::Gap(Gap {
+            reason,
+            dropped_bytes: Some(dropped),
+            since: std::time::UNIX_EPOCH + Duration::from_nanos(since_ns.min(at_ns)),
+        }),
+    }
 }
 
 #[derive(Default)]
@@ -93,8 +187,6 @@ struct State {
     unknown: HashMap<u32, Unknown>,
     unknown_bytes: usize,
     seqs: HashMap<Arc<str>, [u64; 3]>,
-    /// Kernel drop counters as last read, by tgid.
-    kernel_drops: HashMap<u32, u64>,
     /// Instances whose console ended, and when (their retention counts from there).
     ended: HashMap<Arc<str>, Instant>,
     out: Vec<Arc<LogRecord>>,
@@ -120,7 +212,6 @@ impl ConsoleSource {
             unknown: HashMap::new(),
             unknown_bytes: 0,
             seqs: HashMap::new(),
-            kernel_drops: HashMap::new(),
             ended: HashMap::new(),
             out: Vec::new(),
         };
@@ -223,12 +314,31 @@ impl ConsoleSource {
         let slot = chunk.stream.index();
         self.stats.update(&proc.uuid, |c| {
             c.bytes[slot] += chunk.data.len() as u64;
-            c.dropped[DropWhere::Kernel as usize] += chunk.cut;
+            c.dropped[DropWhere::Cut as usize] += chunk.cut;
         });
-        proc.last_write[slot] = Instant::now();
+        let now = Instant::now();
+        proc.last_write[slot] = now;
         let mut lines = Vec::new();
+        // The kernel lost writes of this stream since its previous record: one gap, here.
+        if chunk.lost.bytes > proc.marked[slot] {
+            let dropped = chunk.lost.bytes - proc.marked[slot];
+            proc.marked[slot] = chunk.lost.bytes;
+            proc.streams[slot].break_at_gap(&mut lines);
+            let since = if proc.last_ns[slot] == 0 {
+                chunk.boot_ns
+            } else {
+                proc.last_ns[slot]
+            };
+            lines.push(gap_line(chunk.lost.reason, dropped, since, chunk.boot_ns));
+        }
+        proc.last_ns[slot] = chunk.boot_ns;
         proc.streams[slot].push(chunk.boot_ns, chunk.data, chunk.cut, &mut lines);
+        let mut shed = 0;
+        let lines = proc.admit(slot, lines, now, &mut shed);
         let uuid = proc.uuid.clone();
+        if shed > 0 {
+            self.stats.dropped(&uuid, DropWhere::LineBudget, shed);
+        }
         emit(state, &uuid, chunk.stream, lines, clock, &self.stats);
     }
 
@@ -266,17 +376,9 @@ impl ConsoleSource {
             subscriber.begin(&uuid);
         }
         self.add_open_console_files(pid, instance);
-        let max = self.config.max_line_bytes;
-        let now = Instant::now();
-        state.procs.insert(
-            pid,
-            Proc {
-                uuid,
-                streams: std::array::from_fn(|_| LineAssembler::new(max)),
-                last_write: [now; 3],
-                left: None,
-            },
-        );
+        state
+            .procs
+            .insert(pid, Proc::new(uuid, &self.config, Instant::now()));
         if let Some(waiting) = state.unknown.remove(&pid) {
             state.unknown_bytes -= waiting.bytes;
             let clock = BootClock::now();
@@ -317,19 +419,41 @@ impl ConsoleSource {
     /// The process is gone for good: flush its lines, end its log unless another process
     /// runs the same instance.
     fn finish(&mut self, state: &mut State, pid: u32) {
-        self.read_kernel_drops(state);
+        self.read_kernel_losses(state);
+        let last = self.kernel.proc(pid);
         let Some(mut proc) = state.procs.remove(&pid) else {
             return;
         };
         let clock = BootClock::now();
+        let now_ns = crate::model::time::boot_ns_now();
         for stream in Stream::ALL {
+            let slot = stream.index();
             let mut lines = Vec::new();
-            proc.streams[stream.index()].flush(&mut lines);
+            proc.streams[slot].flush(&mut lines);
+            if let Some(gap) = proc.take_shed(slot) {
+                lines.push(gap);
+            }
+            // Losses after the stream's last record: no later record carries them.
+            if let Some(last) = &last
+                && last.start_boot_ns != 0
+            {
+                let kernel_slot = slot + 1;
+                let lost = last.lost_bytes[kernel_slot];
+                if lost > proc.marked[slot] {
+                    let reason = console_decode::loss_reason(last.last_cause[kernel_slot]);
+                    let since = if proc.last_ns[slot] == 0 {
+                        now_ns
+                    } else {
+                        proc.last_ns[slot]
+                    };
+                    lines.push(gap_line(reason, lost - proc.marked[slot], since, now_ns));
+                    proc.marked[slot] = lost;
+                }
+            }
             emit(state, &proc.uuid, stream, lines, &clock, &self.stats);
         }
         self.kernel.forget_fds(|tgid| tgid == pid);
-        self.kernel.forget_drops(&HashSet::from([pid]));
-        state.kernel_drops.remove(&pid);
+        self.kernel.forget_procs(&HashSet::from([pid]));
         if !state.procs.values().any(|p| p.uuid == proc.uuid) {
             // Lines flushed above must reach the subscribers before the log ends.
             self.dispatch(state);
@@ -348,9 +472,13 @@ impl ConsoleSource {
         for proc in state.procs.values_mut() {
             for stream in Stream::ALL {
                 let slot = stream.index();
-                if proc.streams[slot].pending() > 0 && proc.last_write[slot].elapsed() >= idle {
+                let idle_now = proc.last_write[slot].elapsed() >= idle;
+                if idle_now && (proc.streams[slot].pending() > 0 || proc.shed[slot].is_some()) {
                     let mut lines = Vec::new();
                     proc.streams[slot].flush(&mut lines);
+                    if let Some(gap) = proc.take_shed(slot) {
+                        lines.insert(0, gap);
+                    }
                     flushed.push((proc.uuid.clone(), stream, lines));
                 }
             }
@@ -390,7 +518,10 @@ impl ConsoleSource {
                 );
             }
         }
-        self.read_kernel_drops(state);
+        self.read_kernel_losses(state);
+        // Threads that died inside a syscall leave their pending entry (the map never evicts).
+        self.kernel
+            .forget_pending(|tgid, tid| !proc::thread_exists(tgid, tid));
         let retention = Duration::from_secs(self.config.retention_seconds);
         let expired: Vec<Arc<str>> = state
             .ended
@@ -411,28 +542,33 @@ impl ConsoleSource {
             .forget_fds(|tgid| !procs.contains_key(&tgid) && !proc::exists(tgid));
     }
 
-    /// Folds the kernel's per-process drop counters into the instances' counters.
-    fn read_kernel_drops(&mut self, state: &mut State) {
-        for (tgid, bytes) in self.kernel.drops() {
-            let seen = state.kernel_drops.insert(tgid, bytes).unwrap_or(0);
-            let delta = bytes.saturating_sub(seen);
-            if delta == 0 {
+    /// Folds the kernel's per-process loss counters (by cause) into the instances' counters;
+    /// forgets those of processes that are gone.
+    fn read_kernel_losses(&mut self, state: &mut State) {
+        let mut dead = HashSet::new();
+        for (tgid, kernel) in self.kernel.procs() {
+            let Some(proc) = state.procs.get_mut(&tgid) else {
+                if !proc::exists(tgid) {
+                    // Never named: what it lost is unattributed (its captured bytes were).
+                    self.stats
+                        .unattributed(kernel.cause_bytes.iter().sum::<u64>());
+                    dead.insert(tgid);
+                }
                 continue;
-            }
-            match state.procs.get(&tgid) {
-                Some(proc) => self.stats.dropped(&proc.uuid, DropWhere::Kernel, delta),
-                None => self.stats.unattributed(delta),
+            };
+            for cause in 0..console_loss::COUNT {
+                let total = kernel.cause_bytes[cause as usize];
+                let seen = &mut proc.counted[cause as usize];
+                if total > *seen
+                    && let Some(at) = DropWhere::of_kernel_cause(cause)
+                {
+                    self.stats.dropped(&proc.uuid, at, total - *seen);
+                    *seen = total;
+                }
             }
         }
-        let dead: HashSet<u32> = state
-            .kernel_drops
-            .keys()
-            .filter(|tgid| !state.procs.contains_key(tgid) && !proc::exists(**tgid))
-            .copied()
-            .collect();
         if !dead.is_empty() {
-            self.kernel.forget_drops(&dead);
-            state.kernel_drops.retain(|tgid, _| !dead.contains(tgid));
+            self.kernel.forget_procs(&dead);
         }
     }
 
@@ -488,13 +624,25 @@ fn emit(
         return;
     }
     let seqs = state.seqs.entry(uuid.clone()).or_insert([0; 3]);
-    let count = lines.len() as u64;
-    for line in lines {
+    // Gap records are marks, not lines.
+    let count = lines
+        .iter()
+        .filter(|l| !matches!(l.end, LineEnd::Gap(_)))
+        .count() as u64;
+    for mut line in lines {
         seqs[stream.index()] += 1;
-        let (message, invalid_utf8) = match String::from_utf8(line.bytes) {
+        if let LineEnd::Gap(gap) = &mut line.end
+            && let Ok(since_ns) = gap.since.duration_since(std::time::UNIX_EPOCH)
+        {
+            // Carried as kernel time by `gap_line`.
+            gap.since = clock.wall(since_ns.as_nanos() as u64);
+        }
+        let (mut message, invalid_utf8) = match String::from_utf8(line.bytes) {
             Ok(text) => (text, false),
             Err(err) => (String::from_utf8_lossy(err.as_bytes()).into_owned(), true),
         };
+        // Held for the retention: no spare capacity (the assembler's buffer grew in steps).
+        message.shrink_to_fit();
         state.out.push(Arc::new(LogRecord {
             ts: clock.wall(line.boot_ns),
             instance_uuid: uuid.clone(),

@@ -20,6 +20,9 @@ use collector_tests::{
 };
 use serde_json::Value;
 
+/// The kernel's BPF statistics, off by default, on for the panels and the alert that read them.
+const PROGRAM_STATS_ON: &str = "[kernel]\nprogram_stats = \"on\"\n";
+
 /// Instances of two hypervisors with configured vCPUs and memory, ticking vCPUs (run-queue
 /// waits) and console output; one that crashes and one that stops, so that the lifecycle
 /// counters move. Returns the stand-ins (killed when dropped) and the running ones' uuids.
@@ -98,7 +101,7 @@ fn rules_evaluate_in_vmalert_against_victoriametrics() {
     let vm_bin = require_binary("victoria-metrics", "victoria-metrics");
     let vmagent_bin = require_binary("vmagent", "victoria-metrics");
     let vmalert_bin = require_binary("vmalert", "victoria-metrics");
-    let collector = Collector::start(&[]);
+    let collector = Collector::start_with_config(PROGRAM_STATS_ON);
     let work = tempfile::tempdir().expect("dir");
     let (_standins, uuids) = instances(&collector, work.path());
 
@@ -242,7 +245,7 @@ fn substitute(expr: &str) -> String {
 #[test]
 fn dashboards_and_rules_against_prometheus() {
     let prometheus_bin = require_binary("prometheus", "prometheus");
-    let collector = Collector::start(&[]);
+    let collector = Collector::start_with_config(PROGRAM_STATS_ON);
     let work = tempfile::tempdir().expect("dir");
     let (_standins, uuids) = instances(&collector, work.path());
     let config = format!(

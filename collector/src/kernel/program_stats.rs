@@ -1,13 +1,15 @@
 //! The kernel's BPF run-time statistics, which `collector_ebpf_program_*` read.
 //!
-//! While any process holds a `BPF_ENABLE_STATS` descriptor, the kernel reads the clock before
-//! and after every run of every BPF program on the host (ours and everyone else's): about
-//! 80 ns a run here. So the collector holds one only when `kernel.program_stats` asks: never
-//! (`off`, the default), always (`on`), or for a window of `program_stats_sample_seconds`
-//! every `program_stats_every_seconds` (`sampled`). The counters only move inside windows, so
-//! a program's mean cost is `run_seconds / runs` in every mode, and its CPU share is
-//! `rate(run_seconds) / rate(collector_ebpf_program_stats_seconds_total)`: run time per
-//! second of counting.
+//! While any process holds a `BPF_ENABLE_STATS` descriptor (or the sysctl
+//! `kernel.bpf_stats_enabled` is set), the kernel reads the clock before and after every run
+//! of every BPF program on the host (ours and everyone else's): about 80 ns a run here. So the
+//! collector holds one only when `kernel.program_stats` asks: never (`off`, the default),
+//! always (`on`), or for a window of `program_stats_sample_seconds` every
+//! `program_stats_every_seconds` (`sampled`). Holding one needs CAP_SYS_ADMIN, which the
+//! DaemonSet does not grant: there an operator sets the sysctl for as long as the figures are
+//! wanted. Either way the collector counts the seconds the statistics were on, so a program's
+//! mean cost is `run_seconds / runs` and its CPU share `rate(run_seconds) /
+//! rate(collector_ebpf_program_stats_seconds_total)`: run time per second of counting.
 
 use std::{
     os::fd::OwnedFd,
@@ -23,15 +25,16 @@ use crate::config::{KernelConfig, ProgramStatsMode};
 /// The administrator's switch for the same statistics.
 const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
-/// Turns the kernel's statistics on and off, and keeps the time it held them on.
+/// Turns the kernel's statistics on and off, and counts the time they were on.
 #[derive(Clone, Default)]
 pub(crate) struct ProgramStatsSwitch(Arc<Mutex<Held>>);
 
 #[derive(Default)]
 struct Held {
     fd: Option<OwnedFd>,
-    since: Option<Instant>,
-    before: Duration,
+    /// Time the statistics were on, seen once a second: held by the collector, or set with
+    /// the sysctl.
+    counted: Duration,
     /// The kernel refused once already (logged once, not at every window).
     refused: bool,
 }
@@ -42,23 +45,25 @@ impl std::fmt::Debug for ProgramStatsSwitch {
     }
 }
 
+/// How often the switch looks at the sysctl and counts.
+const TICK: Duration = Duration::from_secs(1);
+
 impl ProgramStatsSwitch {
-    /// Holds a statistics descriptor until [`Self::off`]; a refusal is logged once.
+    /// Holds a statistics descriptor until [`Self::off`]; a refusal (it needs CAP_SYS_ADMIN)
+    /// is logged once.
     pub(crate) fn on(&self) {
         let mut held = self.0.lock().expect("stats lock");
         if held.fd.is_some() {
             return;
         }
         match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
-            Ok(fd) => {
-                held.fd = Some(fd);
-                held.since = Some(Instant::now());
-            }
+            Ok(fd) => held.fd = Some(fd),
             Err(error) if !held.refused => {
                 held.refused = true;
                 warn!(
                     %error,
-                    "kernel BPF statistics unavailable; collector_ebpf_program_* stay at 0"
+                    "kernel BPF statistics refused (they need CAP_SYS_ADMIN); \
+                     collector_ebpf_program_* move only while kernel.bpf_stats_enabled is set"
                 );
             }
             Err(_) => {}
@@ -67,17 +72,20 @@ impl ProgramStatsSwitch {
 
     /// Lets go of the descriptor (the kernel stops counting unless someone else holds one).
     pub(crate) fn off(&self) {
-        let mut held = self.0.lock().expect("stats lock");
-        if let Some(since) = held.since.take() {
-            held.before += since.elapsed();
-        }
-        held.fd = None;
+        self.0.lock().expect("stats lock").fd = None;
     }
 
-    /// Seconds the collector has held the statistics on, the current window included.
-    pub(crate) fn held_seconds(&self) -> f64 {
-        let held = self.0.lock().expect("stats lock");
-        (held.before + held.since.map_or(Duration::ZERO, |s| s.elapsed())).as_secs_f64()
+    /// Adds `elapsed` to the counted time if the statistics were on during it.
+    fn count(&self, elapsed: Duration, sysctl_set: bool) {
+        let mut held = self.0.lock().expect("stats lock");
+        if held.fd.is_some() || sysctl_set {
+            held.counted += elapsed;
+        }
+    }
+
+    /// Seconds the statistics were on while the collector ran.
+    pub(crate) fn counted_seconds(&self) -> f64 {
+        self.0.lock().expect("stats lock").counted.as_secs_f64()
     }
 
     /// Whether the collector holds the statistics on now.
@@ -92,31 +100,41 @@ impl ProgramStatsSwitch {
         Some(text.trim() != "0")
     }
 
-    /// Applies `config.program_stats` until `stop`: `on` holds the statistics from the start,
-    /// `sampled` opens a window at once and then every period. Always ends with them off.
+    /// Applies `config.program_stats` until `stop`, counting the time the statistics are on
+    /// once a second: `on` holds them from the start, `sampled` opens a window at once and
+    /// then every period, `off` only counts what the sysctl turns on. Ends with them let go.
     pub(crate) async fn run(self, config: KernelConfig, stop: CancellationToken) {
         let window = Duration::from_secs(config.program_stats_sample_seconds);
         let period = Duration::from_secs(config.program_stats_every_seconds);
-        match config.program_stats {
-            ProgramStatsMode::Off => return,
-            ProgramStatsMode::On => {
-                self.on();
-                stop.cancelled().await;
+        if config.program_stats == ProgramStatsMode::Sampled {
+            info!(
+                window_s = window.as_secs(),
+                period_s = period.as_secs(),
+                "kernel BPF statistics sampled"
+            );
+        }
+        let started = Instant::now();
+        let mut last = started;
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = tick.tick() => {}
             }
-            ProgramStatsMode::Sampled => {
-                info!(
-                    window_s = window.as_secs(),
-                    period_s = period.as_secs(),
-                    "kernel BPF statistics sampled"
-                );
-                loop {
-                    self.on();
-                    if wait(&stop, window).await {
-                        break;
-                    }
-                    self.off();
-                    if wait(&stop, period.saturating_sub(window)).await {
-                        break;
+            let now = Instant::now();
+            self.count(now - last, Self::sysctl_set().unwrap_or(false));
+            last = now;
+            match config.program_stats {
+                ProgramStatsMode::Off => {}
+                ProgramStatsMode::On => self.on(),
+                ProgramStatsMode::Sampled => {
+                    let into_period = Duration::from_nanos(
+                        ((now - started).as_nanos() % period.as_nanos()) as u64,
+                    );
+                    if into_period < window {
+                        self.on();
+                    } else {
+                        self.off();
                     }
                 }
             }
@@ -125,31 +143,18 @@ impl ProgramStatsSwitch {
     }
 }
 
-/// Sleeps for `duration`; true if `stop` came first.
-async fn wait(stop: &CancellationToken, duration: Duration) -> bool {
-    tokio::select! {
-        () = stop.cancelled() => true,
-        () = tokio::time::sleep(duration) => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn held_time_adds_up_across_windows() {
+    fn only_time_with_the_statistics_on_is_counted() {
         let switch = ProgramStatsSwitch::default();
-        assert!(switch.held_seconds() < f64::EPSILON);
-        let mut held = switch.0.lock().unwrap();
-        held.before = Duration::from_secs(3);
-        held.since = Some(Instant::now().checked_sub(Duration::from_secs(2)).unwrap());
-        drop(held);
-        let seconds = switch.held_seconds();
-        assert!((5.0..6.0).contains(&seconds), "{seconds}");
-        switch.off();
-        let after = switch.held_seconds();
-        assert!((5.0..6.0).contains(&after), "{after}");
-        assert!(switch.0.lock().unwrap().since.is_none());
+        switch.count(Duration::from_secs(5), false);
+        assert!(switch.counted_seconds() < f64::EPSILON);
+        // Set by the sysctl: counted although the collector holds nothing.
+        switch.count(Duration::from_secs(2), true);
+        assert!((switch.counted_seconds() - 2.0).abs() < 1e-9);
+        assert!(!switch.holding());
     }
 }

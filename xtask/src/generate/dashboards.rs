@@ -471,10 +471,14 @@ fn instance() -> Dashboard {
                     format!(r#"sum by (le) (rate(compute_instance_runqueue_latency_seconds_bucket{{{sel}, thread="vcpu"}}[$__rate_interval]))"#),
                     "{{le}}",
                 ),
-            panel("Run-queue latency p99", "timeseries", "s", "99th percentile of the waits, by thread class (interpolated within log2 buckets).")
+            panel("vCPU run-queue latency p50 and p99", "timeseries", "s", "Median and 99th percentile of the vCPU threads' waits (interpolated within buckets of 4x: 4 µs, 16 µs, ..., 262 ms).")
                 .q(
-                    format!("histogram_quantile(0.99, sum by (le, thread) (rate(compute_instance_runqueue_latency_seconds_bucket{{{sel}}}[$__rate_interval])))"),
-                    "p99 {{thread}}",
+                    format!(r#"histogram_quantile(0.5, sum by (le) (rate(compute_instance_runqueue_latency_seconds_bucket{{{sel}, thread="vcpu"}}[$__rate_interval])))"#),
+                    "p50",
+                )
+                .q(
+                    format!(r#"histogram_quantile(0.99, sum by (le) (rate(compute_instance_runqueue_latency_seconds_bucket{{{sel}, thread="vcpu"}}[$__rate_interval])))"#),
+                    "p99",
                 ),
             panel("Context switches", "timeseries", "cps", "Switches of the instance's threads off a CPU: voluntary (blocked) and involuntary (preempted).")
                 .q(

@@ -159,11 +159,12 @@ impl KernelMetrics {
         }
         w.family(
             "collector_ebpf_program_stats_seconds",
-            "Time the collector held the kernel's BPF statistics on (kernel.program_stats): \
-             run_seconds divided by this is the programs' CPU share while counted.",
+            "Time the kernel's BPF statistics were on while the collector ran (held by it, or \
+             the sysctl set), seen once a second: run_seconds divided by this is the programs' \
+             CPU share while counted.",
             MetricKind::Counter,
         );
-        w.sample(&[], Value::Float(self.program_stats.held_seconds()));
+        w.sample(&[], Value::Float(self.program_stats.counted_seconds()));
         w.family(
             "collector_ebpf_program_stats_enabled",
             "1 while the kernel's BPF statistics are on: held by the collector \

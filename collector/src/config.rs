@@ -11,14 +11,33 @@ use serde::{Deserialize, Serialize};
 
 /// Default address of the HTTP server (`/metrics`, `/healthz`, `/readyz`, `/v1`).
 pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:9478";
+/// Default permission bits of the API socket: its owner (root) only.
+pub(crate) const DEFAULT_API_SOCKET_MODE: u32 = 0o600;
 /// Default folder of per-instance logs.
 pub(crate) const DEFAULT_LOG_DIR: &str = "/var/log/compute-collector";
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct Config {
-    /// Address the HTTP server listens on.
+    /// Address the HTTP server listens on: every route, `/v1` included (unauthenticated, so a
+    /// loopback address unless `allow_unauthenticated_remote_api`).
     pub(crate) listen: SocketAddr,
+    /// A second address that serves only `/metrics`, `/healthz` and `/readyz` (`/v1` is 404
+    /// there): what Prometheus and the kubelet reach on the pod IP.
+    pub(crate) metrics_listen: Option<SocketAddr>,
+    /// A unix socket that serves every route, `/v1` included, for the CLI (`--addr unix:PATH`)
+    /// and node-local readers.
+    pub(crate) api_socket: Option<PathBuf>,
+    /// Permission bits of `api_socket` (connecting needs write permission).
+    pub(crate) api_socket_mode: u32,
+    /// Lets `listen` be a non-loopback address although it serves `/v1` without
+    /// authentication (logged as a warning at start).
+    pub(crate) allow_unauthenticated_remote_api: bool,
+    /// Limits of every HTTP server.
+    pub(crate) http: HttpConfig,
+    /// Folders a matched hypervisor's executable must be in (root-owned, not group- or
+    /// world-writable); a process running anything else is not followed.
+    pub(crate) trusted_executable_dirs: Vec<PathBuf>,
     /// Folder of per-instance log and event files.
     pub(crate) log_dir: PathBuf,
     /// Names of built-in matchers to turn off (`firecracker`, `qemu`, `cloud-hypervisor`).
@@ -40,6 +59,15 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            metrics_listen: None,
+            api_socket: None,
+            api_socket_mode: DEFAULT_API_SOCKET_MODE,
+            allow_unauthenticated_remote_api: false,
+            http: HttpConfig::default(),
+            trusted_executable_dirs: DEFAULT_TRUSTED_EXECUTABLE_DIRS
+                .iter()
+                .map(PathBuf::from)
+                .collect(),
             log_dir: PathBuf::from(DEFAULT_LOG_DIR),
             disable_builtin_matchers: Vec::new(),
             matchers: Vec::new(),
@@ -47,6 +75,43 @@ impl Default for Config {
             events: EventsConfig::default(),
             console: ConsoleConfig::default(),
             kubernetes: KubernetesConfig::default(),
+        }
+    }
+}
+
+/// Where the built-in matchers accept hypervisor executables from.
+pub(crate) const DEFAULT_TRUSTED_EXECUTABLE_DIRS: [&str; 5] = [
+    "/usr/bin",
+    "/usr/sbin",
+    "/usr/local/bin",
+    "/usr/libexec",
+    "/opt",
+];
+
+/// Limits of the HTTP servers, so that no client can hold the collector's descriptors or
+/// workers.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct HttpConfig {
+    /// Milliseconds a connection may take to send a request's headers, and may stay idle
+    /// between requests; then it is closed.
+    pub(crate) header_read_timeout_ms: u64,
+    /// Most open connections per server; at the limit the oldest connection without a request
+    /// in progress is closed to make room.
+    pub(crate) max_connections: usize,
+    /// Most requests handled at once per server; more wait for a turn.
+    pub(crate) max_concurrent_requests: usize,
+    /// Milliseconds a non-streaming request may take before it answers 503.
+    pub(crate) request_timeout_ms: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            header_read_timeout_ms: 10_000,
+            max_connections: 512,
+            max_concurrent_requests: 32,
+            request_timeout_ms: 10_000,
         }
     }
 }
@@ -96,6 +161,9 @@ pub(crate) struct MatcherConfig {
     pub(crate) vcpu_thread: String,
     /// Per-instance folder, with `{id}` for the instance id.
     pub(crate) instance_dir: Option<String>,
+    /// Folders this matcher also accepts executables from, besides `trusted_executable_dirs`.
+    #[serde(default)]
+    pub(crate) trusted_executable_dirs: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -345,6 +413,35 @@ impl Config {
                  {every}: the window must be at least 1 s and shorter than the period"
             ));
         }
+        let h = &self.http;
+        if h.header_read_timeout_ms == 0
+            || h.max_connections == 0
+            || h.max_concurrent_requests == 0
+            || h.request_timeout_ms == 0
+        {
+            return Err("http: every limit must be at least 1".into());
+        }
+        if self.api_socket_mode & !0o777 != 0 {
+            return Err(format!(
+                "api_socket_mode = {:#o}: only permission bits (0o777) are allowed",
+                self.api_socket_mode
+            ));
+        }
+        let relative = self
+            .trusted_executable_dirs
+            .iter()
+            .chain(
+                self.matchers
+                    .iter()
+                    .flat_map(|m| &m.trusted_executable_dirs),
+            )
+            .find(|d| !d.is_absolute());
+        if let Some(dir) = relative {
+            return Err(format!(
+                "trusted_executable_dirs: {} is not an absolute path",
+                dir.display()
+            ));
+        }
         let k = &self.kubernetes;
         if k.auth_cache_entries == 0 {
             return Err("kubernetes.auth_cache_entries must be at least 1".into());
@@ -491,6 +588,8 @@ vcpu_thread = '^crosvm_vcpu(\d+)$'
         };
         full.matchers[0].hypervisor = Some("h".into());
         full.matchers[0].instance_dir = Some("d".into());
+        full.metrics_listen = Some("0.0.0.0:9479".parse().unwrap());
+        full.api_socket = Some("/run/s.sock".into());
         let mut code_keys = Vec::new();
         key_paths(&toml::Value::try_from(&full).unwrap(), "", &mut code_keys);
         let missing: Vec<&String> = code_keys

@@ -108,6 +108,17 @@ impl Collector {
     /// [`Collector::start_in`] with environment variables `env`. Its stderr goes to
     /// `collector.stderr` in the log folder (appended: a restart keeps the earlier run's).
     pub fn start_in_env(log_dir: tempfile::TempDir, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_wrapped(&[], log_dir, extra, env)
+    }
+
+    /// [`Collector::start_in_env`], the collector started by the command `wrapper` (e.g.
+    /// `setpriv ... --`) when it is not empty.
+    pub fn start_wrapped(
+        wrapper: &[String],
+        log_dir: tempfile::TempDir,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         require_bpf();
         let addr = format!("127.0.0.1:{}", free_port());
         let stderr_path = log_dir.path().join("collector.stderr");
@@ -116,10 +127,19 @@ impl Collector {
             .append(true)
             .open(&stderr_path)
             .expect("stderr file");
-        let child = Command::new(collector_bin())
+        let extra = with_trusted_standins(log_dir.path(), extra);
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(collector_bin());
+                command
+            }
+            None => Command::new(collector_bin()),
+        };
+        let child = command
             .args(["run", "--listen", &addr, "--log-dir"])
             .arg(log_dir.path())
-            .args(extra)
+            .args(&extra)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -277,8 +297,52 @@ impl Drop for Collector {
     }
 }
 
+/// The folders the collector trusts by default (`trusted_executable_dirs`).
+pub const DEFAULT_TRUSTED_DIRS: [&str; 5] = [
+    "/usr/bin",
+    "/usr/sbin",
+    "/usr/local/bin",
+    "/usr/libexec",
+    "/opt",
+];
+
+/// `extra` with the stand-ins' folder trusted (`trusted_executable_dirs`, with the defaults):
+/// added to the config file the test gives (`--config PATH`), or as the config when it gives
+/// none. A config that sets the key itself is left as it is.
+fn with_trusted_standins(log_dir: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = extra.iter().map(|a| (*a).to_owned()).collect();
+    let given = args.iter().position(|a| a == "--config");
+    let text = given.map_or_else(String::new, |i| {
+        std::fs::read_to_string(&args[i + 1]).expect("read the test's config")
+    });
+    if text
+        .lines()
+        .any(|l| l.trim_start().starts_with("trusted_executable_dirs"))
+    {
+        return args;
+    }
+    let mut dirs: Vec<String> = DEFAULT_TRUSTED_DIRS
+        .iter()
+        .map(|d| (*d).to_owned())
+        .collect();
+    dirs.push(standin_dir().display().to_string());
+    let merged = log_dir.join("collector-trusted.toml");
+    // Top-level keys come before the first table.
+    std::fs::write(
+        &merged,
+        format!("trusted_executable_dirs = {dirs:?}\n{text}"),
+    )
+    .expect("write config");
+    let merged = merged.display().to_string();
+    match given {
+        Some(i) => args[i + 1] = merged,
+        None => args.extend(["--config".to_owned(), merged]),
+    }
+    args
+}
+
 /// The stand-in hypervisor binary, copied under the executable names tests use.
-fn standin_dir() -> &'static Path {
+pub fn standin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("collector-standins-{}", std::process::id()));

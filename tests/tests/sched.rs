@@ -438,7 +438,11 @@ fn program_statistics_are_off_by_default_and_sampled_on_request() {
         ),
         Some(0.0)
     );
-    if sample(&metrics, "collector_ebpf_program_stats_enabled{by=\"sysctl\"}") == Some(0.0) {
+    if sample(
+        &metrics,
+        "collector_ebpf_program_stats_enabled{by=\"sysctl\"}",
+    ) == Some(0.0)
+    {
         assert_eq!(
             sample(&metrics, "collector_ebpf_program_stats_seconds_total"),
             Some(0.0)

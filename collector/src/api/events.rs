@@ -22,8 +22,23 @@ fn ndjson_line(event: &Sequenced) -> Bytes {
     Bytes::from(line)
 }
 
-fn ndjson_body(events: &[Arc<Sequenced>]) -> Vec<u8> {
-    events.iter().flat_map(|e| ndjson_line(e)).collect()
+/// Events per chunk of a streamed backlog.
+const CHUNK_EVENTS: usize = 256;
+
+/// `events` as an NDJSON body sent in chunks, each encoded only when the client takes it (a
+/// node's whole retained history is never one buffer).
+fn ndjson_body(events: &[Arc<Sequenced>]) -> Body {
+    Body::from_stream(chunks(events))
+}
+
+fn chunks(
+    events: &[Arc<Sequenced>],
+) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + use<> {
+    let chunks: Vec<Vec<Arc<Sequenced>>> = events.chunks(CHUNK_EVENTS).map(<[_]>::to_vec).collect();
+    stream::iter(chunks).map(|chunk| {
+        let body: Vec<u8> = chunk.iter().flat_map(|e| ndjson_line(e)).collect();
+        Ok(Bytes::from(body))
+    })
 }
 
 /// `GET /v1/instances/{uuid}/events`: the instance's retained events, oldest first.
@@ -58,11 +73,7 @@ pub(super) async fn all(
         return ([(header::CONTENT_TYPE, NDJSON)], ndjson_body(&backlog)).into_response();
     }
     let last_seq = backlog.last().map_or(0, |e| e.seq);
-    let head = stream::iter(
-        backlog
-            .into_iter()
-            .map(|e| Ok::<_, std::convert::Infallible>(ndjson_line(&e))),
-    );
+    let head = chunks(&backlog);
     let tail = stream::unfold(
         (receiver, last_seq, query.instance),
         |(mut receiver, last_seq, instance)| async move {

@@ -28,8 +28,10 @@ use crate::model::console::{LogRecord, Stream};
 /// How long a request for a listed instance waits for the console source to begin its log
 /// (the registry publishes the instance a moment before the source sees it).
 const BEGIN_WAIT: Duration = Duration::from_secs(2);
-/// Records per chunk of a streamed history.
+/// Records per chunk of a streamed history, at most.
 const CHUNK_RECORDS: usize = 256;
+/// Encoded bytes at which a chunk ends (a line of NUL bytes grows sixfold as JSON).
+const CHUNK_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Deserialize)]
 pub(super) struct LogsQuery {
@@ -87,18 +89,7 @@ pub(super) async fn logs(
         .filter(|r| filter.keep(r))
         .collect();
     let skip = query.tail.map_or(0, |n| kept.len().saturating_sub(n));
-    // The history goes out in chunks, each encoded only when the client takes it.
-    let chunks: Vec<Vec<Arc<LogRecord>>> = kept[skip..]
-        .chunks(CHUNK_RECORDS)
-        .map(<[Arc<LogRecord>]>::to_vec)
-        .collect();
-    let head = futures_util::stream::iter(chunks).map(|chunk| {
-        let mut out = Vec::new();
-        for record in &chunk {
-            record.write_ndjson(&mut out);
-        }
-        Ok::<_, Infallible>(Bytes::from(out))
-    });
+    let head = history_chunks(kept, skip);
     let body = match subscription.live {
         Some(live) => {
             let shutdown = state.shutdown.clone();
@@ -108,6 +99,27 @@ pub(super) async fn logs(
         None => Body::from_stream(head),
     };
     ([(header::CONTENT_TYPE, NDJSON)], body).into_response()
+}
+
+/// The history from `skip` on, in chunks of at most [`CHUNK_RECORDS`] records or about
+/// [`CHUNK_BYTES`] bytes (one record more than that at most), each encoded only when the
+/// client takes it: a history is never one buffer.
+fn history_chunks(
+    records: Vec<Arc<LogRecord>>,
+    skip: usize,
+) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
+    futures_util::stream::unfold((records, skip), |(records, mut next)| async move {
+        if next >= records.len() {
+            return None;
+        }
+        let mut out = Vec::new();
+        let end = (next + CHUNK_RECORDS).min(records.len());
+        while next < end && out.len() < CHUNK_BYTES {
+            records[next].write_ndjson(&mut out);
+            next += 1;
+        }
+        Some((Ok(Bytes::from(out)), (records, next)))
+    })
 }
 
 /// Each later record that passes `filter`, until the instance's log ends.
@@ -131,4 +143,33 @@ fn follow(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_history_goes_out_in_bounded_chunks() {
+        // 16 KiB lines of NUL: about 96 KiB each as JSON.
+        let nul = "\0".repeat(16 * 1024);
+        let records: Vec<Arc<LogRecord>> = (1..=10)
+            .map(|seq| LogRecord::test_line("u", Stream::Stdout, seq, &nul))
+            .collect();
+        let chunks: Vec<Bytes> = history_chunks(records, 2)
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        // One record a chunk (each is over the byte bound), from the third on.
+        assert_eq!(chunks.len(), 8);
+        assert!(chunks.iter().all(|c| c.len() < 2 * 96 * 1024));
+        let small: Vec<Arc<LogRecord>> = (1..=600)
+            .map(|seq| LogRecord::test_line("u", Stream::Stdout, seq, "x"))
+            .collect();
+        let lines: Vec<usize> = history_chunks(small, 0)
+            .map(|c| memchr::memchr_iter(b'\n', &c.unwrap()).count())
+            .collect()
+            .await;
+        assert_eq!(lines, [256, 256, 88]);
+    }
 }

@@ -17,17 +17,27 @@
 //!   NDJSON, streaming with `follow` ([`logs`]).
 //!
 //! Follow streams end when the collector shuts down, so that shutdown never waits for a reader.
+//!
+//! Exposure ([`Exposure`]): `--listen` and `--api-socket` serve every route; `--metrics-listen`
+//! only the first three (`/v1` is 404 there). Every route runs under a concurrency limit
+//! (`http.max_concurrent_requests`, waiting for a turn counts against the timeout), and every
+//! route but the two that stream (`/logs`, `/v1/events`) under a timeout
+//! (`http.request_timeout_ms`, then 503). [`server`] adds the connection limits.
 
 pub(crate) mod auth;
 mod events;
 mod health;
 mod instances;
 mod logs;
+pub(crate) mod server;
 pub(crate) mod views;
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
 };
 
 use axum::{
@@ -37,6 +47,8 @@ use axum::{
     routing::get,
 };
 use tokio_util::sync::CancellationToken;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
 
 use crate::{
     matching::Matchers,
@@ -90,16 +102,46 @@ pub(crate) struct ApiState {
     pub(crate) shutdown: CancellationToken,
 }
 
-pub(crate) fn router(state: ApiState) -> Router {
-    Router::new()
+/// Which routes a server serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Exposure {
+    /// Every route, `/v1` included.
+    All,
+    /// `/metrics`, `/healthz` and `/readyz` only.
+    Metrics,
+}
+
+/// Limits of each request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RequestLimits {
+    pub(crate) max_concurrent: usize,
+    pub(crate) timeout: Duration,
+}
+
+pub(crate) fn router(state: ApiState, exposure: Exposure, limits: RequestLimits) -> Router {
+    let turns = GlobalConcurrencyLimitLayer::new(limits.max_concurrent);
+    let timeout = TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, limits.timeout);
+    let mut app = Router::new()
         .route("/metrics", get(health::metrics))
         .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/v1/instances", get(instances::list))
-        .route("/v1/instances/{uuid}", get(instances::one))
-        .route("/v1/instances/{uuid}/events", get(events::of_instance))
-        .route("/v1/instances/{uuid}/logs", get(logs::logs))
-        .route("/v1/events", get(events::all))
+        .route("/readyz", get(health::readyz));
+    if exposure == Exposure::All {
+        app = app
+            .route("/v1/instances", get(instances::list))
+            .route("/v1/instances/{uuid}", get(instances::one))
+            .route("/v1/instances/{uuid}/events", get(events::of_instance));
+    }
+    // Applied to the routes so far: the timeout covers the wait for a turn too.
+    app = app.route_layer(turns.clone()).route_layer(timeout);
+    if exposure == Exposure::All {
+        // Streaming routes: a turn for the handler, no timeout on the stream.
+        let streaming = Router::new()
+            .route("/v1/instances/{uuid}/logs", get(logs::logs))
+            .route("/v1/events", get(events::all))
+            .route_layer(turns);
+        app = app.merge(streaming);
+    }
+    app.fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .with_state(state)
 }
 

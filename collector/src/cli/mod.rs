@@ -4,6 +4,7 @@
 mod check_logs;
 mod client;
 mod identities;
+mod visible;
 
 use std::{io::Write, net::SocketAddr, path::PathBuf, process::ExitCode};
 
@@ -45,9 +46,20 @@ enum Command {
         /// TOML config file (defaults work without one).
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Address of the HTTP server (/metrics, /healthz, /readyz, /v1).
+        /// Address of the HTTP server for every route (/metrics, /healthz, /readyz, /v1);
+        /// loopback unless --allow-unauthenticated-remote-api [default: 127.0.0.1:9478].
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Address of a server for /metrics, /healthz and /readyz only (/v1 is 404 there).
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
+        /// Unix socket serving every route, /v1 included (mode api_socket_mode, 0600 by
+        /// default); the CLI reaches it with --addr unix:PATH.
+        #[arg(long)]
+        api_socket: Option<PathBuf>,
+        /// Let --listen be a non-loopback address although /v1 has no authentication there.
+        #[arg(long)]
+        allow_unauthenticated_remote_api: bool,
         /// Folder of per-instance logs.
         #[arg(long)]
         log_dir: Option<PathBuf>,
@@ -74,13 +86,17 @@ enum Command {
         /// Print the NDJSON records instead of the text.
         #[arg(long)]
         json: bool,
-        /// Address of the running collector.
+        /// Print the guest's bytes as they are, control bytes and escape sequences included
+        /// (by default they are shown visibly: `^[`, `\x00`).
+        #[arg(long)]
+        raw: bool,
+        /// Address of the running collector: HOST:PORT, or unix:PATH for its API socket.
         #[arg(long, default_value = DEFAULT_LISTEN)]
         addr: String,
     },
     /// Show the instances a running collector follows.
     Instances {
-        /// Address of the running collector.
+        /// Address of the running collector: HOST:PORT, or unix:PATH for its API socket.
         #[arg(long, default_value = DEFAULT_LISTEN)]
         addr: String,
         /// Print JSON instead of a table.
@@ -109,7 +125,7 @@ enum Command {
     },
     /// Show instance lifecycle events (start, stop, crash, oom_kill) from a running collector.
     Events {
-        /// Address of the running collector.
+        /// Address of the running collector: HOST:PORT, or unix:PATH for its API socket.
         #[arg(long, default_value = DEFAULT_LISTEN)]
         addr: String,
         /// Keep running and print new events as they happen.
@@ -145,6 +161,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run {
             config,
             listen,
+            metrics_listen,
+            api_socket,
+            allow_unauthenticated_remote_api,
             log_dir,
             log_format,
         } => {
@@ -158,7 +177,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            tokio.block_on(runtime::run(config, runtime::Overrides { listen, log_dir }))
+            tokio.block_on(runtime::run(
+                config,
+                runtime::Overrides {
+                    listen,
+                    metrics_listen,
+                    api_socket,
+                    allow_unauthenticated_remote_api,
+                    log_dir,
+                },
+            ))
         }
         Command::Logs {
             uuid,
@@ -167,6 +195,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             since,
             stream,
             json,
+            raw,
             addr,
         } => {
             let mut path = format!(
@@ -184,7 +213,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             client::get_lines(&addr, &path, |line| {
                 // A closed pipe (`| head`) ends the output; nothing to report.
-                let _ = print_log_line(line, json);
+                let _ = print_log_line(line, json, raw);
             })
         }
         Command::Instances { addr, json } => {
@@ -263,8 +292,9 @@ fn check_logs_command(file: &std::path::Path) -> anyhow::Result<()> {
 }
 
 /// One NDJSON line of the logs API: as is with `--json`, else its text (a piece of a split
-/// or partial line without a newline, so the line reads whole).
-fn print_log_line(line: &[u8], json: bool) -> anyhow::Result<()> {
+/// or partial line without a newline, so the line reads whole), control bytes shown visibly
+/// unless `raw`.
+fn print_log_line(line: &[u8], json: bool, raw: bool) -> anyhow::Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     if json {
@@ -282,7 +312,11 @@ fn print_log_line(line: &[u8], json: bool) -> anyhow::Result<()> {
             record.gap_since.unwrap_or_default()
         );
     } else if let Ok(record) = serde_json::from_slice::<LogRecordView>(line) {
-        out.write_all(record.message.as_bytes())?;
+        if raw {
+            out.write_all(record.message.as_bytes())?;
+        } else {
+            out.write_all(visible::render(&record.message).as_bytes())?;
+        }
         if let Some(cut) = record.cut_bytes {
             write!(out, " [{cut} bytes cut]")?;
         }
@@ -294,7 +328,7 @@ fn print_log_line(line: &[u8], json: bool) -> anyhow::Result<()> {
     {
         eprintln!("(missed {missed} lines: this reader was too slow)");
     } else {
-        eprintln!("{}", String::from_utf8_lossy(line));
+        eprintln!("{}", visible::render(&String::from_utf8_lossy(line)));
     }
     out.flush()?;
     Ok(())

@@ -35,3 +35,17 @@ impl ConsoleFdSweep {
         self.fds.remove(&key).is_ok()
     }
 }
+
+impl ConsoleFdSweep {
+    /// Removes every entry of process `tgid` (one the collector refused to follow); returns
+    /// how many there were.
+    pub(crate) fn remove_process(&mut self, tgid: u32) -> u64 {
+        let keys: Vec<ConsoleFdKey> = self
+            .entries()
+            .into_iter()
+            .filter(|(key, _)| key.tgid == tgid)
+            .map(|(key, _)| key)
+            .collect();
+        keys.into_iter().filter(|key| self.remove(*key)).count() as u64
+    }
+}

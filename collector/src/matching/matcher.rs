@@ -52,6 +52,9 @@ pub(crate) struct Matcher {
     vcpu_thread: Regex,
     /// Where the per-instance folder is, if the runtime keeps one (`{id}` is replaced).
     pub(crate) instance_dir: Option<String>,
+    /// Folders its executables must be in (`trusted_executable_dirs`, and a custom matcher's
+    /// own); set by [`super::Matchers::from_config`].
+    pub(crate) trusted_executable_dirs: Vec<std::path::PathBuf>,
 }
 
 /// A `comm` prefix the kernel matches at exec (see `collector_common::CommKey`).
@@ -112,6 +115,7 @@ impl Matcher {
                 source,
             })?,
             instance_dir: instance_dir.map(str::to_owned),
+            trusted_executable_dirs: Vec::new(),
         };
         matcher.comm_prefix()?;
         Ok(matcher)
@@ -275,8 +279,12 @@ impl Matcher {
         prefixes
     }
 
-    /// The per-instance folder for `id`, when the runtime keeps one.
+    /// The per-instance folder for `id`, when the runtime keeps one; never for an id that
+    /// could steer the path (`/`, `..`, NUL).
     pub(crate) fn instance_dir_for(&self, id: &str) -> Option<String> {
+        if !super::is_path_safe(id) {
+            return None;
+        }
         self.instance_dir.as_ref().map(|d| d.replace("{id}", id))
     }
 
@@ -414,6 +422,7 @@ mod tests {
                 instance_id: "(.*)".into(),
                 vcpu_thread: vcpu.into(),
                 instance_dir: None,
+                trusted_executable_dirs: Vec::new(),
             })
             .unwrap()
         };
@@ -451,6 +460,7 @@ mod tests {
             instance_id: r"--name (\S+)".into(),
             vcpu_thread: r"^crosvm_vcpu(\d+)$".into(),
             instance_dir: None,
+            trusted_executable_dirs: Vec::new(),
         };
         assert!(matches!(
             Matcher::from_config(&cfg),

@@ -41,8 +41,14 @@ fn id_problem(id: Option<&str>) -> Option<&'static str> {
         None => Some("no_instance_id"),
         Some(id) if id.len() > MAX_INSTANCE_ID_LEN => Some("instance_id_too_long"),
         Some(id) if id.chars().any(char::is_control) => Some("instance_id_control_chars"),
+        Some(id) if !is_path_safe(id) => Some("instance_id_unsafe"),
         Some(_) => None,
     }
+}
+
+/// Whether `id` can stand in a path (`instance_dir`): no `/`, no `..`, no NUL.
+pub(crate) fn is_path_safe(id: &str) -> bool {
+    !(id.contains('/') || id.contains("..") || id.contains('\0'))
 }
 
 impl Matchers {
@@ -51,9 +57,21 @@ impl Matchers {
         let mut list: Vec<Matcher> = Matcher::builtins()
             .into_iter()
             .filter(|m| !config.disable_builtin_matchers.contains(&m.name))
+            .map(|mut m| {
+                m.trusted_executable_dirs
+                    .clone_from(&config.trusted_executable_dirs);
+                m
+            })
             .collect();
         for custom in &config.matchers {
-            list.push(Matcher::from_config(custom)?);
+            let mut matcher = Matcher::from_config(custom)?;
+            matcher.trusted_executable_dirs = config
+                .trusted_executable_dirs
+                .iter()
+                .chain(&custom.trusted_executable_dirs)
+                .cloned()
+                .collect();
+            list.push(matcher);
         }
         Ok(Self { list })
     }
@@ -177,6 +195,15 @@ mod tests {
             Some("instance_id_too_long")
         );
         assert_eq!(id_problem(Some("a\nb")), Some("instance_id_control_chars"));
+        for unsafe_id in ["../../proc/1/root/tmp/d", "a/b", "..", "x..y"] {
+            assert_eq!(
+                id_problem(Some(unsafe_id)),
+                Some("instance_id_unsafe"),
+                "{unsafe_id}"
+            );
+        }
+        assert_eq!(id_problem(Some("a\0b")), Some("instance_id_control_chars"));
+        assert_eq!(id_problem(Some("vm.1")), None);
     }
 
     #[test]

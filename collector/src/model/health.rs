@@ -23,14 +23,35 @@ pub(crate) struct Health {
     pub(crate) reconciled: CounterVec,
     /// Which pipelines run.
     pub(crate) pipelines: Pipelines,
+    /// HTTP connections the servers closed, by `server` and `reason`.
+    pub(crate) http_connections_closed: CounterVec,
+    /// The capabilities and mounts the collector checked at start, and which are missing.
+    pub(crate) privileges: Arc<Vec<PrivilegeState>>,
+}
+
+/// A capability or mount the collector needs, and whether it has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PrivilegeState {
+    /// `CAP_BPF`, ..., `tracefs`, `btf`: the `privilege` label.
+    pub(crate) privilege: &'static str,
+    pub(crate) missing: bool,
 }
 
 /// Discovery problems pre-set at 0.
-pub(crate) const DISCOVERY_PROBLEMS: [&str; 4] = [
+pub(crate) const DISCOVERY_PROBLEMS: [&str; 8] = [
     "no_instance_id",
     "instance_id_too_long",
     "instance_id_control_chars",
+    // An id with `/`, `..` or NUL: never used in a path, the instance named by its pid.
+    "instance_id_unsafe",
     "command_line_prefix_only",
+    // A matched process whose executable is not root-owned, is group- or world-writable, or
+    // is outside `trusted_executable_dirs`: not followed.
+    "untrusted_executable",
+    // A second live process claiming the id of a running instance: not followed.
+    "duplicate_instance_id",
+    // A VMM config file refused: not a regular file, over 1 MiB, or not read in time.
+    "vmm_config_refused",
 ];
 
 /// What reconciliation corrects (the `fix` label of `collector_reconciled_total`), pre-set at 0.

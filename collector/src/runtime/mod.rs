@@ -7,6 +7,10 @@
 //! Prometheus exposition and the API read the handles. Each long-running task is a
 //! [`Pipeline`]: one that ends before shutdown turns `/healthz` to 503.
 //!
+//! The HTTP servers run on a runtime of their own ([`HttpRuntime`]): a slow client, a burst of
+//! requests or a handler reading `/proc` never holds up the workers that read the kernel's
+//! rings.
+//!
 //! Shutdown (SIGTERM or SIGINT), within [`SHUTDOWN_BUDGET`] in all, so that a stuck disk or
 //! reader cannot hold it past the kubelet's grace period (30 s):
 //! 1. stop intake: the HTTP server stops accepting and every follow stream ends; discovery
@@ -18,6 +22,7 @@
 //! 4. write the restart state, once more;
 //! 5. detach the programs.
 
+mod http;
 pub(crate) mod logging;
 pub(crate) mod restore;
 
@@ -25,17 +30,19 @@ use std::{
     future::Future,
     net::SocketAddr,
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context;
-use tokio::{net::TcpListener, signal::unix::SignalKind, task::JoinHandle};
+use tokio::{signal::unix::SignalKind, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
-    api::{self, ApiState, Readiness},
+    api::{ApiState, Exposure, Readiness, server::Listener},
     config::Config,
+    host::privileges,
     kernel::{
         console::ConsoleReader,
         loader::{self, Kernel, Programs},
@@ -45,7 +52,7 @@ use crate::{
     matching::{Matchers, console_rules},
     model::{
         console_stats::ConsoleStats,
-        health::{Health, Pipeline},
+        health::{Health, Pipeline, PrivilegeState},
     },
     registry,
     sinks::{
@@ -72,6 +79,9 @@ const TEST_END_PIPELINE: &str = "COLLECTOR_TEST_END_PIPELINE";
 #[derive(Debug, Default)]
 pub(crate) struct Overrides {
     pub(crate) listen: Option<SocketAddr>,
+    pub(crate) metrics_listen: Option<SocketAddr>,
+    pub(crate) api_socket: Option<PathBuf>,
+    pub(crate) allow_unauthenticated_remote_api: bool,
     pub(crate) log_dir: Option<PathBuf>,
 }
 
@@ -80,49 +90,69 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
     if let Some(listen) = overrides.listen {
         config.listen = listen;
     }
+    if let Some(addr) = overrides.metrics_listen {
+        config.metrics_listen = Some(addr);
+    }
+    if let Some(path) = overrides.api_socket {
+        config.api_socket = Some(path);
+    }
+    config.allow_unauthenticated_remote_api |= overrides.allow_unauthenticated_remote_api;
     if let Some(log_dir) = overrides.log_dir {
         config.log_dir = log_dir;
     }
+    http::check_exposure(&config)?;
     let end_on_purpose = test_hook()?;
     let matchers = Matchers::from_config(&config)?;
     let rules = console_rules::resolve(&config.console.files, &matchers)?;
 
     // Bind first: a taken address is the cheapest mistake to report.
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let listen = listener.local_addr()?;
+    let http = http::HttpRuntime::start()?;
+    let bound = http::bind(&http, &config).await?;
+    let listen = match &bound[0].listener {
+        Listener::Tcp(listener) => listener.local_addr()?,
+        Listener::Unix(..) => unreachable!("the first listener is --listen"),
+    };
+    let metrics_listen = bound.iter().find_map(|b| match &b.listener {
+        Listener::Tcp(l) if b.exposure == Exposure::Metrics => l.local_addr().ok(),
+        _ => None,
+    });
 
+    // Each missing capability or mount is said once, before the load that may need it.
+    let privileges = privileges::check();
     // The kernel side first: every stage gets its handles ready-made.
     let kernel = loader::load(&config.kernel, &matchers.kernel_plan(&rules))?;
     info!(
         listen = %listen,
+        metrics_listen = metrics_listen.map(|a| a.to_string()),
+        api_socket = config.api_socket.as_ref().map(|p| p.display().to_string()),
         probes_attached = kernel.probes.iter().filter(|p| p.attached).count(),
         probes_total = kernel.probes.len(),
         matchers = matchers.len(),
         "collector running"
     );
-    let stages = Stages::start(&config, matchers, rules, kernel)?;
+    let stages = Stages::start(&config, matchers, rules, kernel, privileges)?;
     if let Some(pipeline) = end_on_purpose {
         stages.end_when_ready(pipeline);
     }
-    let stop = stages.intake.clone();
-    let mut server = tokio::spawn(
-        axum::serve(listener, api::router(stages.api.clone()))
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .into_future(),
+    let mut server = http::serve(
+        &http,
+        &config,
+        bound,
+        &stages.api,
+        &stages.health.http_connections_closed,
+        &stages.intake,
     );
     tokio::select! {
         () = shutdown_signal() => {}
         ended = &mut server => {
             return match ended {
-                Ok(Ok(())) => Err(anyhow::anyhow!("the HTTP server stopped unexpectedly")),
-                Ok(Err(error)) => Err(error).context("HTTP server"),
+                Ok(()) => Err(anyhow::anyhow!("the HTTP server stopped unexpectedly")),
                 Err(error) => Err(error).context("HTTP server task"),
             };
         }
     }
     stages.shutdown(server).await;
+    drop(http);
     info!("collector stopped; probes detached");
     Ok(())
 }
@@ -157,8 +187,10 @@ impl Stages {
         matchers: Matchers,
         rules: Vec<console_rules::Rule>,
         kernel: Kernel,
+        privileges: Vec<PrivilegeState>,
     ) -> anyhow::Result<Self> {
-        let health = Health::new(&matchers.hypervisors());
+        let mut health = Health::new(&matchers.hypervisors());
+        health.privileges = Arc::new(privileges);
         let pipelines = health.pipelines.clone();
         let restored = restore::restore(config);
         let console_stats = ConsoleStats::default();
@@ -318,7 +350,7 @@ impl Stages {
     }
 
     /// The shutdown steps of the module's documentation, in order, within the budget.
-    async fn shutdown(self, server: JoinHandle<std::io::Result<()>>) {
+    async fn shutdown(self, server: JoinHandle<()>) {
         let deadline = Instant::now() + SHUTDOWN_BUDGET;
         // Pipelines end from here on as asked.
         self.health.pipelines.stopping();

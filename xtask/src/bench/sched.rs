@@ -324,9 +324,17 @@ impl Bench<'_> {
             .local_addr()?
             .port();
         let addr = format!("127.0.0.1:{port}");
+        // The stand-ins' folder is the bench's own: trusted, or the collector refuses them.
+        let config = self.work.join("collector.toml");
+        std::fs::write(
+            &config,
+            format!("trusted_executable_dirs = [{:?}]\n", self.work),
+        )?;
         let child = Guard(
             Command::new(binary)
-                .args(["run", "--listen", &addr, "--log-dir"])
+                .args(["run", "--listen", &addr, "--config"])
+                .arg(&config)
+                .arg("--log-dir")
                 .arg(self.work.join("logs"))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

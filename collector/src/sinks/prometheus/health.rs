@@ -67,6 +67,26 @@ pub(crate) fn write(w: &mut dyn MetricWriter, health: &Health) {
     }
     counter_vec(
         w,
+        "collector_http_connections_closed",
+        "HTTP connections the collector closed, by server and reason (evicted: idle, closed \
+         to make room at the connection limit).",
+        &["server", "reason"],
+        &health.http_connections_closed,
+    );
+    w.family(
+        "collector_privilege_missing",
+        "1 when the collector lacks this capability or mount (what it costs is logged at \
+         start), else 0.",
+        MetricKind::Gauge,
+    );
+    for p in health.privileges.iter() {
+        w.sample(
+            &[("privilege", p.privilege)],
+            Value::Int(i64::from(p.missing)),
+        );
+    }
+    counter_vec(
+        w,
         "collector_decode_errors",
         "Kernel records that could not be decoded, by ring and reason.",
         &["ring", "reason"],

@@ -10,13 +10,13 @@
 mod reconcile;
 mod scan;
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Mutex};
 
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::{
-    host::{memcg, proc, vmm_config},
+    host::{exe_trust, memcg, proc, vmm_config},
     kernel::{
         console_fds::ConsoleFdSweep,
         loader::KernelDrops,
@@ -65,11 +65,6 @@ struct Known {
     kernel_start: Option<u64>,
 }
 
-/// `dir`, if it is a folder on this host.
-fn existing_dir(dir: Option<String>) -> Option<String> {
-    dir.filter(|d| std::path::Path::new(d).is_dir())
-}
-
 /// The kernel handles discovery works with.
 pub(crate) struct DiscoveryKernel {
     pub(crate) tracked: TrackedProcesses,
@@ -91,6 +86,9 @@ pub(crate) struct Discovery {
     /// Instances the previous run listed, by pid, until the start-up scan has checked them.
     previous: HashMap<u32, PreviousInstance>,
     reconciling: reconcile::State,
+    /// Processes refused (untrusted executable, duplicate id), by pid, with their start: each
+    /// is logged and counted once, however often a scan meets it.
+    refused: Mutex<HashMap<u32, u64>>,
 }
 
 impl Discovery {
@@ -111,12 +109,60 @@ impl Discovery {
             known: HashMap::new(),
             previous: previous.into_iter().map(|p| (p.pid, p)).collect(),
             reconciling,
+            refused: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Names the instance of a process, logging and counting a made-up id.
-    fn identify(&self, executable: &str, args: &[String], pid: u32) -> Option<Identified> {
+    /// Records that process `pid` is refused for `reason` (a discovery problem), logging and
+    /// counting it once per process. True the first time.
+    fn refuse(&self, pid: u32, reason: &'static str, instance_uuid: &str, why: &str) -> bool {
+        let start = proc::start_time(pid).map_or(0, |s| s.boot_ns);
+        let mut refused = self.refused.lock().expect("refused lock");
+        if refused.get(&pid) == Some(&start) {
+            return false;
+        }
+        refused.insert(pid, start);
+        drop(refused);
+        warn!(
+            pid,
+            reason,
+            instance_uuid = instance_uuid.escape_debug().to_string(),
+            error = why,
+            "hypervisor process refused; not followed"
+        );
+        self.health.discovery_problems.inc(&[reason]);
+        true
+    }
+
+    /// Forgets the refusals of processes that are gone.
+    fn prune_refused(&self) {
+        self.refused
+            .lock()
+            .expect("refused lock")
+            .retain(|pid, start| proc::start_time(*pid).is_some_and(|s| s.boot_ns == *start));
+    }
+
+    /// Names the instance of a process, logging and counting a made-up id; `None` when no
+    /// matcher claims it or its executable is not trusted (see [`exe_trust`]). `exec_path`
+    /// is the path its exec record names, if any.
+    fn identify(
+        &self,
+        executable: &str,
+        args: &[String],
+        pid: u32,
+        exec_path: Option<&str>,
+    ) -> Option<Identified> {
         let found = self.matchers.identify(executable, args, pid)?;
+        let dirs = &self.matchers.get(found.matcher)?.trusted_executable_dirs;
+        if let Err(why) = exe_trust::check(pid, exec_path, dirs) {
+            self.refuse(
+                pid,
+                "untrusted_executable",
+                &found.instance_uuid,
+                &why.to_string(),
+            );
+            return None;
+        }
         if let Some((reason, id)) = &found.problem {
             let matcher = self.matchers.get(found.matcher).map(|m| m.name.as_str());
             warn!(
@@ -218,25 +264,15 @@ impl Discovery {
             return;
         }
         let (args, prefix_only) = Self::exec_args(&exec);
-        let Some(found) = self.identify(&exec.filename, &args, pid) else {
-            // The kernel's comm prefix matched but the full executable does not: let it go.
+        let Some(found) = self.identify(&exec.filename, &args, pid, Some(&exec.filename)) else {
+            // The kernel's comm prefix matched but the full executable does not, or it is not
+            // trusted: let it go.
             debug!(
                 pid,
                 executable = exec.filename,
-                "exec claimed by comm prefix only; dropped"
+                "exec claimed by comm prefix only, or refused; dropped"
             );
-            self.kernel.tracked.remove_if_started(pid, exec.boot_ns);
-            self.forget(pid);
-            let update = if self.known.remove(&pid).is_some() {
-                // A VMM that exec'd a program no matcher claims: that instance ended there.
-                InstanceUpdate::Untracked {
-                    pid,
-                    boot_ns: exec.boot_ns,
-                }
-            } else {
-                InstanceUpdate::Forget { pid }
-            };
-            self.send(update).await;
+            self.drop_process(pid, exec.boot_ns).await;
             return;
         };
         if prefix_only {
@@ -286,6 +322,46 @@ impl Discovery {
         .await;
     }
 
+    /// Stops following process `pid` (exec'd at `boot_ns`) at once: its kernel entries go, and
+    /// an instance it was ends.
+    async fn drop_process(&mut self, pid: u32, boot_ns: u64) {
+        self.kernel.tracked.remove_if_started(pid, boot_ns);
+        self.forget(pid);
+        if self
+            .refused
+            .lock()
+            .expect("refused lock")
+            .contains_key(&pid)
+        {
+            let removed = self.kernel.console_fds.remove_process(pid);
+            if removed > 0 {
+                debug!(
+                    pid,
+                    removed, "console descriptors of a refused process removed"
+                );
+            }
+        }
+        let update = if self.known.remove(&pid).is_some() {
+            // A VMM that exec'd a program no matcher claims: that instance ended there.
+            InstanceUpdate::Untracked { pid, boot_ns }
+        } else {
+            InstanceUpdate::Forget { pid }
+        };
+        self.send(update).await;
+    }
+
+    /// A live instance other than `pid` with `instance_uuid`, if there is one.
+    fn live_holder_of(&self, pid: u32, instance_uuid: &str) -> Option<u32> {
+        self.known
+            .iter()
+            .find(|(other, known)| {
+                **other != pid
+                    && known.instance_uuid == instance_uuid
+                    && proc::running_since(**other, known.seen_boot_ns)
+            })
+            .map(|(other, _)| *other)
+    }
+
     /// Makes a claimed process an instance: remembers its cgroup, logs it, tells the registry.
     /// With `previous` (the same instance, listed by the previous run), it is restored: no
     /// event, and its start as the previous run knew it.
@@ -298,6 +374,20 @@ impl Discovery {
         let Some(matcher) = self.matchers.get(claim.matcher) else {
             return;
         };
+        // One live process per instance id: a second one never shares the first's console,
+        // events or series.
+        if let Some(holder) = self.live_holder_of(claim.pid, &claim.instance_uuid) {
+            let why = format!("instance id already held by running pid {holder}");
+            self.refuse(
+                claim.pid,
+                "duplicate_instance_id",
+                &claim.instance_uuid,
+                &why,
+            );
+            let start = kernel_start.unwrap_or(claim.start_boot_ns);
+            self.drop_process(claim.pid, start).await;
+            return;
+        }
         let origin = previous.as_ref().map_or(claim.origin, |p| p.origin);
         info!(
             instance_uuid = claim.instance_uuid,
@@ -307,10 +397,16 @@ impl Discovery {
             restored = previous.is_some(),
             "instance found"
         );
-        let instance_dir = existing_dir(matcher.instance_dir_for(&claim.instance_uuid));
         // What is read through /proc/PID is read only while it is this process's (a VMM gone
         // before its exec record was read may have left its pid to another).
         let running = proc::running_since(claim.pid, claim.seen_boot_ns);
+        // The folder as the VMM sees it, in its root.
+        let instance_dir = match matcher.instance_dir_for(&claim.instance_uuid) {
+            Some(dir) if running && vmm_config::dir_exists(claim.pid, dir.clone()).await => {
+                Some(dir)
+            }
+            _ => None,
+        };
         let allocation = match allocation::source(
             matcher.builtin_hypervisor(),
             &claim.args,
@@ -318,9 +414,28 @@ impl Discovery {
         ) {
             AllocationSource::CommandLine(allocation) => allocation,
             AllocationSource::FirecrackerFile(file) if running => {
-                vmm_config::read(claim.pid, &file)
-                    .map(|json| allocation::firecracker(&json))
-                    .unwrap_or_default()
+                match vmm_config::read(claim.pid, file).await {
+                    Ok(json) => allocation::firecracker(&json),
+                    Err(error) => {
+                        if error.is_refusal() {
+                            warn!(
+                                pid = claim.pid,
+                                instance_uuid = claim.instance_uuid,
+                                error = %error,
+                                "VMM config file refused; the instance's allocation is unknown"
+                            );
+                            self.health.discovery_problems.inc(&["vmm_config_refused"]);
+                        } else {
+                            debug!(
+                                pid = claim.pid,
+                                instance_uuid = claim.instance_uuid,
+                                error = %error,
+                                "VMM config file not read"
+                            );
+                        }
+                        Allocation::default()
+                    }
+                }
             }
             AllocationSource::FirecrackerFile(_) | AllocationSource::Unknown => {
                 Allocation::default()
@@ -396,7 +511,7 @@ impl Discovery {
         let known = &self.known;
         let found = scan::scan(origin, |exe, args, pid| {
             (!known.contains_key(&pid))
-                .then(|| self.identify(exe, args, pid))
+                .then(|| self.identify(exe, args, pid, Some(exe)))
                 .flatten()
         });
         for scan::Found { mut claim, seen } in found {

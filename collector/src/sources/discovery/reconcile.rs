@@ -249,6 +249,7 @@ impl Discovery {
     /// after it is no longer followed.
     fn sweep_kernel(&mut self) {
         self.sweep_tracked();
+        self.prune_refused();
         self.reconciling.last_sweep = Instant::now();
         let sched_tgids = self.kernel.sched.lock().expect("sched lock").tgids();
         let fds = self.kernel.console_fds.entries();

@@ -32,8 +32,10 @@ pub(crate) struct ProgramStatsSwitch(Arc<Mutex<Held>>);
 #[derive(Default)]
 struct Held {
     fd: Option<OwnedFd>,
-    /// Time the statistics were on, seen once a second: held by the collector, or set with
-    /// the sysctl.
+    /// When the collector took the descriptor it holds.
+    since: Option<Instant>,
+    /// Time the statistics were on before `since`: held by the collector (exact), or set
+    /// with the sysctl while it held nothing (seen once a second).
     counted: Duration,
     /// The kernel refused once already (logged once, not at every window).
     refused: bool,
@@ -57,7 +59,10 @@ impl ProgramStatsSwitch {
             return;
         }
         match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
-            Ok(fd) => held.fd = Some(fd),
+            Ok(fd) => {
+                held.fd = Some(fd);
+                held.since = Some(Instant::now());
+            }
             Err(error) if !held.refused => {
                 held.refused = true;
                 warn!(
@@ -72,20 +77,26 @@ impl ProgramStatsSwitch {
 
     /// Lets go of the descriptor (the kernel stops counting unless someone else holds one).
     pub(crate) fn off(&self) {
-        self.0.lock().expect("stats lock").fd = None;
+        let mut held = self.0.lock().expect("stats lock");
+        if let Some(since) = held.since.take() {
+            held.counted += since.elapsed();
+        }
+        held.fd = None;
     }
 
-    /// Adds `elapsed` to the counted time if the statistics were on during it.
-    fn count(&self, elapsed: Duration, sysctl_set: bool) {
+    /// Adds `elapsed` to the counted time if the sysctl had the statistics on while the
+    /// collector held nothing (its own holding is counted exactly by `on`/`off`).
+    fn count_sysctl(&self, elapsed: Duration, sysctl_set: bool) {
         let mut held = self.0.lock().expect("stats lock");
-        if held.fd.is_some() || sysctl_set {
+        if held.fd.is_none() && sysctl_set {
             held.counted += elapsed;
         }
     }
 
-    /// Seconds the statistics were on while the collector ran.
+    /// Seconds the statistics were on while the collector ran, the current window included.
     pub(crate) fn counted_seconds(&self) -> f64 {
-        self.0.lock().expect("stats lock").counted.as_secs_f64()
+        let held = self.0.lock().expect("stats lock");
+        (held.counted + held.since.map_or(Duration::ZERO, |s| s.elapsed())).as_secs_f64()
     }
 
     /// Whether the collector holds the statistics on now.
@@ -122,7 +133,7 @@ impl ProgramStatsSwitch {
                 _ = tick.tick() => {}
             }
             let now = Instant::now();
-            self.count(now - last, Self::sysctl_set().unwrap_or(false));
+            self.count_sysctl(now - last, Self::sysctl_set().unwrap_or(false));
             last = now;
             match config.program_stats {
                 ProgramStatsMode::Off => {}
@@ -150,11 +161,19 @@ mod tests {
     #[test]
     fn only_time_with_the_statistics_on_is_counted() {
         let switch = ProgramStatsSwitch::default();
-        switch.count(Duration::from_secs(5), false);
+        switch.count_sysctl(Duration::from_secs(5), false);
         assert!(switch.counted_seconds() < f64::EPSILON);
         // Set by the sysctl: counted although the collector holds nothing.
-        switch.count(Duration::from_secs(2), true);
+        switch.count_sysctl(Duration::from_secs(2), true);
         assert!((switch.counted_seconds() - 2.0).abs() < 1e-9);
-        assert!(!switch.holding());
+        // A window the collector held: counted exactly, the open one included.
+        let mut held = switch.0.lock().unwrap();
+        held.since = Some(Instant::now().checked_sub(Duration::from_secs(3)).unwrap());
+        drop(held);
+        let during = switch.counted_seconds();
+        assert!((5.0..6.0).contains(&during), "{during}");
+        switch.off();
+        let after = switch.counted_seconds();
+        assert!((5.0..6.0).contains(&after) && !switch.holding(), "{after}");
     }
 }

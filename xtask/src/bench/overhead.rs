@@ -60,13 +60,15 @@ pub(crate) struct Options {
 const BENCH_VMM: &str = "ovbench";
 
 /// The collector's config in every mode: the bench's matcher instead of the built-ins (with
-/// the same vCPU thread names as Firecracker), its folder trusted.
+/// the same vCPU thread names as Firecracker), its folder trusted, no console-file rules (the
+/// built-in ones name the built-in matchers; the stand-ins write to stdout).
 fn collector_config(work: &Path, extra: &str) -> String {
     format!(
         "disable_builtin_matchers = [\"firecracker\", \"qemu\", \"cloud-hypervisor\"]\n\
          trusted_executable_dirs = [{work:?}]\n\
          [[matcher]]\nname = \"bench\"\nhypervisor = \"firecracker\"\nexecutable = \"{BENCH_VMM}\"\n\
-         instance_id = '--uuid (\\S+)'\nvcpu_thread = '^fc_vcpu ?(\\d+)$'\n{extra}"
+         instance_id = '--uuid (\\S+)'\nvcpu_thread = '^fc_vcpu ?(\\d+)$'\n\
+         [console.files]\n{extra}"
     )
 }
 
@@ -272,7 +274,7 @@ impl Bench<'_> {
                 .arg("--log-dir")
                 .arg(self.work.join("logs"))
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(std::fs::File::create(self.work.join("collector.log"))?)
                 .spawn()
                 .context("collector")?,
         );
@@ -281,7 +283,13 @@ impl Bench<'_> {
             super::http_get(&addr, "/metrics")
                 .is_ok_and(|m| metric(&m, "collector_instances") == Some(want))
         })
-        .context("the collector did not become ready with every stand-in")?;
+        .with_context(|| {
+            let log = std::fs::read_to_string(self.work.join("collector.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            format!(
+                "the collector did not become ready with every stand-in; its last lines: {tail:?}"
+            )
+        })?;
         Ok((child, addr))
     }
 

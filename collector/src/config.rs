@@ -196,6 +196,24 @@ pub(crate) struct KernelConfig {
     /// has them, else the raw syscall tracepoints) or `raw_syscalls` (always the raw ones; for
     /// testing the fallback).
     pub(crate) console_hooks: ConsoleHooksMode,
+    /// The kernel's BPF run-time statistics (`collector_ebpf_program_*`): `off` (the default:
+    /// they cost every run of every BPF program on the host two clock reads), `on`, or
+    /// `sampled` (on for `program_stats_sample_seconds` every `program_stats_every_seconds`).
+    pub(crate) program_stats: ProgramStatsMode,
+    /// Length of one sampling window of `program_stats = "sampled"`.
+    pub(crate) program_stats_sample_seconds: u64,
+    /// Time from the start of one sampling window to the next.
+    pub(crate) program_stats_every_seconds: u64,
+}
+
+/// See [`KernelConfig::program_stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum ProgramStatsMode {
+    #[default]
+    Off,
+    On,
+    Sampled,
 }
 
 /// See [`KernelConfig::console_hooks`].
@@ -218,6 +236,9 @@ impl Default for KernelConfig {
             console_fd_quota: collector_common::DEFAULT_CONSOLE_FD_QUOTA,
             console_pending_entries: 4096,
             console_hooks: ConsoleHooksMode::Auto,
+            program_stats: ProgramStatsMode::Off,
+            program_stats_sample_seconds: 10,
+            program_stats_every_seconds: 300,
         }
     }
 }
@@ -470,6 +491,16 @@ impl Config {
         }
         if self.kernel.max_tracked_threads == 0 {
             return Err("kernel.max_tracked_threads must be at least 1".into());
+        }
+        let (sample, every) = (
+            self.kernel.program_stats_sample_seconds,
+            self.kernel.program_stats_every_seconds,
+        );
+        if sample == 0 || every <= sample {
+            return Err(format!(
+                "kernel.program_stats_sample_seconds = {sample}, program_stats_every_seconds = \
+                 {every}: the window must be at least 1 s and shorter than the period"
+            ));
         }
         let h = &self.http;
         if h.header_read_timeout_ms == 0

@@ -24,6 +24,7 @@ fn map_entries_do_not_grow_under_churn() {
     let exe = format!("churn{:08x}", std::process::id());
     let collector = Collector::start_with_config(&format!(
         "disable_builtin_matchers = [\"firecracker\", \"qemu\", \"cloud-hypervisor\"]\n\
+         [kernel]\nprogram_stats = \"on\"\n\
          [console.files]\n\
          [[matcher]]\nname = \"churn\"\nexecutable = \"{exe}\"\n\
          instance_id = '--uuid (\\S+)'\nvcpu_thread = '^fc_vcpu ?(\\d+)$'\n"

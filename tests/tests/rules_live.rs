@@ -42,9 +42,12 @@ fn fake_kube() -> FakeKube {
 /// A collector for node n1 whose Kubernetes source watches `fake`.
 fn collector(fake: &FakeKube) -> Collector {
     let kubeconfig = fake.kubeconfig();
+    let log_dir = tempfile::tempdir().expect("log dir");
+    let config = log_dir.path().join("collector.toml");
+    std::fs::write(&config, PROGRAM_STATS_ON).expect("config");
     Collector::start_in_env(
-        tempfile::tempdir().expect("log dir"),
-        &["--node-name", NODE],
+        log_dir,
+        &["--node-name", NODE, "--config", config.to_str().unwrap()],
         &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
     )
 }
@@ -63,6 +66,9 @@ fn create_pod(fake: &FakeKube, name: &str, container_id: &str) {
         container_id: Some(container_id.into()),
     });
 }
+
+/// The kernel's BPF statistics, off by default, on for the panels and the alert that read them.
+const PROGRAM_STATS_ON: &str = "[kernel]\nprogram_stats = \"on\"\n";
 
 /// Instances of two hypervisors with configured vCPUs and memory, ticking vCPUs (run-queue
 /// waits) and console output. Returns the stand-ins (killed when dropped) and their uuids.

@@ -374,10 +374,11 @@ fn allocation_from_the_vmm_configuration() {
     assert_eq!(get(memory, &bare), None);
 }
 
-/// Every scheduling program is attached and its BPF statistics count.
+/// Every scheduling program is attached and, with `kernel.program_stats = "on"`, its BPF
+/// statistics count, and the time they were on is served beside them.
 #[test]
 fn program_statistics_are_served() {
-    let collector = Collector::start(&[]);
+    let collector = Collector::start_with_config("[kernel]\nprogram_stats = \"on\"\n");
     let uuid = new_uuid("stats");
     let _vmm = Standin::spawn("firecracker", &["--no-api", "--uuid", &uuid], &[]);
     wait_listed(&collector, &uuid);
@@ -410,4 +411,62 @@ fn program_statistics_are_served() {
             "{program}: {runs} runs, {seconds} s"
         );
     }
+    let held = sample(&metrics, "collector_ebpf_program_stats_seconds_total").unwrap();
+    assert!(held > 0.0, "statistics on, yet held for {held} s");
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_ebpf_program_stats_enabled{by=\"collector\"}"
+        ),
+        Some(1.0)
+    );
+}
+
+/// By default the collector never turns the kernel's BPF statistics on (they cost every BPF
+/// program on the host); sampled, it holds them for its windows only, and counts that time.
+/// (Other collectors on a shared host may hold descriptors of their own, so the kernel's
+/// counters are not asserted still; the sysctl is what this collector would count.)
+#[test]
+fn program_statistics_are_off_by_default_and_sampled_on_request() {
+    let off = Collector::start(&[]);
+    std::thread::sleep(Duration::from_secs(2));
+    let metrics = off.get_text("/metrics");
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_ebpf_program_stats_enabled{by=\"collector\"}"
+        ),
+        Some(0.0)
+    );
+    if sample(
+        &metrics,
+        "collector_ebpf_program_stats_enabled{by=\"sysctl\"}",
+    ) == Some(0.0)
+    {
+        assert_eq!(
+            sample(&metrics, "collector_ebpf_program_stats_seconds_total"),
+            Some(0.0)
+        );
+    }
+
+    let sampled = Collector::start_with_config(
+        "[kernel]\nprogram_stats = \"sampled\"\nprogram_stats_sample_seconds = 1\n\
+         program_stats_every_seconds = 3\n",
+    );
+    let held = || {
+        sample(
+            &sampled.get_text("/metrics"),
+            "collector_ebpf_program_stats_seconds_total",
+        )
+        .unwrap()
+    };
+    // A 9 s span holds three 1-second windows of a 3 s period (counted once a second: give
+    // or take one at the span's ends); always on would count 9.
+    let before = held();
+    std::thread::sleep(Duration::from_secs(9));
+    let during = held() - before;
+    assert!(
+        (2.0..=4.0).contains(&during),
+        "sampled 1 s in every 3 s, yet counted {during} s of 9 s"
+    );
 }

@@ -4,7 +4,6 @@
 //! failure is logged once, shown by `collector_probe_attached{probe}` = 0, and the rest runs.
 
 use std::{
-    os::fd::OwnedFd,
     path::Path,
     sync::{Arc, Mutex},
 };
@@ -212,9 +211,6 @@ pub(crate) struct Kernel {
     /// Reconciliation's own handle on the console-descriptor map.
     pub(crate) console_fds: ConsoleFdSweep,
     pub(crate) console_events: RingBuf<MapData>,
-    /// Keeps the kernel's BPF run-time statistics on (`collector_ebpf_program_*`); `None` when
-    /// the kernel refused (logged).
-    pub(crate) stats_enabled: Option<OwnedFd>,
 }
 
 const CAP_SYS_ADMIN: u64 = 21;
@@ -285,14 +281,6 @@ pub(crate) fn load(config: &KernelConfig, plan: &KernelPlan) -> Result<Kernel, L
 
     // Kept until the programs are loaded below: they refer to the map by this fd.
     let _vcpu_comms = fill_vcpu_comms(&mut ebpf, plan)?;
-    let stats_enabled = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
-        Ok(fd) => Some(fd),
-        Err(error) => {
-            warn!(%error, "kernel BPF statistics unavailable; collector_ebpf_program_* stay at 0");
-            None
-        }
-    };
-
     let console_fds = ConsoleFdSweep::new(second_handle(&ebpf, map::CONSOLE_FDS)?);
     // The console rules are in place before the first program can see an open.
     let (console, console_events) = ConsoleKernel::take(&mut ebpf, &plan.console_rules)?;
@@ -316,7 +304,6 @@ pub(crate) fn load(config: &KernelConfig, plan: &KernelPlan) -> Result<Kernel, L
         console,
         console_fds,
         console_events,
-        stats_enabled,
         probes,
         programs: Programs(Arc::new(Mutex::new(Some(ebpf)))),
     })

@@ -9,6 +9,7 @@ pub(crate) mod console_fds;
 pub(crate) mod loader;
 pub(crate) mod process_decode;
 pub(crate) mod process_ring;
+pub(crate) mod program_stats;
 pub(crate) mod sched;
 pub(crate) mod syscalls;
 pub(crate) mod tracefs;

@@ -30,7 +30,6 @@ pub(crate) mod restore;
 use std::{
     future::Future,
     net::SocketAddr,
-    os::fd::OwnedFd,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -49,6 +48,7 @@ use crate::{
         console::ConsoleReader,
         loader::{self, Kernel, Programs},
         process_ring::ProcessEventReader,
+        program_stats::ProgramStatsSwitch,
     },
     matching::{Matchers, console_rules},
     model::{
@@ -211,7 +211,8 @@ struct Stages {
     state_done: CancellationToken,
     state_writer: JoinHandle<()>,
     programs: Programs,
-    stats_enabled: Option<OwnedFd>,
+    /// Ends with the kernel's BPF statistics let go of.
+    program_stats: JoinHandle<()>,
 }
 
 impl Stages {
@@ -352,6 +353,8 @@ impl Stages {
             ));
         }
         sources.close();
+        let stats = ProgramStatsSwitch::default();
+        let program_stats = tokio::spawn(stats.clone().run(config.kernel.clone(), intake.clone()));
 
         let api = ApiState {
             exposition: Exposition {
@@ -361,6 +364,7 @@ impl Stages {
                     probes: kernel.probes,
                     drops: kernel.drops,
                     programs: kernel.programs.clone(),
+                    program_stats: stats,
                     sched: kernel.sched,
                 },
                 console: console_stats,
@@ -385,7 +389,7 @@ impl Stages {
             state_done,
             state_writer: state.writer,
             programs: kernel.programs,
-            stats_enabled: kernel.stats_enabled,
+            program_stats,
         })
     }
 
@@ -431,7 +435,7 @@ impl Stages {
         bounded("state file", self.state_writer, deadline).await;
         // 5. Detach the programs.
         self.programs.detach();
-        drop(self.stats_enabled);
+        bounded("program statistics", self.program_stats, deadline).await;
     }
 }
 

@@ -129,9 +129,14 @@ fn measure(
     let tag = format!("mem{instances}-{}", std::process::id());
     let dir = work.join(format!("{tag}-logs"));
     let stderr = std::fs::File::create(work.join(format!("{tag}.stderr")))?;
+    // The stand-ins' folder is the bench's own: trusted, or the collector refuses them.
+    let config = work.join(format!("{tag}.toml"));
+    std::fs::write(&config, format!("trusted_executable_dirs = [{work:?}]\n"))?;
     let collector = Procs(vec![
         Command::new(binary)
-            .args(["run", "--listen", &addr, "--log-dir"])
+            .args(["run", "--listen", &addr, "--config"])
+            .arg(&config)
+            .arg("--log-dir")
             .arg(&dir)
             .stdout(Stdio::null())
             .stderr(stderr)

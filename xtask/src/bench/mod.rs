@@ -4,10 +4,15 @@
 //! bookkeeping does not add up (e.g. console lines captured + dropped != written).
 
 mod console;
+mod empty_programs;
 mod memory;
+mod overhead;
 mod sched;
 
-use std::{process::Command, time::Duration};
+use std::{
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
@@ -23,6 +28,10 @@ pub(crate) enum Bench {
     /// Memory: RSS, `/metrics` size and scrape time with 0, 200 and 1000 stand-in instances
     /// that printed 16 KiB of console each.
     Memory(memory::Args),
+    /// What the collector costs every other task on the host: `perf bench sched pipe`,
+    /// `perf bench syscall basic` and hackbench, with nothing attached, the collector, empty
+    /// programs on its hooks and a bpftrace script, with 32 stand-in instances running.
+    Overhead(overhead::Options),
 }
 
 pub(crate) fn bench(bench: Bench) -> anyhow::Result<()> {
@@ -30,6 +39,7 @@ pub(crate) fn bench(bench: Bench) -> anyhow::Result<()> {
         Bench::Sched(options) => sched::run(&options),
         Bench::Console(args) => console::run(&args),
         Bench::Memory(args) => memory::run(&args),
+        Bench::Overhead(options) => overhead::run(&options),
     }
 }
 
@@ -96,6 +106,44 @@ fn median(values: &[f64]) -> f64 {
     } else {
         sorted[mid]
     }
+}
+
+/// A child process killed and reaped when dropped.
+pub(super) struct Guard(pub(super) Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub(super) fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|v| v.split_whitespace().nth(1))
+            == Some("0")
+    })
+}
+
+pub(super) fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// The value of the sample `series` (name and labels as served) in an exposition.
+pub(super) fn metric(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 #[cfg(test)]

@@ -13,13 +13,13 @@
 use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Stdio},
+    time::Duration,
 };
 
 use anyhow::{Context, bail};
 
-use super::{ensure_debian_packages, median};
+use super::{Guard, ensure_debian_packages, is_root, median, metric, wait_until};
 use crate::{build, toolchain};
 
 #[derive(clap::Args)]
@@ -324,9 +324,17 @@ impl Bench<'_> {
             .local_addr()?
             .port();
         let addr = format!("127.0.0.1:{port}");
+        // The stand-ins' folder is the bench's own: trusted, or the collector refuses them.
+        let config = self.work.join("collector.toml");
+        std::fs::write(
+            &config,
+            format!("trusted_executable_dirs = [{:?}]\n", self.work),
+        )?;
         let child = Guard(
             Command::new(binary)
-                .args(["run", "--listen", &addr, "--log-dir"])
+                .args(["run", "--listen", &addr, "--config"])
+                .arg(&config)
+                .arg("--log-dir")
                 .arg(self.work.join("logs"))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -544,42 +552,4 @@ impl Drop for BpfStats {
     fn drop(&mut self) {
         let _ = std::fs::write(BPF_STATS_SYSCTL, &self.0);
     }
-}
-
-/// A child process killed and reaped when dropped.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|v| v.split_whitespace().nth(1))
-            == Some("0")
-    })
-}
-
-fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
-/// The value of the sample `series` (name and labels as served) in an exposition.
-fn metric(exposition: &str, series: &str) -> Option<f64> {
-    exposition
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
 }

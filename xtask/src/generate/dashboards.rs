@@ -301,9 +301,9 @@ fn fleet() -> Dashboard {
                     "{{node}}",
                 )
                 .drill("node"),
-            panel("Kernel program CPU by node", "timeseries", "suffix: CPU", "CPU the collector's eBPF programs use on each node (kernel BPF statistics).")
+            panel("Kernel program CPU by node", "timeseries", "suffix: CPU", "CPU the collector's eBPF programs use on each node while the kernel's BPF statistics time them (kernel.program_stats; 30m windows, as the alert).")
                 .q(
-                    format!("sum by (cluster, node) (rate(collector_ebpf_program_run_seconds_total{{{SEL_FLEET}}}[$__rate_interval]))"),
+                    format!("sum by (cluster, node) (rate(collector_ebpf_program_run_seconds_total{{{SEL_FLEET}}}[30m])) / on (cluster, node) (sum by (cluster, node) (rate(collector_ebpf_program_stats_seconds_total{{{SEL_FLEET}}}[30m])) > 0)"),
                     "{{node}}",
                 )
                 .drill("node"),
@@ -382,13 +382,13 @@ fn node() -> Dashboard {
             panel("Pipelines up", "timeseries", "bool_yes_no", "Each output pipeline of the collector: 1 up, 0 down.")
                 .q(format!("max by (node, pipeline) (collector_pipeline_up{{{SEL_NODE}}})"), "{{pipeline}}")
                 .alert("ComputeCollectorPipelineDown"),
-            panel("Kernel program CPU", "timeseries", "suffix: CPU", "CPU the collector's eBPF programs use, by program. Warning above 0.1 CPU over 30m for 15m.")
+            panel("Kernel program CPU", "timeseries", "suffix: CPU", "CPU the collector's eBPF programs use, by program, while the kernel's BPF statistics time them (kernel.program_stats). Warning above 0.1 CPU over 30m for 15m.")
                 .q(
-                    format!("sum by (program) (rate(collector_ebpf_program_run_seconds_total{{{SEL_NODE}}}[$__rate_interval]))"),
+                    format!("sum by (program) (rate(collector_ebpf_program_run_seconds_total{{{SEL_NODE}}}[30m])) / on () group_left () (sum (rate(collector_ebpf_program_stats_seconds_total{{{SEL_NODE}}}[30m])) > 0)"),
                     "{{program}}",
                 )
                 .alert("ComputeCollectorProbeCpuHigh"),
-            panel("Kernel program cost per run", "timeseries", "s", "Mean time of one run of each program (kernel BPF statistics; about 80 ns of it is the statistics' own timing).")
+            panel("Kernel program cost per run", "timeseries", "s", "Mean time of one run of each program while the kernel's BPF statistics time them (kernel.program_stats; about 80 ns of it is the statistics' own timing).")
                 .q(
                     format!(
                         "sum by (program) (rate(collector_ebpf_program_run_seconds_total{{{SEL_NODE}}}[$__rate_interval])) / sum by (program) (rate(collector_ebpf_program_runs_total{{{SEL_NODE}}}[$__rate_interval]))"
@@ -465,10 +465,14 @@ fn instance() -> Dashboard {
                     format!(r#"sum by (le) (rate(compute_instance_runqueue_latency_seconds_bucket{{{sel}, thread="vcpu"}}[$__rate_interval]))"#),
                     "{{le}}",
                 ),
-            panel("Run-queue latency p99", "timeseries", "s", "99th percentile of the waits, by thread class (interpolated within log2 buckets).")
+            panel("vCPU run-queue latency p50 and p99", "timeseries", "s", "Median and 99th percentile of the vCPU threads' waits (interpolated within buckets of 4x: 4 µs, 16 µs, ..., 262 ms).")
                 .q(
-                    format!("histogram_quantile(0.99, sum by (le, thread) (rate(compute_instance_runqueue_latency_seconds_bucket{{{sel}}}[$__rate_interval])))"),
-                    "p99 {{thread}}",
+                    format!(r#"histogram_quantile(0.5, sum by (le) (rate(compute_instance_runqueue_latency_seconds_bucket{{{sel}, thread="vcpu"}}[$__rate_interval])))"#),
+                    "p50",
+                )
+                .q(
+                    format!(r#"histogram_quantile(0.99, sum by (le) (rate(compute_instance_runqueue_latency_seconds_bucket{{{sel}, thread="vcpu"}}[$__rate_interval])))"#),
+                    "p99",
                 ),
             panel("Context switches", "timeseries", "cps", "Switches of the instance's threads off a CPU: voluntary (blocked) and involuntary (preempted).")
                 .q(

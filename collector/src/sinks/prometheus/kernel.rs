@@ -7,6 +7,7 @@ use collector_common::drop_kind;
 use crate::{
     kernel::{
         loader::{KernelDrops, Programs},
+        program_stats::ProgramStatsSwitch,
         sched::SharedSched,
     },
     model::{
@@ -107,6 +108,7 @@ pub(crate) struct KernelMetrics {
     pub(crate) probes: Vec<ProbeState>,
     pub(crate) drops: KernelDrops,
     pub(crate) programs: Programs,
+    pub(crate) program_stats: ProgramStatsSwitch,
     pub(crate) sched: SharedSched,
 }
 
@@ -136,26 +138,7 @@ impl KernelMetrics {
             }
         }
 
-        let programs = self.programs.stats();
-        w.family(
-            "collector_ebpf_program_runs",
-            "Times each kernel program ran (kernel BPF statistics, on while the collector runs).",
-            MetricKind::Counter,
-        );
-        for p in &programs {
-            w.sample(&[("program", p.program.as_str())], Value::Uint(p.runs));
-        }
-        w.family(
-            "collector_ebpf_program_run_seconds",
-            "Time spent running each kernel program (kernel BPF statistics).",
-            MetricKind::Counter,
-        );
-        for p in &programs {
-            w.sample(
-                &[("program", p.program.as_str())],
-                Value::Float(p.run_seconds),
-            );
-        }
+        self.write_programs(w);
 
         let ((threads, stats), filter) = {
             let sched = self.sched.lock().expect("sched lock");
@@ -172,6 +155,52 @@ impl KernelMetrics {
             ("sched_thread_filter", filter),
         ] {
             w.sample(&[("map", map)], Value::Uint(entries));
+        }
+    }
+
+    /// Each program's run count and run time, and when the kernel counted them
+    /// (`kernel.program_stats`): the counters move only while the statistics are on.
+    fn write_programs(&self, w: &mut dyn MetricWriter) {
+        let programs = self.programs.stats();
+        w.family(
+            "collector_ebpf_program_runs",
+            "Times each kernel program ran while the kernel's BPF statistics were on.",
+            MetricKind::Counter,
+        );
+        for p in &programs {
+            w.sample(&[("program", p.program.as_str())], Value::Uint(p.runs));
+        }
+        w.family(
+            "collector_ebpf_program_run_seconds",
+            "Time spent running each kernel program while the kernel's BPF statistics were on.",
+            MetricKind::Counter,
+        );
+        for p in &programs {
+            w.sample(
+                &[("program", p.program.as_str())],
+                Value::Float(p.run_seconds),
+            );
+        }
+        w.family(
+            "collector_ebpf_program_stats_seconds",
+            "Time the kernel's BPF statistics were on while the collector ran (held by it, or \
+             the sysctl set), seen once a second: run_seconds divided by this is the programs' \
+             CPU share while counted.",
+            MetricKind::Counter,
+        );
+        w.sample(&[], Value::Float(self.program_stats.counted_seconds()));
+        w.family(
+            "collector_ebpf_program_stats_enabled",
+            "1 while the kernel's BPF statistics are on: held by the collector \
+             (kernel.program_stats), or set with the sysctl kernel.bpf_stats_enabled.",
+            MetricKind::Gauge,
+        );
+        w.sample(
+            &[("by", "collector")],
+            Value::Int(i64::from(self.program_stats.holding())),
+        );
+        if let Some(set) = ProgramStatsSwitch::sysctl_set() {
+            w.sample(&[("by", "sysctl")], Value::Int(i64::from(set)));
         }
     }
 }

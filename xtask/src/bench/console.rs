@@ -222,9 +222,11 @@ impl Bench<'_> {
         std::fs::write(
             &config,
             format!(
-                "trusted_executable_dirs = [{:?}]\n[kernel]\nconsole_ring_bytes = {ring}\n\n[console]\nfile_max_bytes = 268435456\n\
+                "trusted_executable_dirs = [\"{}\"]\n[kernel]\nconsole_ring_bytes = {ring}\n\n[console]\nfile_max_bytes = 268435456\n\
                  disk_max_bytes = 17179869184\nrate_bytes_per_sec = {}\nburst_bytes = {}\n",
-                self.work, self.args.rate_bytes_per_sec, self.args.burst_bytes,
+                self.work.display(),
+                self.args.rate_bytes_per_sec,
+                self.args.burst_bytes,
             ),
         )?;
         let stderr = std::fs::File::create(self.work.join(format!("{tag}.stderr")))?;

@@ -131,7 +131,10 @@ fn measure(
     let stderr = std::fs::File::create(work.join(format!("{tag}.stderr")))?;
     // The stand-ins' folder is the bench's own: trusted, or the collector refuses them.
     let config = work.join(format!("{tag}.toml"));
-    std::fs::write(&config, format!("trusted_executable_dirs = [{work:?}]\n"))?;
+    std::fs::write(
+        &config,
+        format!("trusted_executable_dirs = [\"{}\"]\n", work.display()),
+    )?;
     let collector = Procs(vec![
         Command::new(binary)
             .args(["run", "--listen", &addr, "--config"])

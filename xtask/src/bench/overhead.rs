@@ -65,10 +65,11 @@ const BENCH_VMM: &str = "ovbench";
 fn collector_config(work: &Path, extra: &str) -> String {
     format!(
         "disable_builtin_matchers = [\"firecracker\", \"qemu\", \"cloud-hypervisor\"]\n\
-         trusted_executable_dirs = [{work:?}]\n\
+         trusted_executable_dirs = [\"{}\"]\n\
          [[matcher]]\nname = \"bench\"\nhypervisor = \"firecracker\"\nexecutable = \"{BENCH_VMM}\"\n\
          instance_id = '--uuid (\\S+)'\nvcpu_thread = '^fc_vcpu ?(\\d+)$'\n\
-         [console.files]\n{extra}"
+         [console.files]\n{extra}",
+        work.display()
     )
 }
 

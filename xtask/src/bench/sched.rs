@@ -328,7 +328,7 @@ impl Bench<'_> {
         let config = self.work.join("collector.toml");
         std::fs::write(
             &config,
-            format!("trusted_executable_dirs = [{:?}]\n", self.work),
+            format!("trusted_executable_dirs = [\"{}\"]\n", self.work.display()),
         )?;
         let child = Guard(
             Command::new(binary)

@@ -151,3 +151,87 @@ fn both_formats_for_their_scrapers() {
     };
     assert_eq!(ours(&series(&text)), ours(&series(&open_metrics)));
 }
+
+/// An instance's series and bytes stay within the budget docs/metrics.md states: 30 series
+/// whatever it does (allocation known, vCPUs ticking), and 2 more per console stream it
+/// writes; at most 4 KB in all for a Firecracker-like instance with one stream.
+#[test]
+fn an_instance_stays_within_its_series_budget() {
+    let collector = Collector::start(&[]);
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(
+        dir.path().join("vmm.json"),
+        r#"{"machine-config": {"vcpu_count": 2, "mem_size_mib": 256}}"#,
+    )
+    .expect("vmm.json");
+    let uuid = "7d2b1a38-8f5c-4a4e-9d7e-2f0b6c1d9e11"
+        .replace("7d2b", &format!("{:04x}", std::process::id() % 0x10000));
+    let _vmm = Standin::spawn_in(
+        dir.path(),
+        "firecracker",
+        &["--no-api", "--uuid", &uuid, "--config-file", "vmm.json"],
+        &[
+            ("STANDIN_VCPUS", "2"),
+            ("STANDIN_TICK_MS", "10"),
+            ("STANDIN_LINES", "5"),
+        ],
+    );
+    let ours = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains(&format!("instance_uuid=\"{uuid}\"")))
+            .map(str::to_owned)
+            .collect()
+    };
+    // Listed, allocation read, both streams captured.
+    let lines = wait_for(Duration::from_secs(5), || {
+        let lines = ours(&collector.get_text("/metrics"));
+        let ready = lines
+            .iter()
+            .any(|l| l.starts_with("compute_instance_vcpus"))
+            && lines
+                .iter()
+                .filter(|l| l.starts_with("compute_instance_console_lines_total"))
+                .count()
+                == 2;
+        ready.then_some(lines)
+    })
+    .expect("instance with its allocation and two console streams");
+    let console = lines
+        .iter()
+        .filter(|l| l.starts_with("compute_instance_console_"))
+        .count();
+    assert_eq!(
+        console,
+        4,
+        "stdout and stderr, bytes and lines:\n{}",
+        lines.join("\n")
+    );
+    let rest: Vec<&String> = lines
+        .iter()
+        .filter(|l| !l.starts_with("compute_instance_console_"))
+        .collect();
+    assert!(
+        rest.len() <= 30,
+        "{} series besides the console:\n{}",
+        rest.len(),
+        lines.join("\n")
+    );
+    // One stream (its 2 series) more or less: within 4 KB with one.
+    let one_stream: usize = rest.iter().map(|l| l.len() + 1).sum::<usize>()
+        + lines
+            .iter()
+            .filter(|l| l.contains("stream=\"stdout\""))
+            .map(|l| l.len() + 1)
+            .sum::<usize>();
+    eprintln!(
+        "{} series, {} bytes; with one stream {} bytes",
+        lines.len(),
+        lines.iter().map(|l| l.len() + 1).sum::<usize>(),
+        one_stream
+    );
+    assert!(
+        one_stream <= 4096,
+        "{one_stream} bytes:\n{}",
+        lines.join("\n")
+    );
+}

@@ -252,7 +252,6 @@ fn identity_reaches_every_output_within_a_second_of_the_pod_with_either_containe
         ("terminate", 1.0),
         ("crash", 0.0),
         ("oom_kill", 0.0),
-        ("discovered", 0.0),
     ] {
         let series =
             format!("compute_instance_events_total{{instance_uuid=\"{u1}\",event=\"{event}\"}}");

@@ -1,7 +1,9 @@
 //! Console metrics (`compute_instance_console_*`), read at scrape time from the console
 //! counters for the instances in the registry's snapshot: like every `compute_instance_*`
-//! series they leave with the instance. Each running instance shows every stream and every
-//! `where`, zeros included, so `rate()` works from its first scrape.
+//! series they leave with the instance. Sparse, to keep an instance within its series budget
+//! (docs/metrics.md): a stream's series appear with its first byte, a `where` with its first
+//! dropped byte (VictoriaMetrics counts a new series' first value as an increase; Prometheus'
+//! `increase()` misses it).
 
 use std::collections::BTreeMap;
 
@@ -43,6 +45,9 @@ pub(crate) fn write(w: &mut dyn MetricWriter, snapshot: &Snapshot, stats: &Conso
         w.family(name, help, MetricKind::Counter);
         for (labels, c) in &counters {
             for stream in Stream::ALL {
+                if c.bytes[stream.index()] == 0 && c.lines[stream.index()] == 0 {
+                    continue;
+                }
                 let mut labels = labels.clone();
                 labels.push(("stream", stream.as_str()));
                 w.sample(&labels, Value::Uint(field(c)[stream.index()]));
@@ -60,6 +65,9 @@ pub(crate) fn write(w: &mut dyn MetricWriter, snapshot: &Snapshot, stats: &Conso
     );
     for (labels, c) in &counters {
         for at in DropWhere::ALL {
+            if c.dropped[at as usize] == 0 {
+                continue;
+            }
             let mut labels = labels.clone();
             labels.push(("where", at.as_str()));
             w.sample(&labels, Value::Uint(c.dropped[at as usize]));

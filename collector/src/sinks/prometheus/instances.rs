@@ -51,6 +51,11 @@ pub(crate) fn write(w: &mut dyn MetricWriter, snapshot: &Snapshot, events: &Inst
     for (uuid, by_kind) in events.expose(Instant::now(), &snapshot.on_host()) {
         let mut labels = instance_labels(LabelSet::Series, &uuid, "", None);
         for (kind, count) in EventKind::ALL.iter().zip(by_kind) {
+            // `discovered` is the collector's own restart, not the instance's: the fleet
+            // counter has it, the per-instance series (budgeted) do not.
+            if *kind == EventKind::Discovered {
+                continue;
+            }
             labels.truncate(1);
             labels.push(("event", kind.as_str()));
             w.sample(&labels, Value::Uint(count));

@@ -41,7 +41,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
-    api::{ApiState, Exposure, Readiness, server::Listener},
+    api::{ApiState, Exposure, Readiness},
     config::Config,
     host::privileges,
     kernel::{
@@ -64,6 +64,7 @@ use crate::{
     sources::{
         console::ConsoleSource,
         discovery::{Discovery, DiscoveryKernel},
+        kubernetes,
     },
 };
 
@@ -82,7 +83,12 @@ pub(crate) struct Overrides {
     pub(crate) metrics_listen: Option<SocketAddr>,
     pub(crate) api_socket: Option<PathBuf>,
     pub(crate) allow_unauthenticated_remote_api: bool,
+    pub(crate) api_listen: Option<SocketAddr>,
+    pub(crate) api_tls_cert_file: Option<PathBuf>,
+    pub(crate) api_tls_key_file: Option<PathBuf>,
     pub(crate) log_dir: Option<PathBuf>,
+    /// This node's name (else `NODE_NAME`).
+    pub(crate) node_name: Option<String>,
 }
 
 /// Runs the collector until SIGTERM or SIGINT.
@@ -97,6 +103,16 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
         config.api_socket = Some(path);
     }
     config.allow_unauthenticated_remote_api |= overrides.allow_unauthenticated_remote_api;
+    if let Some(addr) = overrides.api_listen {
+        config.api_listen = Some(addr);
+    }
+    if overrides.api_tls_cert_file.is_some() || overrides.api_tls_key_file.is_some() {
+        config.api_tls_cert_file = overrides.api_tls_cert_file;
+        config.api_tls_key_file = overrides.api_tls_key_file;
+        if config.api_tls_cert_file.is_some() != config.api_tls_key_file.is_some() {
+            anyhow::bail!("--api-tls-cert-file and --api-tls-key-file go together");
+        }
+    }
     if let Some(log_dir) = overrides.log_dir {
         config.log_dir = log_dir;
     }
@@ -105,17 +121,25 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
     let matchers = Matchers::from_config(&config)?;
     let rules = console_rules::resolve(&config.console.files, &matchers)?;
 
+    // The remote API's settings (Kubernetes client, node, TLS files) are the user's to fix
+    // before anything is bound or loaded.
+    let remote = http::remote_api(&config, kubernetes::node_name(overrides.node_name)).await?;
+
     // Bind first: a taken address is the cheapest mistake to report.
     let http = http::HttpRuntime::start()?;
-    let bound = http::bind(&http, &config).await?;
-    let listen = match &bound[0].listener {
-        Listener::Tcp(listener) => listener.local_addr()?,
-        Listener::Unix(..) => unreachable!("the first listener is --listen"),
+    let bound = http::bind(&http, &config, remote.as_ref()).await?;
+    let listen = bound[0]
+        .listener
+        .local_addr()
+        .expect("the first listener is --listen (TCP)");
+    let local = |exposure: Exposure| {
+        bound
+            .iter()
+            .find(|b| b.exposure == exposure)
+            .and_then(|b| b.listener.local_addr())
     };
-    let metrics_listen = bound.iter().find_map(|b| match &b.listener {
-        Listener::Tcp(l) if b.exposure == Exposure::Metrics => l.local_addr().ok(),
-        _ => None,
-    });
+    let metrics_listen = local(Exposure::Metrics);
+    let api_listen = local(Exposure::Remote);
 
     // Each missing capability or mount is said once, before the load that may need it.
     let privileges = privileges::check();
@@ -124,6 +148,7 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
     info!(
         listen = %listen,
         metrics_listen = metrics_listen.map(|a| a.to_string()),
+        api_listen = api_listen.map(|a| a.to_string()),
         api_socket = config.api_socket.as_ref().map(|p| p.display().to_string()),
         probes_attached = kernel.probes.iter().filter(|p| p.attached).count(),
         probes_total = kernel.probes.len(),
@@ -138,6 +163,7 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
         &http,
         &config,
         bound,
+        remote,
         &stages.api,
         &stages.health.http_connections_closed,
         &stages.intake,

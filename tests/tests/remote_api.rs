@@ -432,6 +432,27 @@ fn tls_with_a_certificate_the_client_verifies() {
         !stderr.contains("travel in clear"),
         "TLS configured: no warning"
     );
+
+    // A renewed certificate (another CA, the same files) is served without a restart, once
+    // the collector looks at the files again (at most every 10 s).
+    let renewed = tempfile::tempdir().unwrap();
+    let (new_cert, new_key, new_ca) = certificates(renewed.path());
+    std::fs::copy(new_key, &key).unwrap();
+    std::fs::copy(new_cert, &cert).unwrap();
+    let served = wait_for(Duration::from_secs(25), || {
+        (tls_get(&s.api, &new_ca, "/healthz", None) == Ok(200)).then_some(())
+    });
+    assert!(served.is_some(), "{}", s.collector.stderr());
+    assert!(
+        tls_get(&s.api, &ca, "/healthz", None).is_err(),
+        "the old one is gone"
+    );
+    assert_eq!(tls_get(&s.api, &new_ca, &logs, Some(TOKEN_A)), Ok(200));
+    assert!(
+        s.collector
+            .stderr()
+            .contains("remote API TLS certificate reloaded")
+    );
 }
 
 #[test]

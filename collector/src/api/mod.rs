@@ -171,8 +171,11 @@ pub(crate) fn router(
     app = app
         .merge(v1)
         .route_layer(turns.clone())
-        .route_layer(timeout)
-        .merge(streaming.route_layer(turns));
+        .route_layer(timeout);
+    if exposure.serves_v1() {
+        // (A route layer on a router without routes is a panic in axum.)
+        app = app.merge(streaming.route_layer(turns));
+    }
     app.fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .with_state(state)
 }

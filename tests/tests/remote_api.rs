@@ -267,9 +267,10 @@ fn tenants_read_their_own_instances_and_operators_the_node() {
         .collect();
     assert!(refusals.len() >= 15, "{}", refusals.join("\n"));
     assert!(
-        refusals
-            .iter()
-            .any(|l| l.contains("forbidden") && l.contains("alice") && l.contains("/v1/events")),
+        refusals.iter().any(|l| l.contains("forbidden")
+            && l.contains("alice")
+            && l.contains("/v1/events")
+            && l.contains("\"127.0.0.1:")),
         "{}",
         refusals.join("\n")
     );

@@ -140,10 +140,16 @@ pub(crate) async fn review(State(guard): State<Guard>, request: Request, next: N
         return next.run(request).await;
     };
     guard.decisions.inc(&[decision(Err(denied))]);
+    let peer = request
+        .extensions()
+        .get::<super::server::Peer>()
+        .and_then(|p| p.0)
+        .map(|addr| addr.to_string());
     warn!(
         decision = decision(Err(denied)),
         method = %request.method(),
         path,
+        peer,
         username,
         access = match access {
             Access::Node => "node",

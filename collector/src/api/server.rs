@@ -69,6 +69,10 @@ impl std::fmt::Debug for Listener {
     }
 }
 
+/// The peer of a request's connection (`None` on a unix socket), in the request's extensions.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer(pub(crate) Option<std::net::SocketAddr>);
+
 trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
@@ -133,19 +137,23 @@ impl Listener {
         Ok(Self::Unix(listener, path.to_owned()))
     }
 
-    async fn accept(&self) -> io::Result<Accepted> {
+    /// The next connection, and its peer's address (TCP).
+    async fn accept(&self) -> io::Result<(Accepted, Peer)> {
         Ok(match self {
             Self::Tcp(listener) => {
-                let (stream, _) = listener.accept().await?;
+                let (stream, peer) = listener.accept().await?;
                 let _ = stream.set_nodelay(true);
-                Accepted::Plain(Box::new(stream))
+                (Accepted::Plain(Box::new(stream)), Peer(Some(peer)))
             }
             Self::Tls(listener, acceptor) => {
-                let (stream, _) = listener.accept().await?;
+                let (stream, peer) = listener.accept().await?;
                 let _ = stream.set_nodelay(true);
-                Accepted::Tls(stream, acceptor.clone())
+                (Accepted::Tls(stream, acceptor.clone()), Peer(Some(peer)))
             }
-            Self::Unix(listener, _) => Accepted::Plain(Box::new(listener.accept().await?.0)),
+            Self::Unix(listener, _) => (
+                Accepted::Plain(Box::new(listener.accept().await?.0)),
+                Peer(None),
+            ),
         })
     }
 
@@ -176,10 +184,10 @@ pub(crate) async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok(stream) => stream,
+                Ok(accepted) => accepted,
                 Err(error) => {
                     warn!(server, %error, "cannot accept an HTTP connection");
                     tokio::select! {
@@ -195,7 +203,8 @@ pub(crate) async fn serve(
         let service = hyper::service::service_fn({
             let router = router.clone();
             let busy = slot.busy.clone();
-            move |request: Request<Incoming>| {
+            move |mut request: Request<Incoming>| {
+                request.extensions_mut().insert(peer);
                 let guard = Busy::enter(&busy);
                 let router = router.clone();
                 async move {

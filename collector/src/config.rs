@@ -37,6 +37,16 @@ pub(crate) struct Config {
     /// Lets `listen` be a non-loopback address although it serves `/v1` without
     /// authentication (logged as a warning at start).
     pub(crate) allow_unauthenticated_remote_api: bool,
+    /// The remote API: an address (the pod IP's port) serving `/v1`, `/healthz` and `/readyz`
+    /// to remote readers, each `/v1` request only with a bearer token the Kubernetes API
+    /// server authenticates (`TokenReview`) and authorises (`SubjectAccessReview`). Needs the
+    /// Kubernetes source's client configuration and the node name.
+    pub(crate) api_listen: Option<SocketAddr>,
+    /// PEM certificate chain of `api_listen` (TLS, with `api_tls_key_file`); without both the
+    /// remote API is plain HTTP and its bearer tokens travel in clear (warned at start).
+    pub(crate) api_tls_cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `api_tls_cert_file`.
+    pub(crate) api_tls_key_file: Option<PathBuf>,
     /// Limits of every HTTP server.
     pub(crate) http: HttpConfig,
     /// Folders a matched hypervisor's executable must be in (root-owned, not group- or
@@ -67,6 +77,9 @@ impl Default for Config {
             api_socket: None,
             api_socket_mode: DEFAULT_API_SOCKET_MODE,
             allow_unauthenticated_remote_api: false,
+            api_listen: None,
+            api_tls_cert_file: None,
+            api_tls_key_file: None,
             http: HttpConfig::default(),
             trusted_executable_dirs: DEFAULT_TRUSTED_EXECUTABLE_DIRS
                 .iter()
@@ -531,6 +544,12 @@ impl Config {
                 dir.display()
             ));
         }
+        if self.api_tls_cert_file.is_some() != self.api_tls_key_file.is_some() {
+            return Err(
+                "api_tls_cert_file and api_tls_key_file go together: set both (TLS) or neither"
+                    .into(),
+            );
+        }
         let k = &self.kubernetes;
         if k.auth_cache_entries == 0 {
             return Err("kubernetes.auth_cache_entries must be at least 1".into());
@@ -566,6 +585,9 @@ mod tests {
     fn empty_file_gives_defaults() {
         let c = Config::parse("", "t.toml").unwrap();
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert!(c.api_listen.is_none());
+        let err = Config::parse("api_tls_cert_file = \"/c\"", "t.toml").unwrap_err();
+        assert!(err.to_string().contains("go together"), "{err}");
         assert!(c.matchers.is_empty());
     }
 
@@ -679,6 +701,9 @@ vcpu_thread = '^crosvm_vcpu(\d+)$'
         full.matchers[0].instance_dir = Some("d".into());
         full.metrics_listen = Some("0.0.0.0:9479".parse().unwrap());
         full.api_socket = Some("/run/s.sock".into());
+        full.api_listen = Some("0.0.0.0:9480".parse().unwrap());
+        full.api_tls_cert_file = Some("/c".into());
+        full.api_tls_key_file = Some("/k".into());
         let mut code_keys = Vec::new();
         key_paths(&toml::Value::try_from(&full).unwrap(), "", &mut code_keys);
         let missing: Vec<&String> = code_keys

@@ -438,7 +438,8 @@ fn every_object_is_valid_and_they_fit_together() {
     }
     assert_eq!(scrapes.len(), 2);
 
-    // The NetworkPolicy admits only the monitoring namespace, only to the metrics port.
+    // The NetworkPolicy admits the monitoring namespace to the metrics port only, and the query
+    // layer's namespace to the remote API's port only.
     let policy = policy.expect("NetworkPolicy").spec.unwrap();
     assert!(labels_match(
         policy
@@ -451,30 +452,78 @@ fn every_object_is_valid_and_they_fit_together() {
         &pod_labels
     ));
     let ingress = policy.ingress.unwrap();
-    assert_eq!(ingress.len(), 1);
-    let peers = ingress[0].from.as_ref().unwrap();
-    assert_eq!(peers.len(), 1);
-    let ns = peers[0]
-        .namespace_selector
+    assert_eq!(ingress.len(), 2);
+    for (rule, namespace, port) in [
+        (&ingress[0], "monitoring", 9478),
+        (&ingress[1], "compute-query", 9479),
+    ] {
+        let peers = rule.from.as_ref().unwrap();
+        assert_eq!(peers.len(), 1);
+        let ns = peers[0]
+            .namespace_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .clone()
+            .unwrap();
+        assert_eq!(
+            ns,
+            BTreeMap::from([(
+                "kubernetes.io/metadata.name".to_owned(),
+                namespace.to_owned()
+            )])
+        );
+        assert!(peers[0].pod_selector.is_none() && peers[0].ip_block.is_none());
+        let ports = rule.ports.as_ref().unwrap();
+        assert_eq!(ports.len(), 1);
+        assert_eq!(
+            serde_json::to_value(ports[0].port.as_ref().unwrap()).unwrap(),
+            port
+        );
+    }
+
+    // The remote API listens on the pod IP's port the policy admits, with TLS from the
+    // mounted Secret's files.
+    let args = container.args.clone().unwrap_or_default();
+    assert!(
+        args.contains(&"--api-listen=$(POD_IP):9479".to_owned()),
+        "{args:?}"
+    );
+    let api_port = container
+        .ports
         .as_ref()
         .unwrap()
-        .match_labels
-        .clone()
+        .iter()
+        .find(|p| p.name.as_deref() == Some("api"))
+        .expect("an api container port");
+    assert_eq!(api_port.container_port, 9479);
+    let mount = container
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.name == "api-tls")
+        .expect("the TLS Secret mounted");
+    for (flag, file) in [
+        ("--api-tls-cert-file", "tls.crt"),
+        ("--api-tls-key-file", "tls.key"),
+    ] {
+        let expected = format!("{flag}={}/{file}", mount.mount_path);
+        assert!(args.contains(&expected), "{expected} in {args:?}");
+    }
+    let volume = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "api-tls")
         .unwrap();
+    let secret = volume.secret.as_ref().expect("a Secret volume");
     assert_eq!(
-        ns,
-        BTreeMap::from([(
-            "kubernetes.io/metadata.name".to_owned(),
-            "monitoring".to_owned()
-        )])
+        secret.secret_name.as_deref(),
+        Some("compute-collector-api-tls")
     );
-    assert!(peers[0].pod_selector.is_none() && peers[0].ip_block.is_none());
-    let ports = ingress[0].ports.as_ref().unwrap();
-    assert_eq!(ports.len(), 1);
-    assert_eq!(
-        serde_json::to_value(ports[0].port.as_ref().unwrap()).unwrap(),
-        9478
-    );
+    assert_eq!(secret.default_mode, Some(0o400));
 
     // The dashboards: one ConfigMap each for Grafana's sidecar, holding the committed JSON.
     assert_eq!(dashboards.len(), 3);

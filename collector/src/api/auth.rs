@@ -14,10 +14,6 @@
 //! `kubernetes.auth_cache_entries` of each kind, keyed by the token's SHA-256 (the token is
 //! never kept, nor logged).
 
-// Served by `--api-listen` (the remote API, wired in with the registry's identity); until then
-// only the tests use it.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::{
     collections::BTreeMap,
     sync::Mutex,
@@ -33,7 +29,15 @@ use kube::{Api, Client, api::PostParams};
 use percent_encoding::percent_decode_str;
 use tracing::warn;
 
-use crate::{config::KubernetesConfig, util::ttl_cache::TtlCache};
+use crate::{config::KubernetesConfig, model::metrics::CounterVec, util::ttl_cache::TtlCache};
+
+/// The `review` and `outcome` label values of `collector_api_reviews_total`, pre-set at 0.
+pub(crate) const REVIEWS: [[&str; 2]; 4] = [
+    ["token", "ok"],
+    ["token", "error"],
+    ["access", "ok"],
+    ["access", "error"],
+];
 
 /// Bound of one review request.
 const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
@@ -104,6 +108,8 @@ pub(crate) struct Reviewer {
     authenticated: Mutex<TtlCache<TokenDigest, Option<Caller>>>,
     /// (token digest, permission) -> allowed.
     authorised: Mutex<TtlCache<(TokenDigest, Permission), bool>>,
+    /// Reviews sent to the API server (cache misses), by `review` and `outcome`.
+    reviews: CounterVec,
 }
 
 /// The bearer token of a request: one `Authorization: Bearer <token>` header.
@@ -177,24 +183,49 @@ impl Reviewer {
             node,
             authenticated: Mutex::new(TtlCache::new(ttl, config.auth_cache_entries)),
             authorised: Mutex::new(TtlCache::new(ttl, config.auth_cache_entries)),
+            reviews: CounterVec::default(),
         }
     }
 
+    /// Counts the reviews sent into `reviews` (`collector_api_reviews_total`).
+    pub(crate) fn counting(mut self, reviews: CounterVec) -> Self {
+        self.reviews = reviews;
+        self
+    }
+
     /// The caller, if the request's token is valid and grants `access`.
+    #[cfg(test)]
     pub(crate) async fn review(
         &self,
         headers: &HeaderMap,
         access: &Access,
     ) -> Result<Caller, Denied> {
-        let token = bearer(headers).ok_or(Denied::Unauthenticated)?;
+        self.decide(headers, access)
+            .await
+            .map_err(|(denied, _)| denied)
+    }
+
+    /// [`Reviewer::review`], a refusal naming the caller's user whenever the token was
+    /// authenticated (for its log line).
+    pub(crate) async fn decide(
+        &self,
+        headers: &HeaderMap,
+        access: &Access,
+    ) -> Result<Caller, (Denied, Option<String>)> {
+        let token = bearer(headers).ok_or((Denied::Unauthenticated, None))?;
         let key = digest(token);
-        let caller = self.authenticate(token, key).await?;
+        let caller = self
+            .authenticate(token, key)
+            .await
+            .map_err(|denied| (denied, None))?;
         for permission in access.permissions(&self.node) {
-            if self.authorise(&caller, key, permission).await? {
-                return Ok(caller);
+            match self.authorise(&caller, key, permission).await {
+                Ok(true) => return Ok(caller),
+                Ok(false) => {}
+                Err(denied) => return Err((denied, Some(caller.username))),
             }
         }
-        Err(Denied::Forbidden)
+        Err((Denied::Forbidden, Some(caller.username)))
     }
 
     async fn authenticate(&self, token: &str, key: TokenDigest) -> Result<Caller, Denied> {
@@ -236,12 +267,17 @@ impl Reviewer {
         let answer =
             tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), &review)).await;
         let status = match answer {
-            Ok(Ok(review)) => review.status.unwrap_or_default(),
+            Ok(Ok(review)) => {
+                self.reviews.inc(&["token", "ok"]);
+                review.status.unwrap_or_default()
+            }
             Ok(Err(error)) => {
+                self.reviews.inc(&["token", "error"]);
                 warn!(%error, "token review failed");
                 return Err(Denied::Unavailable);
             }
             Err(_) => {
+                self.reviews.inc(&["token", "error"]);
                 warn!(
                     timeout_seconds = REVIEW_TIMEOUT.as_secs(),
                     "token review timed out"
@@ -289,12 +325,17 @@ impl Reviewer {
         match tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), &review))
             .await
         {
-            Ok(Ok(review)) => Ok(review.status.is_some_and(|s| s.allowed)),
+            Ok(Ok(review)) => {
+                self.reviews.inc(&["access", "ok"]);
+                Ok(review.status.is_some_and(|s| s.allowed))
+            }
             Ok(Err(error)) => {
+                self.reviews.inc(&["access", "error"]);
                 warn!(%error, "access review failed");
                 Err(Denied::Unavailable)
             }
             Err(_) => {
+                self.reviews.inc(&["access", "error"]);
                 warn!(
                     timeout_seconds = REVIEW_TIMEOUT.as_secs(),
                     "access review timed out"

@@ -19,7 +19,8 @@
 //! Follow streams end when the collector shuts down, so that shutdown never waits for a reader.
 //!
 //! Exposure ([`Exposure`]): `--listen` and `--api-socket` serve every route; `--metrics-listen`
-//! only the first three (`/v1` is 404 there). Every route runs under a concurrency limit
+//! only the first three (`/v1` is 404 there); `--api-listen` ([`remote`]) `/healthz`, `/readyz`
+//! and `/v1`, each `/v1` route behind a bearer token's review (`/metrics` is 404 there). Every route runs under a concurrency limit
 //! (`http.max_concurrent_requests`, waiting for a turn counts against the timeout), and every
 //! route but the two that stream (`/logs`, `/v1/events`) under a timeout
 //! (`http.request_timeout_ms`, then 503). [`server`] adds the connection limits.
@@ -29,7 +30,9 @@ mod events;
 mod health;
 mod instances;
 mod logs;
+pub(crate) mod remote;
 pub(crate) mod server;
+pub(crate) mod tls;
 pub(crate) mod views;
 
 use std::{
@@ -109,6 +112,14 @@ pub(crate) enum Exposure {
     All,
     /// `/metrics`, `/healthz` and `/readyz` only.
     Metrics,
+    /// `/healthz`, `/readyz` and `/v1`, every `/v1` route behind [`remote::Guard`].
+    Remote,
+}
+
+impl Exposure {
+    fn serves_v1(self) -> bool {
+        matches!(self, Self::All | Self::Remote)
+    }
 }
 
 /// Limits of each request.
@@ -118,28 +129,52 @@ pub(crate) struct RequestLimits {
     pub(crate) timeout: Duration,
 }
 
-pub(crate) fn router(state: ApiState, exposure: Exposure, limits: RequestLimits) -> Router {
+/// The router of one server. `guard` (required for [`Exposure::Remote`], ignored otherwise)
+/// reviews each `/v1` request inside its turn and timeout, so that reviews are bounded as
+/// handlers are.
+pub(crate) fn router(
+    state: ApiState,
+    exposure: Exposure,
+    limits: RequestLimits,
+    guard: Option<remote::Guard>,
+) -> Router {
     let turns = GlobalConcurrencyLimitLayer::new(limits.max_concurrent);
     let timeout = TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, limits.timeout);
-    let mut app = Router::new()
-        .route("/metrics", get(health::metrics))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz));
-    if exposure == Exposure::All {
-        app = app
+    let guard = match exposure {
+        Exposure::Remote => Some(guard.expect("the remote API has a guard")),
+        Exposure::All | Exposure::Metrics => None,
+    };
+    let mut v1 = Router::new();
+    let mut streaming = Router::new();
+    if exposure.serves_v1() {
+        v1 = v1
             .route("/v1/instances", get(instances::list))
             .route("/v1/instances/{uuid}", get(instances::one))
             .route("/v1/instances/{uuid}/events", get(events::of_instance));
-    }
-    // Applied to the routes so far: the timeout covers the wait for a turn too.
-    app = app.route_layer(turns.clone()).route_layer(timeout);
-    if exposure == Exposure::All {
-        // Streaming routes: a turn for the handler, no timeout on the stream.
-        let streaming = Router::new()
+        streaming = streaming
             .route("/v1/instances/{uuid}/logs", get(logs::logs))
-            .route("/v1/events", get(events::all))
-            .route_layer(turns);
-        app = app.merge(streaming);
+            .route("/v1/events", get(events::all));
+        if let Some(guard) = guard {
+            let review = axum::middleware::from_fn_with_state(guard, remote::review);
+            v1 = v1.route_layer(review.clone());
+            streaming = streaming.route_layer(review);
+        }
+    }
+    let mut app = Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz));
+    if exposure != Exposure::Remote {
+        app = app.route("/metrics", get(health::metrics));
+    }
+    // The timeout covers the wait for a turn too; streaming routes get a turn for the
+    // handler, no timeout on the stream.
+    app = app
+        .merge(v1)
+        .route_layer(turns.clone())
+        .route_layer(timeout);
+    if exposure.serves_v1() {
+        // (A route layer on a router without routes is a panic in axum.)
+        app = app.merge(streaming.route_layer(turns));
     }
     app.fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .with_state(state)

@@ -1,7 +1,8 @@
 //! The HTTP servers: one accept loop per listener (TCP or unix socket), run by the runtime on
 //! the collector's own HTTP threads, so that no handler and no client ever holds up the
 //! kernel-ring readers. What a client cannot get past:
-//! - a header-read timeout (hyper's), which also closes a connection idle between requests;
+//! - a header-read timeout (hyper's), which also closes a connection idle between requests,
+//!   and bounds a TLS handshake (done on the connection's task, never in the accept loop);
 //! - a connection limit: at the limit the oldest connection without a request in progress is
 //!   closed to make room, so idle connections can neither exhaust descriptors nor lock out
 //!   the scraper; when every connection is busy, new ones wait in the kernel's backlog;
@@ -29,9 +30,10 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    net::{TcpListener, UnixListener},
+    net::{TcpListener, TcpStream, UnixListener},
     sync::Notify,
 };
+use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 use tracing::{debug, warn};
@@ -49,15 +51,58 @@ pub(crate) struct ConnectionLimits {
 }
 
 /// A bound listener.
-#[derive(Debug)]
 pub(crate) enum Listener {
     Tcp(TcpListener),
+    /// TCP with TLS.
+    Tls(TcpListener, TlsAcceptor),
     /// The socket and its path (removed when the server ends).
     Unix(UnixListener, PathBuf),
 }
 
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(listener) => f.debug_tuple("Tcp").field(listener).finish(),
+            Self::Tls(listener, _) => f.debug_tuple("Tls").field(listener).finish(),
+            Self::Unix(_, path) => f.debug_tuple("Unix").field(path).finish(),
+        }
+    }
+}
+
+/// The peer of a request's connection (`None` on a unix socket), in the request's extensions.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer(pub(crate) Option<std::net::SocketAddr>);
+
 trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// An accepted connection, its TLS handshake (if any) still to do.
+enum Accepted {
+    Plain(Box<dyn Io>),
+    Tls(TcpStream, TlsAcceptor),
+}
+
+impl Accepted {
+    /// The stream to serve HTTP on: a TLS handshake within `timeout`; `None` if it fails.
+    async fn stream(self, server: &'static str, timeout: Duration) -> Option<Box<dyn Io>> {
+        match self {
+            Self::Plain(stream) => Some(stream),
+            Self::Tls(stream, acceptor) => {
+                match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => Some(Box::new(stream)),
+                    Ok(Err(error)) => {
+                        debug!(server, %error, "TLS handshake failed");
+                        None
+                    }
+                    Err(_) => {
+                        debug!(server, "TLS handshake timed out");
+                        None
+                    }
+                }
+            }
+        }
+    }
+}
 
 impl Listener {
     /// Binds a unix socket at `path` with permission bits `mode`: a stale socket left by an
@@ -92,15 +137,32 @@ impl Listener {
         Ok(Self::Unix(listener, path.to_owned()))
     }
 
-    async fn accept(&self) -> io::Result<Box<dyn Io>> {
+    /// The next connection, and its peer's address (TCP).
+    async fn accept(&self) -> io::Result<(Accepted, Peer)> {
         Ok(match self {
             Self::Tcp(listener) => {
-                let (stream, _) = listener.accept().await?;
+                let (stream, peer) = listener.accept().await?;
                 let _ = stream.set_nodelay(true);
-                Box::new(stream)
+                (Accepted::Plain(Box::new(stream)), Peer(Some(peer)))
             }
-            Self::Unix(listener, _) => Box::new(listener.accept().await?.0),
+            Self::Tls(listener, acceptor) => {
+                let (stream, peer) = listener.accept().await?;
+                let _ = stream.set_nodelay(true);
+                (Accepted::Tls(stream, acceptor.clone()), Peer(Some(peer)))
+            }
+            Self::Unix(listener, _) => (
+                Accepted::Plain(Box::new(listener.accept().await?.0)),
+                Peer(None),
+            ),
         })
+    }
+
+    /// The local address of a TCP listener.
+    pub(crate) fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Self::Tcp(listener) | Self::Tls(listener, _) => listener.local_addr().ok(),
+            Self::Unix(..) => None,
+        }
     }
 }
 
@@ -122,10 +184,10 @@ pub(crate) async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok(stream) => stream,
+                Ok(accepted) => accepted,
                 Err(error) => {
                     warn!(server, %error, "cannot accept an HTTP connection");
                     tokio::select! {
@@ -141,7 +203,8 @@ pub(crate) async fn serve(
         let service = hyper::service::service_fn({
             let router = router.clone();
             let busy = slot.busy.clone();
-            move |request: Request<Incoming>| {
+            move |mut request: Request<Incoming>| {
+                request.extensions_mut().insert(peer);
                 let guard = Busy::enter(&busy);
                 let router = router.clone();
                 async move {
@@ -155,9 +218,19 @@ pub(crate) async fn serve(
                 }
             }
         });
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
         let shutdown = shutdown.clone();
+        let builder = builder.clone();
         tasks.spawn(async move {
+            let handshake = stream.stream(server, limits.header_read_timeout);
+            let stream = tokio::select! {
+                stream = handshake => match stream {
+                    Some(stream) => stream,
+                    None => return,
+                },
+                () = slot.evicted.cancelled() => return,
+                () = shutdown.cancelled() => return,
+            };
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
             let mut connection = std::pin::pin!(connection);
             let mut closing = false;
             loop {

@@ -60,16 +60,27 @@ enum Command {
         /// Let --listen be a non-loopback address although /v1 has no authentication there.
         #[arg(long)]
         allow_unauthenticated_remote_api: bool,
+        /// Address of the remote API: /v1 (and /healthz, /readyz) for remote readers, each
+        /// request with a bearer token reviewed by the Kubernetes API server (TokenReview,
+        /// SubjectAccessReview). Needs the Kubernetes client configuration and the node name.
+        #[arg(long)]
+        api_listen: Option<SocketAddr>,
+        /// PEM certificate chain of --api-listen (TLS, with --api-tls-key-file).
+        #[arg(long, requires = "api_tls_key_file")]
+        api_tls_cert_file: Option<PathBuf>,
+        /// PEM private key of --api-tls-cert-file.
+        #[arg(long, requires = "api_tls_cert_file")]
+        api_tls_key_file: Option<PathBuf>,
+        /// This node's name, for the Kubernetes source and the remote API (default: the
+        /// NODE_NAME environment variable).
+        #[arg(long)]
+        node_name: Option<String>,
         /// Folder of per-instance logs.
         #[arg(long)]
         log_dir: Option<PathBuf>,
         /// Log format: text for a terminal, json in production.
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
-        /// This node's name, for the Kubernetes identity source (default: the NODE_NAME
-        /// environment variable).
-        #[arg(long)]
-        node_name: Option<String>,
     },
     /// Print an instance's console lines from a running collector (like `kubectl logs`).
     Logs {
@@ -168,9 +179,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             metrics_listen,
             api_socket,
             allow_unauthenticated_remote_api,
+            api_listen,
+            api_tls_cert_file,
+            api_tls_key_file,
+            node_name,
             log_dir,
             log_format,
-            node_name,
         } => {
             let config = match &config {
                 Some(path) => Config::load(path)?,
@@ -190,6 +204,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     metrics_listen,
                     api_socket,
                     allow_unauthenticated_remote_api,
+                    api_listen,
+                    api_tls_cert_file,
+                    api_tls_key_file,
                     log_dir,
                     node_name,
                 },

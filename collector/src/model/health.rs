@@ -27,6 +27,11 @@ pub(crate) struct Health {
     pub(crate) pipelines: Pipelines,
     /// HTTP connections the servers closed, by `server` and `reason`.
     pub(crate) http_connections_closed: CounterVec,
+    /// The remote API's decisions on requests, by `decision`.
+    pub(crate) api_auth_decisions: CounterVec,
+    /// Token and access reviews the remote API sent to the API server, by `review` and
+    /// `outcome`.
+    pub(crate) api_reviews: CounterVec,
     /// The capabilities and mounts the collector checked at start, and which are missing.
     pub(crate) privileges: Arc<Vec<PrivilegeState>>,
 }

@@ -1,20 +1,26 @@
-//! The HTTP side of `collector run`: its own runtime, the listeners it binds, and the rule
-//! that keeps `/v1` off non-loopback addresses unless the operator says otherwise.
+//! The HTTP side of `collector run`: its own runtime, the listeners it binds, the rule that
+//! keeps unauthenticated `/v1` off non-loopback addresses unless the operator says otherwise,
+//! and the remote API's reviews (`--api-listen`).
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::{
     api::{
         self, ApiState, Exposure, RequestLimits,
+        auth::{self, Reviewer},
+        remote::{self, Guard, PodIndex},
         server::{self, ConnectionLimits, Listener},
+        tls,
     },
     config::Config,
     model::metrics::CounterVec,
+    sources::kubernetes::KubernetesSource,
 };
 
 /// Threads of the HTTP runtime (its `/proc` reads go to its own blocking pool).
@@ -60,12 +66,82 @@ pub(super) struct Bound {
     pub(super) exposure: Exposure,
 }
 
+/// What the remote API needs, configured before anything else starts: a client of the
+/// Kubernetes API (the reviews), the index of each instance's Pod (fed from the one identity
+/// source, see `runtime::forward_identities`), the node, and the TLS acceptor.
+pub(super) struct RemoteApi {
+    client: kube::Client,
+    pub(super) pods: PodIndex,
+    node: String,
+    tls: Option<TlsAcceptor>,
+}
+
+/// The remote API's configuration when `api_listen` is set: it needs the Kubernetes source
+/// (the reviews are made with its client, its Pods say whose an instance is) and this node's
+/// name (`nodes/proxy` names it), else a clear error.
+pub(super) fn remote_api(
+    config: &Config,
+    source: Option<&KubernetesSource>,
+) -> anyhow::Result<Option<RemoteApi>> {
+    let Some(addr) = config.api_listen else {
+        return Ok(None);
+    };
+    if !config.kubernetes.enabled {
+        anyhow::bail!(
+            "api_listen {addr}: the remote API reviews every token with the Kubernetes API \
+             server; it needs the Kubernetes source (kubernetes.enabled = true)"
+        );
+    }
+    let Some(source) = source else {
+        anyhow::bail!(
+            "api_listen {addr}: the remote API reviews every token with the Kubernetes API \
+             server, and there is no client configuration (not in a cluster, KUBECONFIG unset)"
+        );
+    };
+    let Some(node) = source.node.clone() else {
+        anyhow::bail!(
+            "api_listen {addr}: the remote API needs this node's name (--node-name or \
+             NODE_NAME): node-wide routes ask for get nodes/proxy on it"
+        );
+    };
+    // A deleted Pod's instance stays readable by its tenant while the collector keeps its
+    // lines and events.
+    let retention = config
+        .console
+        .retention_seconds
+        .max(config.events.retention_seconds);
+    let pods = PodIndex::new(Duration::from_secs(retention), config.events.max_instances);
+    let tls = if let (Some(cert), Some(key)) = (&config.api_tls_cert_file, &config.api_tls_key_file)
+    {
+        Some(tls::acceptor(cert, key)?)
+    } else {
+        warn!(
+            api_listen = %addr,
+            "remote API without TLS (api_tls_cert_file, api_tls_key_file unset): bearer \
+             tokens and guests' console lines travel in clear"
+        );
+        None
+    };
+    Ok(Some(RemoteApi {
+        client: source.client.clone(),
+        pods,
+        node,
+        tls,
+    }))
+}
+
 /// Binds every configured listener (on the HTTP runtime, which will serve them).
-pub(super) async fn bind(http: &HttpRuntime, config: &Config) -> anyhow::Result<Vec<Bound>> {
+pub(super) async fn bind(
+    http: &HttpRuntime,
+    config: &Config,
+    remote: Option<&RemoteApi>,
+) -> anyhow::Result<Vec<Bound>> {
     let listen = config.listen;
     let metrics_listen = config.metrics_listen;
     let socket = config.api_socket.clone();
     let mode = config.api_socket_mode;
+    let api_listen = config.api_listen;
+    let tls = remote.and_then(|r| r.tls.clone());
     http.spawn(async move {
         let mut bound = vec![Bound {
             server: "listen",
@@ -95,6 +171,19 @@ pub(super) async fn bind(http: &HttpRuntime, config: &Config) -> anyhow::Result<
                 exposure: Exposure::All,
             });
         }
+        if let Some(addr) = api_listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (api_listen)"))?;
+            bound.push(Bound {
+                server: "api_listen",
+                listener: match tls {
+                    Some(tls) => Listener::Tls(listener, tls),
+                    None => Listener::Tcp(listener),
+                },
+                exposure: Exposure::Remote,
+            });
+        }
         Ok(bound)
     })
     .await
@@ -109,8 +198,9 @@ pub(super) fn check_exposure(config: &Config) -> anyhow::Result<()> {
     if !config.allow_unauthenticated_remote_api {
         anyhow::bail!(
             "--listen {} would serve /v1 (every guest's console) without authentication on a \
-             non-loopback address; use --metrics-listen for Prometheus and --api-socket for \
-             local readers, or set allow_unauthenticated_remote_api = true \
+             non-loopback address; use --metrics-listen for Prometheus, --api-listen for remote \
+             readers (bearer tokens reviewed by Kubernetes) and --api-socket for local \
+             readers, or set allow_unauthenticated_remote_api = true \
              (--allow-unauthenticated-remote-api) to accept that",
             config.listen
         );
@@ -123,15 +213,42 @@ pub(super) fn check_exposure(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts a server on each bound listener; the handle ends once all of them have.
+/// The guard of the remote API's routes.
+fn start_remote(remote: RemoteApi, config: &Config, state: &ApiState) -> Guard {
+    let health = &state.exposition.health;
+    for [review, outcome] in auth::REVIEWS {
+        health.api_reviews.preset(&[review, outcome]);
+    }
+    for decision in remote::DECISIONS {
+        health.api_auth_decisions.preset(&[decision]);
+    }
+    let reviewer = Reviewer::new(remote.client, remote.node.clone(), &config.kubernetes)
+        .counting(health.api_reviews.clone());
+    let pods = remote.pods;
+    info!(
+        node = remote.node.as_str(),
+        tls = remote.tls.is_some(),
+        "remote API reviews tokens with the Kubernetes API server"
+    );
+    Guard {
+        reviewer: Arc::new(reviewer),
+        pods,
+        decisions: health.api_auth_decisions.clone(),
+    }
+}
+
+/// Starts a server on each bound listener (and the remote API's source); the handle ends
+/// once all of them have.
 pub(super) fn serve(
     http: &HttpRuntime,
     config: &Config,
     bound: Vec<Bound>,
+    remote: Option<RemoteApi>,
     state: &ApiState,
     closed: &CounterVec,
     stop: &CancellationToken,
 ) -> JoinHandle<()> {
+    let guard = remote.map(|remote| start_remote(remote, config, state));
     let requests = RequestLimits {
         max_concurrent: config.http.max_concurrent_requests,
         timeout: Duration::from_millis(config.http.request_timeout_ms),
@@ -144,7 +261,7 @@ pub(super) fn serve(
         .into_iter()
         .map(|b| {
             closed.preset(&[b.server, "evicted"]);
-            let router = api::router(state.clone(), b.exposure, requests);
+            let router = api::router(state.clone(), b.exposure, requests, guard.clone());
             http.spawn(server::serve(
                 b.server,
                 b.listener,

@@ -41,7 +41,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
-    api::{ApiState, Exposure, Readiness, server::Listener},
+    api::{ApiState, Exposure, Readiness, remote::PodIndex},
     config::Config,
     host::privileges,
     kernel::{
@@ -89,6 +89,9 @@ pub(crate) struct Overrides {
     pub(crate) metrics_listen: Option<SocketAddr>,
     pub(crate) api_socket: Option<PathBuf>,
     pub(crate) allow_unauthenticated_remote_api: bool,
+    pub(crate) api_listen: Option<SocketAddr>,
+    pub(crate) api_tls_cert_file: Option<PathBuf>,
+    pub(crate) api_tls_key_file: Option<PathBuf>,
     pub(crate) log_dir: Option<PathBuf>,
     /// This node's name (else `NODE_NAME`): the Kubernetes source's node.
     pub(crate) node_name: Option<String>,
@@ -106,6 +109,16 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
         config.api_socket = Some(path);
     }
     config.allow_unauthenticated_remote_api |= overrides.allow_unauthenticated_remote_api;
+    if let Some(addr) = overrides.api_listen {
+        config.api_listen = Some(addr);
+    }
+    if overrides.api_tls_cert_file.is_some() || overrides.api_tls_key_file.is_some() {
+        config.api_tls_cert_file = overrides.api_tls_cert_file;
+        config.api_tls_key_file = overrides.api_tls_key_file;
+        if config.api_tls_cert_file.is_some() != config.api_tls_key_file.is_some() {
+            anyhow::bail!("--api-tls-cert-file and --api-tls-key-file go together");
+        }
+    }
     if let Some(log_dir) = overrides.log_dir {
         config.log_dir = log_dir;
     }
@@ -121,18 +134,24 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
     let kube = kubernetes::configure(&config.kubernetes, node, Vec::new(), identity_tx)
         .await
         .context("kubernetes identity source")?;
+    // The remote API's settings (its Kubernetes client, node, TLS files) likewise.
+    let remote = http::remote_api(&config, kube.as_ref())?;
 
     // Bind first: a taken address is the cheapest mistake to report.
     let http = http::HttpRuntime::start()?;
-    let bound = http::bind(&http, &config).await?;
-    let listen = match &bound[0].listener {
-        Listener::Tcp(listener) => listener.local_addr()?,
-        Listener::Unix(..) => unreachable!("the first listener is --listen"),
+    let bound = http::bind(&http, &config, remote.as_ref()).await?;
+    let listen = bound[0]
+        .listener
+        .local_addr()
+        .expect("the first listener is --listen (TCP)");
+    let local = |exposure: Exposure| {
+        bound
+            .iter()
+            .find(|b| b.exposure == exposure)
+            .and_then(|b| b.listener.local_addr())
     };
-    let metrics_listen = bound.iter().find_map(|b| match &b.listener {
-        Listener::Tcp(l) if b.exposure == Exposure::Metrics => l.local_addr().ok(),
-        _ => None,
-    });
+    let metrics_listen = local(Exposure::Metrics);
+    let api_listen = local(Exposure::Remote);
 
     // Each missing capability or mount is said once, before the load that may need it.
     let privileges = privileges::check();
@@ -144,6 +163,7 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
     info!(
         listen = %listen,
         metrics_listen = metrics_listen.map(|a| a.to_string()),
+        api_listen = api_listen.map(|a| a.to_string()),
         api_socket = config.api_socket.as_ref().map(|p| p.display().to_string()),
         probes_attached = kernel.probes.iter().filter(|p| p.attached).count(),
         probes_total = kernel.probes.len(),
@@ -159,6 +179,7 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
         Identities {
             source: kube,
             updates: identity_rx,
+            remote_pods: remote.as_ref().map(|r| r.pods.clone()),
         },
     )?;
     if let Some(pipeline) = end_on_purpose {
@@ -168,6 +189,7 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
         &http,
         &config,
         bound,
+        remote,
         &stages.api,
         &stages.health.http_connections_closed,
         &stages.intake,
@@ -191,6 +213,8 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
 struct Identities {
     source: Option<KubernetesSource>,
     updates: mpsc::Receiver<IdentityUpdate>,
+    /// The remote API's index of each instance's Pod, fed from the same updates.
+    remote_pods: Option<PodIndex>,
 }
 
 /// The running stages and what shutdown needs of them.
@@ -350,6 +374,7 @@ impl Stages {
             sources.spawn(forward_identities(
                 identities.updates,
                 registry.updates.clone(),
+                identities.remote_pods,
             ));
         }
         sources.close();
@@ -439,12 +464,17 @@ impl Stages {
     }
 }
 
-/// Hands the Kubernetes source's updates to the registry, in order, until the source ends.
+/// Hands the Kubernetes source's updates to the registry (and the remote API's Pod index), in
+/// order, until the source ends.
 async fn forward_identities(
     mut updates: mpsc::Receiver<IdentityUpdate>,
     registry: mpsc::Sender<InstanceUpdate>,
+    remote_pods: Option<PodIndex>,
 ) {
     while let Some(update) = updates.recv().await {
+        if let Some(pods) = &remote_pods {
+            pods.apply(&update);
+        }
         if registry
             .send(InstanceUpdate::Identity(update))
             .await

@@ -73,6 +73,22 @@ pub(crate) fn write(w: &mut dyn MetricWriter, health: &Health) {
         &["server", "reason"],
         &health.http_connections_closed,
     );
+    counter_vec(
+        w,
+        "collector_api_auth_decisions",
+        "Requests to the remote API's /v1 (--api-listen) by decision: allowed, unauthenticated \
+         (401), forbidden (403), unavailable (503: a review could not be made).",
+        &["decision"],
+        &health.api_auth_decisions,
+    );
+    counter_vec(
+        w,
+        "collector_api_reviews",
+        "TokenReviews and SubjectAccessReviews the remote API sent to the Kubernetes API \
+         server (decisions not cached), by review and outcome (error: failed or timed out).",
+        &["review", "outcome"],
+        &health.api_reviews,
+    );
     w.family(
         "collector_privilege_missing",
         "1 when the collector lacks this capability or mount (what it costs is logged at \

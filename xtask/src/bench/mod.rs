@@ -10,7 +10,9 @@ mod overhead;
 mod sched;
 
 use std::{
-    process::{Child, Command},
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -144,6 +146,27 @@ pub(super) fn metric(exposition: &str, series: &str) -> Option<f64> {
         .lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// Starts bpftrace on `script` and waits until its probes are attached ("Attaching N
+/// probes..."); its further output is drained so that it never blocks on a full pipe.
+pub(super) fn start_bpftrace(script: &Path) -> anyhow::Result<Guard> {
+    let mut child = Guard(
+        Command::new("bpftrace")
+            .arg(script)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("bpftrace")?,
+    );
+    let stdout = child.0.stdout.take().context("bpftrace stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    match lines.next() {
+        Some(Ok(line)) if line.starts_with("Attaching") => {}
+        other => bail!("bpftrace did not start: {other:?}"),
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok(child)
 }
 
 #[cfg(test)]

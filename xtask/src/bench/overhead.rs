@@ -15,7 +15,6 @@
 //! Root only; installs `linux-perf`, `rt-tests`, `bpftrace` if missing.
 
 use std::{
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
@@ -26,7 +25,7 @@ use anyhow::{Context, bail};
 use super::{
     Guard,
     empty_programs::{EmptyPrograms, Hook},
-    ensure_debian_packages, is_root, median, metric, wait_until,
+    ensure_debian_packages, is_root, median, metric, start_bpftrace, wait_until,
 };
 use crate::toolchain;
 
@@ -249,7 +248,7 @@ impl Bench<'_> {
                 let hooks: Vec<Hook> = self.hooks.iter().map(|p| Hook::of_probe(p)).collect();
                 Box::new(EmptyPrograms::attach(&hooks)?)
             }
-            Mode::Bpftrace => Box::new(self.start_bpftrace()?),
+            Mode::Bpftrace => Box::new(start_bpftrace(&self.script)?),
         };
         let o = self.options;
         Ok(Sample {
@@ -292,25 +291,6 @@ impl Bench<'_> {
             )
         })?;
         Ok((child, addr))
-    }
-
-    fn start_bpftrace(&self) -> anyhow::Result<Guard> {
-        let mut child = Guard(
-            Command::new("bpftrace")
-                .arg(&self.script)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("bpftrace")?,
-        );
-        let stdout = child.0.stdout.take().context("bpftrace stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        match lines.next() {
-            Some(Ok(line)) if line.starts_with("Attaching") => {}
-            other => bail!("bpftrace did not start: {other:?}"),
-        }
-        std::thread::spawn(move || lines.for_each(drop));
-        Ok(child)
     }
 
     /// One pipe run with the collector's statistics on: each program's runs per pipe op and

@@ -11,7 +11,6 @@
 //! missing.
 
 use std::{
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
@@ -19,7 +18,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use super::{Guard, ensure_debian_packages, is_root, median, metric, wait_until};
+use super::{Guard, ensure_debian_packages, is_root, median, metric, start_bpftrace, wait_until};
 use crate::{build, toolchain};
 
 #[derive(clap::Args)]
@@ -259,7 +258,7 @@ impl Bench<'_> {
             .context("the collector did not find the stand-ins")?;
         }
         let mut bpftrace = match mode {
-            Mode::Bpftrace => Some(self.start_bpftrace()?),
+            Mode::Bpftrace => Some(start_bpftrace(&self.script)?),
             _ => None,
         };
 
@@ -346,27 +345,6 @@ impl Bench<'_> {
         })
         .context("the collector did not become ready")?;
         Ok((child, addr))
-    }
-
-    fn start_bpftrace(&self) -> anyhow::Result<Guard> {
-        let mut child = Guard(
-            Command::new("bpftrace")
-                .arg(&self.script)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("bpftrace")?,
-        );
-        // It prints "Attaching N probes..." once they are attached.
-        let stdout = child.0.stdout.take().context("bpftrace stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        match lines.next() {
-            Some(Ok(line)) if line.starts_with("Attaching") => {}
-            other => bail!("bpftrace did not start: {other:?}"),
-        }
-        // Drain the rest so that bpftrace never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        Ok(child)
     }
 
     /// `(run time ns, run count)` of each of [`PROGRAMS`] of the running collector or bpftrace.

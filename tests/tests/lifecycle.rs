@@ -320,7 +320,7 @@ fn follow_stream_and_cli() {
     )
     .unwrap();
     stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
+        .set_read_timeout(Some(collector_tests::scaled(Duration::from_secs(5))))
         .unwrap();
     let mut reader = BufReader::new(stream);
 

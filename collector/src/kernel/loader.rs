@@ -153,6 +153,9 @@ pub(crate) struct ProgramStats {
     pub(crate) program: String,
     pub(crate) runs: u64,
     pub(crate) run_seconds: f64,
+    /// Instructions the verifier processed when it loaded the program (`verified_insns`, 5.16+;
+    /// `None` on older kernels).
+    pub(crate) verified_instructions: Option<u32>,
 }
 
 impl Programs {
@@ -170,6 +173,7 @@ impl Programs {
                     program: name.to_owned(),
                     runs: info.run_count(),
                     run_seconds: info.run_time().as_secs_f64(),
+                    verified_instructions: info.verified_instruction_count(),
                 })
             })
             .collect();

@@ -132,6 +132,19 @@ impl KernelMetrics {
                 Value::Float(p.run_seconds),
             );
         }
+        w.family(
+            "collector_ebpf_program_verified_instructions",
+            "Instructions the kernel's verifier processed to load each program (kernels 5.16 and later).",
+            MetricKind::Gauge,
+        );
+        for p in &programs {
+            if let Some(insns) = p.verified_instructions {
+                w.sample(
+                    &[("program", p.program.as_str())],
+                    Value::Uint(u64::from(insns)),
+                );
+            }
+        }
 
         let ((threads, stats), filter) = {
             let sched = self.sched.lock().expect("sched lock");

@@ -36,6 +36,10 @@ pub(crate) struct Options {
     /// all of them.
     #[arg(long = "kernel", value_name = "VERSION")]
     kernels: Vec<String>,
+    /// Run only this suite (a test file of [`SUITES`], or `console-raw-syscalls`); repeatable.
+    /// Default: all of them.
+    #[arg(long = "suite", value_name = "NAME")]
+    suites: Vec<String>,
     /// Write the tables of this run into docs/kernels.md.
     #[arg(long)]
     update_docs: bool,
@@ -79,7 +83,7 @@ pub(crate) fn test_kernels(options: &Options) -> anyhow::Result<()> {
         std::fs::create_dir_all(&dir)?;
         let initrd = dir.join("initramfs.cpio");
         let mut archive = base.clone();
-        archive.extend(plan_archive(spec, &tests)?);
+        archive.extend(plan_archive(spec, &options.suites)?);
         std::fs::write(&initrd, archive)?;
         eprintln!("xtask: booting {} under QEMU (TCG)", spec.version);
         let run = boot(spec, &image, &initrd, &dir)?;
@@ -216,9 +220,10 @@ fn trailer_len() -> usize {
 }
 
 /// `/plan.json` for `spec`: the suites, their environment, the probe collector.
-fn plan_archive(spec: &KernelSpec, tests: &BTreeMap<String, PathBuf>) -> anyhow::Result<Vec<u8>> {
+fn plan_archive(spec: &KernelSpec, only: &[String]) -> anyhow::Result<Vec<u8>> {
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let mut suites = Vec::new();
-    for suite in SUITES {
+    for suite in SUITES.iter().filter(|s| wanted(s)) {
         suites.push(json!({
             "name": suite,
             "binary": format!("{GUEST_TARGET}/deps/{suite}"),
@@ -227,7 +232,7 @@ fn plan_archive(spec: &KernelSpec, tests: &BTreeMap<String, PathBuf>) -> anyhow:
             "timeout_seconds": 20 * 60,
         }));
     }
-    if RAW_CONSOLE_ON.contains(&spec.version) && tests.contains_key("console") {
+    if RAW_CONSOLE_ON.contains(&spec.version) && wanted("console-raw-syscalls") {
         suites.push(json!({
             "name": "console-raw-syscalls",
             "binary": format!("{GUEST_TARGET}/deps/console"),

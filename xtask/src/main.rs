@@ -36,7 +36,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The full test suite, as CI runs it: format, lints, unit and privileged integration tests.
+    /// The full test suite, as CI runs it: format, lints, unit and privileged integration tests,
+    /// then the kernel matrix (`test-kernels`; skipped when `cargo test` arguments are given).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

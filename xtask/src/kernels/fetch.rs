@@ -94,6 +94,7 @@ pub(crate) fn vmlinuz(spec: &KernelSpec) -> anyhow::Result<PathBuf> {
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let apt = Apt::new(&cache_root().join("apt"), spec)?;
+    let started = std::time::Instant::now();
     let work = dir.join("download");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
@@ -129,6 +130,11 @@ pub(crate) fn vmlinuz(spec: &KernelSpec) -> anyhow::Result<PathBuf> {
     // The image last: its presence says the cache entry is complete.
     std::fs::rename(find("vmlinuz-")?, &image)?;
     std::fs::remove_dir_all(&work)?;
+    eprintln!(
+        "xtask: {} downloaded and unpacked in {:.1} s",
+        spec.version,
+        started.elapsed().as_secs_f64()
+    );
     Ok(image)
 }
 

@@ -174,7 +174,31 @@ impl Collector {
             "collector not ready in 30 s:\n{}",
             collector.stderr()
         );
+        if forced_config.is_some() {
+            collector.assert_console_hooks_forced();
+        }
         collector
+    }
+
+    /// With `COLLECTOR_TEST_CONSOLE_HOOKS=raw_syscalls`, console capture really is on the raw
+    /// `sys_enter`/`sys_exit` programs (a forced run that silently used the per-syscall ones
+    /// would prove nothing about the fallback).
+    fn assert_console_hooks_forced(&self) {
+        if std::env::var("COLLECTOR_TEST_CONSOLE_HOOKS").as_deref() != Ok("raw_syscalls") {
+            return;
+        }
+        let ready: Value = serde_json::from_str(&self.get_text("/readyz")).expect("readyz JSON");
+        let attached = |name: &str| {
+            ready["probes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["probe"] == name && p["attached"] == true)
+        };
+        assert!(
+            attached("console_sys_enter") && attached("console_sys_exit"),
+            "console_hooks = raw_syscalls forced, but: {ready:#}"
+        );
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -327,6 +327,28 @@ fn document(runs: &[KernelRun]) -> String {
          after the suites. *verifier insns*: instructions the verifier processed for each \
          program (`verified_insns` of BPF_OBJ_GET_INFO_BY_FD, which kernels before 5.16 do not \
          have; aya 0.16 keeps no verifier log of a successful load, so 5.10 shows n/a).\n\n\
+         ## What differs between these kernels, and how the collector handles it\n\n\
+         | difference | kernels | how |\n\
+         | --- | --- | --- |\n\
+         | `mark_victim(int pid)` vs `mark_victim(struct task_struct *, uid_t)` | pid: 5.10; task: \
+         6.1.192 (backported, so the version does not predict it), 6.12, 6.18 | the form is read \
+         from the BTF of `btf_trace_mark_victim` at load (`mark_victim_has_task`). With a pid \
+         only, the victim's memory counters and memory cgroup are read from `current` when the \
+         pid names it (a VMM outgrowing its memory cgroup hits the OOM itself); else the event \
+         has the pid and no counters |\n\
+         | `task_struct.state` (long) became `__state` (unsigned int) | 5.14 | offset and size \
+         from BTF; `sched_switch` reads the state from `prev` rather than `prev_state` (which \
+         the tracepoint has only from 5.18) |\n\
+         | `sched_process_exit` gained `group_dead` and runs before `exit_mm()` | 6.16 | the \
+         program takes only the task (from `current`) and reads `signal->live`, exit codes and \
+         signal flags, never `mm`, so the order does not matter |\n\
+         | BPF memory charged to RLIMIT_MEMLOCK (64 KiB by default) | before 5.11 (5.10) | the \
+         collector lifts its RLIMIT_MEMLOCK before loading; the guest's `/init` leaves the \
+         default in place so this is tested |\n\
+         | no v1 memory controller (`MEMCG_V1` off) | 6.12 | the collector resolves memory \
+         cgroups on v1 and v2 alike; the OOM tests use v2 `memory.max` there |\n\
+         | `verified_insns` in BPF_OBJ_GET_INFO_BY_FD | 5.16+ | \
+         `collector_ebpf_program_verified_instructions` is absent before |\n\n\
          ## Verifier: instructions processed, per program\n\n{}\n\
          ## Tests, per kernel\n\n\
          `console-raw-syscalls` is the console suite again with `kernel.console_hooks = \

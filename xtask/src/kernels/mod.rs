@@ -274,7 +274,12 @@ fn boot(spec: &KernelSpec, image: &Path, initrd: &Path, dir: &Path) -> anyhow::R
     let _ = std::fs::remove_file(&results);
     let started = Instant::now();
     let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2048"])
+        // One TCG thread for both vCPUs: with a thread per vCPU, a jump label patched with
+        // int3 (text_poke_bp, e.g. when a tracepoint is enabled) can still be executed as int3
+        // by the other vCPU's stale translation, an Oops in the emulator and not the kernel
+        // (seen in syscall_trace_enter on 6.12).
+        .args(["-accel", "tcg,thread=single", "-cpu", "max"])
+        .args(["-smp", "2", "-m", "2048"])
         .args(["-nodefaults", "-display", "none", "-no-reboot"])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))

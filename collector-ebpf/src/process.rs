@@ -189,9 +189,10 @@ fn send_untrack(tgid: u32) {
     }
 }
 
-/// `mark_victim(struct task_struct *task, uid_t uid)` (>= 6.8) or `mark_victim(int pid)`: the OOM
-/// killer chose its victim and has sent it SIGKILL. Runs in the task that hit the OOM, so the
-/// victim comes from the argument, never from "current".
+/// `mark_victim(struct task_struct *task, uid_t uid)` (6.8, and backported: Debian's 6.1.192 has
+/// it) or `mark_victim(int pid)` (5.10): the OOM killer chose its victim and has sent it
+/// SIGKILL. Runs in the task that hit the OOM, so the victim comes from the argument; "current"
+/// stands in only when the pid form names it.
 #[btf_tracepoint(function = "mark_victim")]
 pub(crate) fn mark_victim(ctx: BtfTracePointContext) -> i32 {
     let _ = try_mark_victim(&ctx);
@@ -209,10 +210,20 @@ fn try_mark_victim(ctx: &BtfTracePointContext) -> Result<(), i64> {
             tgid,
         )
     } else {
-        // Older kernels pass the victim's pid only. The OOM killer picks processes by their
-        // leader, so pid is the tgid unless the leader had already released its memory.
-        let pid: i32 = ctx.arg(0);
-        (core::ptr::null(), pid as u32, pid as u32)
+        // Older kernels (5.10) pass the victim's pid only. The OOM killer picks processes by
+        // their leader, so pid is the tgid unless the leader had already released its memory.
+        let pid = ctx.arg::<i32>(0) as u32;
+        // The victim is usually the task that hit the limit (a VMM outgrowing its memory
+        // cgroup): then it is "current", and its counters and cgroup are read from there.
+        // Otherwise the record carries the pid only (userspace says so: no counters).
+        let current_tgid = bpf_get_current_pid_tgid();
+        if current_tgid as u32 == pid || (current_tgid >> 32) as u32 == pid {
+            // SAFETY: plain helper call; the current task is valid while it runs.
+            let task = unsafe { bpf_get_current_task() } as *const u8;
+            (task, pid, (current_tgid >> 32) as u32)
+        } else {
+            (core::ptr::null(), pid, pid)
+        }
     };
     let Some(tracked) = TRACKED_PROCESSES.get_ptr_mut(&tgid) else {
         return Ok(());

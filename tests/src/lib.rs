@@ -64,9 +64,29 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Polls `f` every 10 ms until it returns `Some` or `timeout` passes.
+/// How much slower than the CI host this machine runs the tests: `COLLECTOR_TEST_TIME_SCALE`
+/// (a factor, default 1). The kernel matrix sets it inside its emulated (TCG) guests, where
+/// everything takes several times longer; every timeout of the harness is stretched by it.
+pub fn time_scale() -> f64 {
+    static SCALE: OnceLock<f64> = OnceLock::new();
+    *SCALE.get_or_init(|| {
+        std::env::var("COLLECTOR_TEST_TIME_SCALE")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v >= 1.0)
+            .unwrap_or(1.0)
+    })
+}
+
+/// `timeout` stretched by [`time_scale`].
+pub fn scaled(timeout: Duration) -> Duration {
+    timeout.mul_f64(time_scale())
+}
+
+/// Polls `f` every 10 ms until it returns `Some` or `timeout` (stretched by [`time_scale`])
+/// passes.
 pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + scaled(timeout);
     loop {
         if let Some(v) = f() {
             return Some(v);
@@ -107,6 +127,10 @@ impl Collector {
 
     /// [`Collector::start_in`] with environment variables `env`. Its stderr goes to
     /// `collector.stderr` in the log folder (appended: a restart keeps the earlier run's).
+    ///
+    /// With `COLLECTOR_TEST_CONSOLE_HOOKS` set (e.g. `raw_syscalls`, as the kernel matrix runs
+    /// the console tests a second time), the collector gets that `kernel.console_hooks`: added
+    /// to the test's config file, or in a config file of its own.
     pub fn start_in_env(log_dir: tempfile::TempDir, extra: &[&str], env: &[(&str, &str)]) -> Self {
         Self::start_wrapped(&[], log_dir, extra, env)
     }
@@ -120,6 +144,11 @@ impl Collector {
         env: &[(&str, &str)],
     ) -> Self {
         require_bpf();
+        let forced_config = forced_console_hooks(log_dir.path(), extra);
+        let extra: Vec<&str> = match &forced_config {
+            Some(args) => args.iter().map(String::as_str).collect(),
+            None => extra.to_vec(),
+        };
         let addr = format!("127.0.0.1:{}", free_port());
         let stderr_path = log_dir.path().join("collector.stderr");
         let stderr = std::fs::OpenOptions::new()
@@ -127,7 +156,7 @@ impl Collector {
             .append(true)
             .open(&stderr_path)
             .expect("stderr file");
-        let extra = with_trusted_standins(log_dir.path(), extra);
+        let extra = with_trusted_standins(log_dir.path(), &extra);
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut command = Command::new(program);
@@ -165,7 +194,31 @@ impl Collector {
             "collector not ready in 30 s:\n{}",
             collector.stderr()
         );
+        if forced_config.is_some() {
+            collector.assert_console_hooks_forced();
+        }
         collector
+    }
+
+    /// With `COLLECTOR_TEST_CONSOLE_HOOKS=raw_syscalls`, console capture really is on the raw
+    /// `sys_enter`/`sys_exit` programs (a forced run that silently used the per-syscall ones
+    /// would prove nothing about the fallback).
+    fn assert_console_hooks_forced(&self) {
+        if std::env::var("COLLECTOR_TEST_CONSOLE_HOOKS").as_deref() != Ok("raw_syscalls") {
+            return;
+        }
+        let ready: Value = serde_json::from_str(&self.get_text("/readyz")).expect("readyz JSON");
+        let attached = |name: &str| {
+            ready["probes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["probe"] == name && p["attached"] == true)
+        };
+        assert!(
+            attached("console_sys_enter") && attached("console_sys_exit"),
+            "console_hooks = raw_syscalls forced, but: {ready:#}"
+        );
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -179,7 +232,7 @@ impl Collector {
     pub fn get_status(&self, path: &str) -> Option<u16> {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(5)))
+            .timeout_global(Some(scaled(Duration::from_secs(5))))
             .build()
             .new_agent();
         agent
@@ -288,6 +341,32 @@ impl Collector {
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or(0.0)
     }
+}
+
+/// `extra` with `kernel.console_hooks = $COLLECTOR_TEST_CONSOLE_HOOKS` in its config file (a copy
+/// in `log_dir`, or a new one), or `None` when the variable is not set.
+fn forced_console_hooks(log_dir: &Path, extra: &[&str]) -> Option<Vec<String>> {
+    let hooks = std::env::var("COLLECTOR_TEST_CONSOLE_HOOKS").ok()?;
+    let mut args: Vec<String> = extra.iter().map(|&a| a.to_owned()).collect();
+    let at = args.iter().position(|a| a == "--config");
+    let mut config = at
+        .and_then(|i| args.get(i + 1))
+        .map(|path| std::fs::read_to_string(path).expect("read the test's config file"))
+        .unwrap_or_default();
+    let setting = format!("console_hooks = \"{hooks}\"\n");
+    if let Some(table) = config.find("[kernel]\n") {
+        config.insert_str(table + "[kernel]\n".len(), &setting);
+    } else {
+        config.push_str(&format!("\n[kernel]\n{setting}"));
+    }
+    let path = log_dir.join("collector-console-hooks.toml");
+    std::fs::write(&path, config).expect("write config");
+    let path = path.to_str().expect("UTF-8 path").to_owned();
+    match at {
+        Some(i) if i + 1 < args.len() => args[i + 1] = path,
+        _ => args.extend(["--config".to_owned(), path]),
+    }
+    Some(args)
 }
 
 impl Drop for Collector {

@@ -257,6 +257,16 @@ fn probes_attached_and_clean_shutdown() {
     let collector = Collector::start(&[]);
     let ready = collector.get_json("/readyz");
     assert_eq!(ready["ready"], true);
+    // Every probe attached, on every kernel the matrix runs this in: nothing degraded.
+    assert_eq!(ready["degraded"], serde_json::json!([]), "{ready:#}");
+    let probes = ready["probes"].as_array().expect("probes");
+    assert!(
+        probes.len() > 7,
+        "process, sched and console probes: {ready:#}"
+    );
+    for probe in probes {
+        assert_eq!(probe["attached"], true, "{probe}");
+    }
     let metrics = collector.get_text("/metrics");
     for probe in ["sched_process_exec", "sched_process_exit"] {
         assert!(

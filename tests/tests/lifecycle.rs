@@ -156,11 +156,8 @@ fn sigkill_without_oom_is_a_stop() {
 #[test]
 fn oom_kill_in_a_memory_cgroup() {
     let name = format!("collector-test-oom-{}", std::process::id());
-    let cgroup = std::path::Path::new("/sys/fs/cgroup/memory").join(&name);
-    std::fs::create_dir_all(&cgroup)
-        .expect("create v1 memory cgroup (needs the v1 memory hierarchy)");
     let limit: u64 = 32 << 20;
-    std::fs::write(cgroup.join("memory.limit_in_bytes"), limit.to_string()).unwrap();
+    let cgroup = memory_cgroup(&name, limit);
     let end = run_case(
         "lc-oom",
         &[
@@ -228,12 +225,26 @@ fn restart_keeps_the_record_and_files_keep_events() {
     assert_eq!(kinds, ["start", "stop"], "{text}");
 }
 
-/// A v1 memory cgroup `name` limited to `limit` bytes (the hierarchy this host has).
+/// A memory cgroup `name` limited to `limit` bytes: v1 under `/sys/fs/cgroup/memory` where the
+/// kernel has the v1 memory controller (the CI host), else v2 under the cgroup2 root mounted at
+/// `/sys/fs/cgroup` (kernels built without `MEMCG_V1`, such as Debian's 6.12). Either way its
+/// path in its hierarchy is `/name`.
 fn memory_cgroup(name: &str, limit: u64) -> std::path::PathBuf {
-    let cgroup = std::path::Path::new("/sys/fs/cgroup/memory").join(name);
-    std::fs::create_dir_all(&cgroup)
-        .expect("create v1 memory cgroup (needs the v1 memory hierarchy)");
-    std::fs::write(cgroup.join("memory.limit_in_bytes"), limit.to_string()).unwrap();
+    let v1 = std::path::Path::new("/sys/fs/cgroup/memory");
+    let v2 = std::path::Path::new("/sys/fs/cgroup");
+    let (cgroup, limit_file) = if v1.join("memory.limit_in_bytes").exists() {
+        (v1.join(name), "memory.limit_in_bytes")
+    } else {
+        let controllers = std::fs::read_to_string(v2.join("cgroup.subtree_control"))
+            .expect("a v1 memory hierarchy or a cgroup2 root at /sys/fs/cgroup");
+        assert!(
+            controllers.split_whitespace().any(|c| c == "memory"),
+            "the cgroup2 root does not enable memory for its children: {controllers}"
+        );
+        (v2.join(name), "memory.max")
+    };
+    std::fs::create_dir_all(&cgroup).expect("create the memory cgroup");
+    std::fs::write(cgroup.join(limit_file), limit.to_string()).unwrap();
     cgroup
 }
 
@@ -320,7 +331,7 @@ fn follow_stream_and_cli() {
     )
     .unwrap();
     stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
+        .set_read_timeout(Some(collector_tests::scaled(Duration::from_secs(5))))
         .unwrap();
     let mut reader = BufReader::new(stream);
 

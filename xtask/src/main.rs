@@ -6,6 +6,7 @@
 mod bench;
 mod build;
 mod generate;
+mod kernels;
 mod layers;
 mod run;
 mod test;
@@ -35,12 +36,16 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The full test suite, as CI runs it: format, lints, unit and privileged integration tests.
+    /// The full test suite, as CI runs it: format, lints, unit and privileged integration tests,
+    /// then the kernel matrix (`test-kernels`; skipped when `cargo test` arguments are given).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The integration tests inside each kernel of the matrix (Debian's 5.10, 6.1, 6.12 cloud
+    /// kernels) under QEMU; prints a per-kernel table. Part of `test`.
+    TestKernels(kernels::Options),
     /// Check the collector crate's layers: no import cycle, no upward or sibling import.
     Layers {
         /// Source folder to check (default: collector/src).
@@ -65,6 +70,7 @@ fn main() -> std::process::ExitCode {
         Task::BuildEbpf { release } => build::build(release).map(|_| ()),
         Task::Run { args } => run::run(&args),
         Task::Test { args } => test::test(&args),
+        Task::TestKernels(options) => kernels::test_kernels(&options),
         Task::Layers { src } => layers::layers(src.as_deref()),
         Task::Gen { check } => generate::generate(check),
         Task::Bench { bench } => bench::bench(bench),

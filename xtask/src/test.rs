@@ -1,5 +1,6 @@
 //! `cargo xtask test`: what CI runs. Format, lints, then every test: unit tests and the
-//! privileged integration tests that load the programs into the running kernel.
+//! privileged integration tests that load the programs into the running kernel, then the same
+//! integration tests inside each kernel of the matrix (`cargo xtask test-kernels`).
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -76,6 +77,14 @@ pub(crate) fn test(args: &[String]) -> anyhow::Result<()> {
     }
     if passed == 0 {
         bail!("no test ran");
+    }
+    // A filtered run is someone working on a few tests; the kernel matrix is the whole suite.
+    if args.is_empty() {
+        crate::kernels::test_kernels(&crate::kernels::Options::default())?;
+    } else {
+        println!(
+            "kernel matrix skipped: `cargo test` arguments given (run `cargo xtask test-kernels`)"
+        );
     }
     Ok(())
 }

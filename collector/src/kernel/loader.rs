@@ -152,6 +152,9 @@ pub(crate) struct ProgramStats {
     pub(crate) program: String,
     pub(crate) runs: u64,
     pub(crate) run_seconds: f64,
+    /// Instructions the verifier processed when it loaded the program (`verified_insns`, 5.16+;
+    /// `None` on older kernels).
+    pub(crate) verified_instructions: Option<u32>,
 }
 
 impl Programs {
@@ -169,6 +172,7 @@ impl Programs {
                     program: name.to_owned(),
                     runs: info.run_count(),
                     run_seconds: info.run_time().as_secs_f64(),
+                    verified_instructions: info.verified_instruction_count(),
                 })
             })
             .collect();
@@ -226,6 +230,7 @@ pub(crate) fn load(config: &KernelConfig, plan: &KernelPlan) -> Result<Kernel, L
     if !(has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))) {
         return Err(LoadError::NotPrivileged(caps));
     }
+    raise_memlock_limit();
     let offsets = btf_offsets::kernel_offsets(Path::new(VMLINUX_BTF))?;
     let btf = Btf::from_sys_fs()?;
     let syscalls = syscalls::numbers();
@@ -307,6 +312,20 @@ pub(crate) fn load(config: &KernelConfig, plan: &KernelPlan) -> Result<Kernel, L
         probes,
         programs: Programs(Arc::new(Mutex::new(Some(ebpf)))),
     })
+}
+
+/// Kernels before 5.11 charge BPF maps and programs to RLIMIT_MEMLOCK (64 KiB by default on
+/// 5.10, far below the ring buffers); later ones charge the memory cgroup and ignore it.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) } != 0 {
+        let error = std::io::Error::last_os_error();
+        warn!(%error, "cannot lift RLIMIT_MEMLOCK; on kernels before 5.11 maps may not load");
+    }
 }
 
 /// The literal prefixes of each matcher's vCPU thread names, for the kernel to classify threads

@@ -4,7 +4,9 @@
 //!
 //! - `STANDIN_VCPUS` (default 2): vCPU threads, named as the VMM names them (from argv[0]:
 //!   `fc_vcpu N`, `CPU N/TCG`, `vcpuN`), plus one non-vCPU thread.
-//! - `STANDIN_RUN_MS`: exit after this long (default: run until killed).
+//! - `STANDIN_RUN_MS`: exit after this long (default: run until killed), stretched by
+//!   `COLLECTOR_TEST_TIME_SCALE` like the harness's timeouts (a slow guest still sees the VMM
+//!   run before it ends).
 //! - `STANDIN_EXIT_CODE` (default 0): exit status when it ends by itself.
 //! - `STANDIN_THREAD_EXIT`: one extra thread that exits right away (a VMM thread ending is not
 //!   an instance ending).
@@ -509,7 +511,8 @@ fn main() {
     let _memory = var::<usize>("STANDIN_TOUCH_MIB").map(touch_memory);
     match var::<u64>("STANDIN_RUN_MS") {
         Some(ms) => {
-            thread::sleep(Duration::from_millis(ms));
+            let scale = var::<f64>("COLLECTOR_TEST_TIME_SCALE").filter(|s| *s >= 1.0);
+            thread::sleep(Duration::from_millis(ms).mul_f64(scale.unwrap_or(1.0)));
             if let Ok(how) = env::var("STANDIN_CRASH") {
                 crash(&how);
             }

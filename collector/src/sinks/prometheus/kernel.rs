@@ -190,6 +190,20 @@ impl KernelMetrics {
         );
         w.sample(&[], Value::Float(self.program_stats.counted_seconds()));
         w.family(
+            "collector_ebpf_program_verified_instructions",
+            "Instructions the kernel's verifier processed to load each program (kernels 5.16 \
+             and later).",
+            MetricKind::Gauge,
+        );
+        for p in &programs {
+            if let Some(insns) = p.verified_instructions {
+                w.sample(
+                    &[("program", p.program.as_str())],
+                    Value::Uint(u64::from(insns)),
+                );
+            }
+        }
+        w.family(
             "collector_ebpf_program_stats_enabled",
             "1 while the kernel's BPF statistics are on: held by the collector \
              (kernel.program_stats), or set with the sysctl kernel.bpf_stats_enabled.",

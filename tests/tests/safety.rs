@@ -706,10 +706,11 @@ fn idle_connections_cannot_lock_out_the_scraper() {
         started.elapsed()
     );
     let fds = fd_count(collector.pid());
-    // The default connection limit (512) and the collector's own descriptors.
-    // Slack for what the collector opens meanwhile (other instances on the host).
+    // The default connection limit (512) and the collector's own descriptors. Slack for what
+    // the collector opens meanwhile: the other tests of this file start instances beside it,
+    // whose console and event files it opens (bounded by their number, not the clients').
     assert!(
-        fds <= fds_before + 512 + 32,
+        fds <= fds_before + 512 + 128,
         "{fds} descriptors (before: {fds_before})"
     );
     let evicted = series(

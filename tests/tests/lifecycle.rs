@@ -211,7 +211,13 @@ fn restart_keeps_the_record_and_files_keep_events() {
     assert_eq!(events.len(), 2, "{events:#?}");
     assert!(events[1]["seq"].as_u64() > events[0]["seq"].as_u64());
     let file = collector.log_dir.path().join(&uuid).join("events.log");
-    let text = std::fs::read_to_string(&file).expect("events file");
+    // The file writer follows the API by a moment (its own queue).
+    let text = wait_for(Duration::from_secs(5), || {
+        std::fs::read_to_string(&file)
+            .ok()
+            .filter(|t| t.lines().count() >= 2)
+    })
+    .unwrap_or_else(|| std::fs::read_to_string(&file).expect("events file"));
     let kinds: Vec<String> = text
         .lines()
         .map(|l| {

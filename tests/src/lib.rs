@@ -472,11 +472,15 @@ impl Standin {
 
     /// [`Standin::spawn`] with `dir` as the working directory.
     pub fn spawn_in(dir: &Path, exe: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let path = standin_path(exe);
+        Self::spawn_path(&standin_path(exe), dir, args, env)
+    }
+
+    /// [`Standin::spawn_in`] from a copy of the stand-in at `path` (any folder).
+    pub fn spawn_path(path: &Path, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         // A freshly copied stand-in is busy (ETXTBSY) while a process forked by another test
         // thread during the copy still holds the copy's descriptor: retry until it has exec'd.
         for _ in 0..200 {
-            match Command::new(&path)
+            match Command::new(path)
                 .current_dir(dir)
                 .args(args)
                 .envs(env.iter().copied())
@@ -489,7 +493,7 @@ impl Standin {
                 Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                Err(e) => panic!("spawn standin: {e}"),
+                Err(e) => panic!("spawn {}: {e}", path.display()),
             }
         }
         panic!("spawn standin: {} stays busy", path.display());

@@ -51,28 +51,6 @@ fn rss_bytes(pid: u32) -> u64 {
         * 1024
 }
 
-/// A stand-in started from `exe` (any path) as a VMM with `args`, in `dir`.
-fn spawn_exe(exe: &Path, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Standin {
-    for _ in 0..200 {
-        match Command::new(exe)
-            .current_dir(dir)
-            .args(args)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-        {
-            Ok(child) => return Standin { child },
-            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => panic!("spawn {}: {e}", exe.display()),
-        }
-    }
-    panic!("{} stays busy", exe.display());
-}
-
 /// A copy of the stand-in at `path` (mode `mode`, owned by root unless `uid`).
 fn standin_copy(path: &Path, mode: u32, uid: Option<u32>) {
     let tmp = path.with_extension("tmp");
@@ -433,7 +411,7 @@ fn untrusted_executables_are_not_followed() {
     let mut vmms = Vec::new();
     for (exe, why) in cases {
         let uuid = new_uuid("untrusted");
-        let vmm = spawn_exe(
+        let vmm = Standin::spawn_path(
             exe,
             Path::new("/"),
             &["--uuid", &uuid],

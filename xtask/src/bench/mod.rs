@@ -148,6 +148,20 @@ pub(super) fn metric(exposition: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// Mounts tracefs where the kernel's tracepoint ids are read, if it is not there (bpftrace's
+/// classic tracepoints and the empty programs need it).
+fn ensure_tracefs() -> anyhow::Result<()> {
+    if Path::new("/sys/kernel/tracing/events").exists() {
+        return Ok(());
+    }
+    crate::toolchain::run(Command::new("mount").args([
+        "-t",
+        "tracefs",
+        "nodev",
+        "/sys/kernel/tracing",
+    ]))
+}
+
 /// Starts bpftrace on `script` and waits until its probes are attached ("Attaching N
 /// probes..."); its further output is drained so that it never blocks on a full pipe.
 pub(super) fn start_bpftrace(script: &Path) -> anyhow::Result<Guard> {

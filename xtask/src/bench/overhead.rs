@@ -129,14 +129,7 @@ pub(super) fn run(options: &Options) -> anyhow::Result<()> {
         ("hackbench", "rt-tests"),
         ("bpftrace", "bpftrace"),
     ])?;
-    if !Path::new("/sys/kernel/tracing/events").exists() {
-        toolchain::run(Command::new("mount").args([
-            "-t",
-            "tracefs",
-            "nodev",
-            "/sys/kernel/tracing",
-        ]))?;
-    }
+    super::ensure_tracefs()?;
     let linker_dir = crate::build::build(true)?;
     toolchain::run(toolchain::cargo(&linker_dir).args([
         "build",

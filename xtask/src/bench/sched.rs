@@ -158,14 +158,7 @@ pub(super) fn run(options: &Options) -> anyhow::Result<()> {
         ("time", "time"),
     ])?;
     // bpftrace's classic tracepoints need tracefs.
-    if !Path::new("/sys/kernel/tracing/events").exists() {
-        toolchain::run(Command::new("mount").args([
-            "-t",
-            "tracefs",
-            "nodev",
-            "/sys/kernel/tracing",
-        ]))?;
-    }
+    super::ensure_tracefs()?;
     // The debug collector embeds the same kernel object as a release one (always optimised).
     let linker_dir = build::build(false)?;
     toolchain::run(toolchain::cargo(&linker_dir).args([

@@ -143,6 +143,21 @@ impl Collector {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        Self::spawn(wrapper, log_dir, extra, env, true)
+    }
+
+    /// [`Collector::start_in_env`] without waiting for `/readyz`: for tests of readiness.
+    pub fn start_unready(log_dir: tempfile::TempDir, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn(&[], log_dir, extra, env, false)
+    }
+
+    fn spawn(
+        wrapper: &[String],
+        log_dir: tempfile::TempDir,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        wait: bool,
+    ) -> Self {
         require_bpf();
         let forced_config = forced_console_hooks(log_dir.path(), extra);
         let extra: Vec<&str> = match &forced_config {
@@ -180,6 +195,9 @@ impl Collector {
             log_dir,
             stderr_path,
         };
+        if !wait {
+            return collector;
+        }
         let ready = wait_for(Duration::from_secs(30), || {
             if let Ok(Some(status)) = collector.child.try_wait() {
                 panic!(

@@ -24,6 +24,11 @@ const WITHIN: Duration = Duration::from_secs(10);
 /// A collector for node n1, matching executables `<tag>-vmm --id <uuid>` as hypervisor
 /// `<tag>`, its Kubernetes source pointed at `fake`.
 fn start(fake: &FakeKube, tag: &str, log_dir: tempfile::TempDir) -> Collector {
+    launch(fake, tag, log_dir, true)
+}
+
+/// [`start`], waiting for `/readyz` only when `wait_ready`.
+fn launch(fake: &FakeKube, tag: &str, log_dir: tempfile::TempDir, wait_ready: bool) -> Collector {
     let config = log_dir.path().join("collector.toml");
     std::fs::write(
         &config,
@@ -39,18 +44,20 @@ vcpu_thread = '^fc_vcpu (\d+)$'
     )
     .unwrap();
     let kubeconfig = fake.kubeconfig();
-    Collector::start_in_env(
-        log_dir,
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--node-name",
-            NODE,
-            "--log-format",
-            "json",
-        ],
-        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
-    )
+    let args = [
+        "--config",
+        config.to_str().unwrap(),
+        "--node-name",
+        NODE,
+        "--log-format",
+        "json",
+    ];
+    let env = [("KUBECONFIG", kubeconfig.to_str().unwrap())];
+    if wait_ready {
+        Collector::start_in_env(log_dir, &args, &env)
+    } else {
+        Collector::start_unready(log_dir, &args, &env)
+    }
 }
 
 /// Waits until the collector's source listed the Pods and watches: a Pod created from now on
@@ -483,4 +490,35 @@ fn a_restart_keeps_identity_attributes_a_pod_deleted_while_down_and_does_not_cre
         kinds(&collector.events_of(&running).unwrap()),
         ["start", "create"]
     );
+}
+
+#[test]
+fn not_ready_until_the_first_list_of_this_nodes_pods_is_in() {
+    let fake = FakeKube::start();
+    fake.create_namespace("ns-a", &[]);
+    fake.create_pod(&pod("web-0", &format!("ukp://{}", new_uuid("ready"))));
+    // The API server is down when the collector starts: it runs, but is not ready.
+    fake.cut();
+    let collector = launch(&fake, "ready-vmm", tempfile::tempdir().unwrap(), false);
+    let unready = wait_for(WITHIN, || {
+        collector.get_status("/readyz")?;
+        let ready: Value = serde_json::from_str(&collector.get_text_any("/readyz")).ok()?;
+        (ready["identities_synced"] == false).then_some(ready)
+    })
+    .expect("/readyz says the list is missing");
+    assert_eq!(unready["ready"], false, "{unready}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        collector.get_status("/readyz"),
+        Some(503),
+        "held while down"
+    );
+    fake.restore();
+    wait_for(WITHIN, || {
+        (collector.get_status("/readyz") == Some(200)).then_some(())
+    })
+    .expect("ready once the list is in");
+    let ready: Value = serde_json::from_str(&collector.get_text("/readyz")).unwrap();
+    assert_eq!(ready["identities_synced"], true, "{ready}");
+    assert_eq!(ready["ready"], true, "{ready}");
 }

@@ -65,6 +65,7 @@ pub(super) async fn readyz(State(state): State<ApiState>) -> Response {
         ready,
         degraded,
         probes,
+        identities_synced: state.readiness.identities_state(),
     };
     (status, Json(view)).into_response()
 }

@@ -68,6 +68,9 @@ pub(crate) struct Readiness {
     pub(crate) probes: Arc<Vec<ProbeState>>,
     /// Set once the start-up scan is done.
     pub(crate) scanned: Arc<AtomicBool>,
+    /// With the Kubernetes source on: set once its first full list of this node's Pods is in,
+    /// so that a collector is not ready while it would report instances without identity.
+    pub(crate) identities_synced: Option<Arc<AtomicBool>>,
 }
 
 impl Readiness {
@@ -75,7 +78,27 @@ impl Readiness {
         Self {
             probes: Arc::new(probes),
             scanned: Arc::new(AtomicBool::new(false)),
+            identities_synced: None,
         }
+    }
+
+    /// Readiness also waits for the Kubernetes source's first full list.
+    pub(crate) fn wait_for_identities(&mut self) {
+        self.identities_synced = Some(Arc::new(AtomicBool::new(false)));
+    }
+
+    /// The Kubernetes source's first full list is in (a no-op with the source off).
+    pub(crate) fn identities_synced(&self) {
+        if let Some(synced) = &self.identities_synced {
+            synced.store(true, Ordering::Release);
+        }
+    }
+
+    /// `None` with the Kubernetes source off, else whether its first full list is in.
+    pub(crate) fn identities_state(&self) -> Option<bool> {
+        self.identities_synced
+            .as_ref()
+            .map(|synced| synced.load(Ordering::Acquire))
     }
 
     /// The start-up scan is done.
@@ -83,12 +106,15 @@ impl Readiness {
         self.scanned.store(true, Ordering::Release);
     }
 
-    /// Ready: scanned, and the core probes attached (others may be off: their features are).
+    /// Ready: scanned, the core probes attached (others may be off: their features are) and,
+    /// with the Kubernetes source on, its first list in.
     pub(crate) fn is_ready(&self) -> bool {
         let core_attached = CORE_PROBES
             .iter()
             .all(|core| self.probes.iter().any(|p| p.probe == *core && p.attached));
-        self.scanned.load(Ordering::Acquire) && core_attached
+        self.scanned.load(Ordering::Acquire)
+            && core_attached
+            && self.identities_state().unwrap_or(true)
     }
 }
 
@@ -218,5 +244,20 @@ mod tests {
         ]);
         broken.scanned();
         assert!(!broken.is_ready());
+    }
+
+    #[test]
+    fn readiness_waits_for_the_first_kubernetes_list_when_the_source_is_on() {
+        let mut ready = Readiness::new(vec![
+            probe("sched_process_exec", true),
+            probe("sched_process_exit", true),
+        ]);
+        ready.wait_for_identities();
+        ready.scanned();
+        assert!(!ready.is_ready(), "not before the first list");
+        assert_eq!(ready.identities_state(), Some(false));
+        ready.identities_synced();
+        assert!(ready.is_ready());
+        assert_eq!(ready.identities_state(), Some(true));
     }
 }

@@ -52,4 +52,8 @@ pub(crate) struct ReadinessView {
     /// Probes not attached: their features are off, the rest runs.
     pub(crate) degraded: Vec<String>,
     pub(crate) probes: Vec<ProbeView>,
+    /// With the Kubernetes source on: whether its first full list of this node's Pods is in
+    /// (readiness waits for it). Absent with the source off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) identities_synced: Option<bool>,
 }

@@ -313,7 +313,10 @@ impl Stages {
             console_stats.clone(),
             pipelines.guard(Pipeline::ConsoleFiles),
         )?;
-        let readiness = Readiness::new(kernel.probes.clone());
+        let mut readiness = Readiness::new(kernel.probes.clone());
+        if identities.source.is_some() {
+            readiness.wait_for_identities();
+        }
         let intake = CancellationToken::new();
         let sources = TaskTracker::new();
 
@@ -375,6 +378,7 @@ impl Stages {
                 identities.updates,
                 registry.updates.clone(),
                 identities.remote_pods,
+                readiness.clone(),
             ));
         }
         sources.close();
@@ -470,17 +474,23 @@ async fn forward_identities(
     mut updates: mpsc::Receiver<IdentityUpdate>,
     registry: mpsc::Sender<InstanceUpdate>,
     remote_pods: Option<PodIndex>,
+    readiness: Readiness,
 ) {
     while let Some(update) = updates.recv().await {
         if let Some(pods) = &remote_pods {
             pods.apply(&update);
         }
+        let synced = matches!(update, IdentityUpdate::Synced);
         if registry
             .send(InstanceUpdate::Identity(update))
             .await
             .is_err()
         {
             return;
+        }
+        // After the list's updates are queued to the registry, in order before this mark.
+        if synced {
+            readiness.identities_synced();
         }
     }
 }

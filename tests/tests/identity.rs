@@ -70,17 +70,12 @@ fn wait_watching(fake: &FakeKube) {
 }
 
 fn pod(name: &str, container_id: &str) -> FakePod {
-    FakePod {
-        namespace: "ns-a".into(),
-        name: name.into(),
-        node: format!("kraftlet-{NODE}"),
-        labels: vec![
-            ("managed-by".into(), "infra-provider-unikraft".into()),
-            ("upstream.instance".into(), format!("{name}-instance")),
-            ("compute.datumapis.com/workload-name".into(), "web".into()),
-        ],
-        container_id: Some(container_id.into()),
-    }
+    FakePod::unikraft(
+        "ns-a",
+        name,
+        &format!("kraftlet-{NODE}"),
+        Some(container_id),
+    )
 }
 
 fn fake_with_namespace() -> FakeKube {

@@ -132,17 +132,7 @@ impl Drop for Identities {
 }
 
 fn pod(namespace: &str, name: &str, node: &str, container_id: Option<&str>) -> FakePod {
-    FakePod {
-        namespace: namespace.into(),
-        name: name.into(),
-        node: node.into(),
-        labels: vec![
-            (MANAGED.0.into(), MANAGED.1.into()),
-            (INSTANCE.into(), format!("{name}-instance")),
-            (WORKLOAD.into(), "web".into()),
-        ],
-        container_id: container_id.map(str::to_owned),
-    }
+    FakePod::unikraft(namespace, name, node, container_id)
 }
 
 fn kraftlet(node: &str) -> String {

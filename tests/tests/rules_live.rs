@@ -54,17 +54,12 @@ fn collector(fake: &FakeKube) -> Collector {
 
 /// The Pod `name` backing `uuid` on this node, its Instance named `<name>-instance`.
 fn create_pod(fake: &FakeKube, name: &str, container_id: &str) {
-    fake.create_pod(&FakePod {
-        namespace: NAMESPACE.into(),
-        name: name.into(),
-        node: format!("kraftlet-{NODE}"),
-        labels: vec![
-            ("managed-by".into(), "infra-provider-unikraft".into()),
-            ("upstream.instance".into(), format!("{name}-instance")),
-            ("compute.datumapis.com/workload-name".into(), "web".into()),
-        ],
-        container_id: Some(container_id.into()),
-    });
+    fake.create_pod(&FakePod::unikraft(
+        NAMESPACE,
+        name,
+        &format!("kraftlet-{NODE}"),
+        Some(container_id),
+    ));
 }
 
 /// The kernel's BPF statistics, off by default, on for the panels and the alert that read them.

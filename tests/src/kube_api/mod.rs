@@ -83,6 +83,24 @@ pub struct FakePod {
     pub container_id: Option<String>,
 }
 
+impl FakePod {
+    /// A Pod as the fleet's Unikraft runtime makes one: `managed-by=infra-provider-unikraft`,
+    /// its Instance named `<name>-instance`, in the workload `web`, on `node`.
+    pub fn unikraft(namespace: &str, name: &str, node: &str, container_id: Option<&str>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            node: node.into(),
+            labels: vec![
+                ("managed-by".into(), "infra-provider-unikraft".into()),
+                ("upstream.instance".into(), format!("{name}-instance")),
+                ("compute.datumapis.com/workload-name".into(), "web".into()),
+            ],
+            container_id: container_id.map(str::to_owned),
+        }
+    }
+}
+
 /// Requests served and objects sent, for tests that assert what crossed the wire.
 #[derive(Debug, Clone, Default)]
 pub struct Counts {

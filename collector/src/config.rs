@@ -368,6 +368,13 @@ pub(crate) struct KubernetesConfig {
     pub(crate) auth_cache_seconds: u64,
     /// Most reviews cached (each of the two caches); the oldest leave first.
     pub(crate) auth_cache_entries: usize,
+    /// Seconds console lines of an instance whose Pod is not known yet are held back from the
+    /// console files, so that they are written with its identity; past it they are written
+    /// without (counted).
+    pub(crate) identity_wait_seconds: u64,
+    /// Bytes of held-back lines, all instances together; past it the instance waiting longest
+    /// has its lines written without identity (counted).
+    pub(crate) identity_hold_bytes: usize,
 }
 
 /// The field selector's stand-in for the node name.
@@ -381,6 +388,8 @@ impl Default for KubernetesConfig {
             pod_field_selector: "spec.nodeName=kraftlet-{node}".to_owned(),
             auth_cache_seconds: 10,
             auth_cache_entries: 4096,
+            identity_wait_seconds: 30,
+            identity_hold_bytes: 8 << 20,
         }
     }
 }

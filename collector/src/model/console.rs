@@ -9,6 +9,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use super::identity::Identity;
 #[cfg(test)]
 use super::time;
 
@@ -243,6 +244,10 @@ pub(crate) struct LogRecordView {
     pub(crate) dropped_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) gap_since: Option<String>,
+    /// Whose instance wrote it (its Pod's identity), when known: stamped by the output (the
+    /// console files, the API) rather than kept in the record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) identity: Option<Identity>,
 }
 
 #[allow(
@@ -283,10 +288,12 @@ impl LogRecord {
                 LineEnd::Gap(gap) => Some(time::rfc3339(gap.since)),
                 _ => None,
             },
+            identity: None,
         }
     }
 
     /// The record as one NDJSON line, newline included.
+    #[cfg(test)]
     pub(crate) fn to_ndjson(&self) -> String {
         let mut out = Vec::with_capacity(self.message.len() + 128);
         self.write_ndjson(&mut out);
@@ -297,7 +304,14 @@ impl LogRecord {
     /// Appends the NDJSON line of [`Self::view`], written directly: this runs for every line,
     /// and building the view (two copies, a generic serializer, a date formatter) cost more
     /// than the rest of a line's handling.
+    #[cfg(test)]
     pub(crate) fn write_ndjson(&self, out: &mut Vec<u8>) {
+        self.write_ndjson_as(out, None);
+    }
+
+    /// [`Self::write_ndjson`] with an `identity` member: `identity` is the JSON of an
+    /// [`Identity`] ([`identity_json`]), encoded once for many lines.
+    pub(crate) fn write_ndjson_as(&self, out: &mut Vec<u8>, identity: Option<&[u8]>) {
         out.extend_from_slice(b"{\"ts\":\"");
         write_rfc3339(self.ts, out);
         out.extend_from_slice(b"\",\"instance_uuid\":");
@@ -332,6 +346,10 @@ impl LogRecord {
             }
             LineEnd::Newline => {}
         }
+        if let Some(identity) = identity {
+            out.extend_from_slice(b",\"identity\":");
+            out.extend_from_slice(identity);
+        }
         out.extend_from_slice(b"}\n");
     }
 
@@ -340,6 +358,11 @@ impl LogRecord {
     pub(crate) fn size(&self) -> usize {
         size_of::<Self>() + 2 * size_of::<usize>() + self.message.capacity() + size_of::<usize>()
     }
+}
+
+/// The JSON object of `identity`, as a record's `identity` member carries it.
+pub(crate) fn identity_json(identity: &Identity) -> Vec<u8> {
+    serde_json::to_vec(identity).unwrap_or_else(|_| b"{}".to_vec())
 }
 
 /// RFC 3339 in UTC, as [`time::rfc3339`] writes it (fraction without trailing zeros), without
@@ -512,6 +535,21 @@ mod tests {
                 assert!(line.ends_with("}\n"));
                 let parsed: LogRecordView = serde_json::from_str(&line).unwrap();
                 assert_eq!(parsed, record.view(), "{line}");
+                let identity = Identity {
+                    project: Some("p\"1".into()),
+                    pod: "web-0".into(),
+                    pod_namespace: "ns-1".into(),
+                    node: "n1".into(),
+                    ..Identity::default()
+                };
+                let mut named = Vec::new();
+                record.write_ndjson_as(&mut named, Some(&identity_json(&identity)));
+                let parsed: LogRecordView = serde_json::from_slice(&named).unwrap();
+                let view = LogRecordView {
+                    identity: Some(identity),
+                    ..record.view()
+                };
+                assert_eq!(parsed, view);
             }
         }
     }

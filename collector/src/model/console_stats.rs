@@ -21,6 +21,17 @@ struct Inner {
     /// Bytes of processes that never became instances (rejected by discovery, or gone
     /// before they were named).
     unattributed_bytes: u64,
+    identity: IdentityHold,
+}
+
+/// The console files' wait for identity (with the Kubernetes source on): what is held now, and
+/// the lines written without one after the wait.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct IdentityHold {
+    pub(crate) held_lines: u64,
+    pub(crate) held_bytes: u64,
+    /// Lines written without identity: the wait, or its byte bound, ran out first.
+    pub(crate) unnamed_lines: u64,
 }
 
 /// Shared counters. Cheap to clone.
@@ -57,6 +68,26 @@ impl ConsoleStats {
             .lock()
             .expect("console stats lock")
             .unattributed_bytes
+    }
+
+    /// What the console files hold back for identity now.
+    pub(crate) fn identity_held(&self, lines: usize, bytes: usize) {
+        let mut inner = self.inner.lock().expect("console stats lock");
+        inner.identity.held_lines = lines as u64;
+        inner.identity.held_bytes = bytes as u64;
+    }
+
+    /// `lines` went to the console files without identity.
+    pub(crate) fn unnamed(&self, lines: usize) {
+        self.inner
+            .lock()
+            .expect("console stats lock")
+            .identity
+            .unnamed_lines += lines as u64;
+    }
+
+    pub(crate) fn identity_hold(&self) -> IdentityHold {
+        self.inner.lock().expect("console stats lock").identity
     }
 
     /// Forgets instances whose logs expired.

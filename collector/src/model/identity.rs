@@ -72,6 +72,16 @@ pub(crate) struct PodBacked {
     pub(crate) hypervisor: Option<String>,
 }
 
+/// The identity of an instance no Pod backs and no VMM runs any more (its tombstone), kept
+/// while what it left may still be read (its console history and events, lines not yet
+/// exported): the tenant can still be authorised for them and they are still attributed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Departed {
+    pub(crate) identity: Identity,
+    /// When the last of its Pod and VMMs went.
+    pub(crate) since: SystemTime,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::{
-    identity::{Identity, IdentityUpdate, PodBacked},
+    identity::{Departed, Identity, IdentityUpdate, PodBacked},
     lifecycle::OomDetails,
     process::ProcessExit,
 };
@@ -178,6 +178,8 @@ pub(crate) struct Snapshot {
     pub(crate) by_pid: BTreeMap<u32, Instance>,
     /// Instances a Pod on this node backs (created, not terminated), running or not.
     pub(crate) pods: BTreeMap<String, PodBacked>,
+    /// Instances that had an identity and are gone (no Pod, no VMM), for a while.
+    pub(crate) departed: BTreeMap<String, Departed>,
 }
 
 /// The registry's latest snapshot, for readers that never block the writer.
@@ -189,6 +191,17 @@ impl Snapshot {
         self.by_pid
             .values()
             .filter(move |i| i.instance_uuid == uuid)
+    }
+
+    /// Whose `uuid` is: its running VMM's identity, else its Pod's, else the one it had when
+    /// it departed (within the registry's retention). `None` while no Pod has named it.
+    pub(crate) fn identity_of(&self, uuid: &str) -> Option<&Identity> {
+        self.by_pid
+            .values()
+            .filter(|i| i.instance_uuid == uuid)
+            .find_map(|i| i.identity.as_ref())
+            .or_else(|| self.pods.get(uuid).map(|p| &p.identity))
+            .or_else(|| self.departed.get(uuid).map(|d| &d.identity))
     }
 
     /// Ids of the instances whose VMM runs.

@@ -10,15 +10,22 @@
 //!
 //! Identity is joined here, by instance id: a VMM gets the identity of the Pod backing its
 //! instance when either arrives, and keeps it (as it last was) until it exits even if the Pod
-//! is deleted first, so that its last events still name whose it was.
+//! is deleted first, so that its last events still name whose it was. Once neither its Pod
+//! nor a VMM remains, the identity stays a while as the instance's tombstone
+//! ([`Snapshot::departed`]): its console lines still in flight, its history and its events are
+//! attributed, and its tenant authorised, after it is gone.
 
-use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use tokio::sync::{mpsc, watch};
 
 use crate::model::{
     health::PipelineGuard,
-    identity::{Identity, IdentityUpdate, PodBacked},
+    identity::{Departed, Identity, IdentityUpdate, PodBacked},
     instance::{
         HYPERVISOR_UNKNOWN, Instance, InstanceUpdate, Origin, PreviousInstance, Snapshot,
         SnapshotReceiver,
@@ -31,24 +38,87 @@ use crate::model::{
     time,
 };
 
-/// What the registry owns: running VMMs by pid, and the instances Pods back by id.
+/// How long, and for how many instances, the identity of a departed instance is kept.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DepartedLimits {
+    /// As long as what the instance left stays readable (its console history, its events).
+    pub(crate) retention: Duration,
+    /// The oldest tombstones go first past this many.
+    pub(crate) max: usize,
+}
+
+impl Default for DepartedLimits {
+    fn default() -> Self {
+        Self {
+            retention: Duration::from_secs(24 * 3600),
+            max: 10_000,
+        }
+    }
+}
+
+/// What the registry owns: running VMMs by pid, the instances Pods back by id, and the
+/// identities of the instances that departed.
 #[derive(Debug, Default)]
 pub(crate) struct Instances {
     pub(crate) by_pid: BTreeMap<u32, Instance>,
     pub(crate) pods: BTreeMap<String, PodBacked>,
+    pub(crate) departed: BTreeMap<String, Departed>,
+    departed_limits: DepartedLimits,
     /// The Kubernetes source completed its first list: a Pod created from now on was added
     /// while the collector watched.
     listed: bool,
 }
 
 impl Instances {
-    /// Instances Pods backed before a restart (the state file), listed again without an event.
-    pub(crate) fn seeded(pods: BTreeMap<String, PodBacked>) -> Self {
-        Self {
+    /// Instances Pods backed before a restart (the state file), listed again without an event,
+    /// and the identities of those that had departed.
+    pub(crate) fn seeded(
+        pods: BTreeMap<String, PodBacked>,
+        departed: BTreeMap<String, Departed>,
+        departed_limits: DepartedLimits,
+    ) -> Self {
+        let mut instances = Self {
             by_pid: BTreeMap::new(),
             pods,
+            departed,
+            departed_limits,
             listed: false,
+        };
+        instances.prune_departed(SystemTime::now());
+        instances
+    }
+
+    /// `uuid` lost a VMM or its Pod, named `identity` (if it was): when nothing of it remains,
+    /// the identity becomes its tombstone.
+    fn left(&mut self, uuid: &str, identity: Option<Identity>) {
+        let Some(identity) = identity else { return };
+        if self.pods.contains_key(uuid) || self.by_pid.values().any(|i| i.instance_uuid == uuid) {
+            return;
         }
+        let since = SystemTime::now();
+        self.departed
+            .insert(uuid.to_owned(), Departed { identity, since });
+        self.prune_departed(since);
+    }
+
+    /// Drops tombstones past the retention, then the oldest past the bound. True if any went.
+    fn prune_departed(&mut self, now: SystemTime) -> bool {
+        let before = self.departed.len();
+        let DepartedLimits { retention, max } = self.departed_limits;
+        self.departed
+            .retain(|_, d| now.duration_since(d.since).unwrap_or_default() < retention);
+        if self.departed.len() > max {
+            let mut by_age: Vec<(SystemTime, String)> = self
+                .departed
+                .iter()
+                .map(|(uuid, d)| (d.since, uuid.clone()))
+                .collect();
+            by_age.sort();
+            for (_, uuid) in by_age.into_iter().take(self.departed.len() - max) {
+                self.departed.remove(&uuid);
+            }
+        }
+        self.departed.len() != before
     }
 
     fn identity_of(&self, uuid: &str) -> Option<Identity> {
@@ -61,6 +131,14 @@ impl Instances {
             if instance.instance_uuid == uuid {
                 instance.identity = Some(identity.clone());
             }
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            by_pid: self.by_pid.clone(),
+            pods: self.pods.clone(),
+            departed: self.departed.clone(),
         }
     }
 
@@ -163,6 +241,7 @@ fn apply_identity(instances: &mut Instances, update: IdentityUpdate, applied: &m
         } => {
             let hypervisor = instances.hypervisor_of(&instance_uuid);
             instances.stamp(&instance_uuid, &identity);
+            instances.departed.remove(&instance_uuid);
             if let Some(pod) = instances.pods.get_mut(&instance_uuid) {
                 // Known already (seeded from before a restart): not created again.
                 pod.identity = identity;
@@ -217,9 +296,10 @@ fn apply_identity(instances: &mut Instances, update: IdentityUpdate, applied: &m
                     &instance_uuid,
                     &hypervisor,
                     (EventKind::Terminate, REASON_POD_DELETED),
-                    identity,
+                    identity.clone(),
                     lived,
                 ));
+                instances.left(&instance_uuid, Some(identity));
                 applied.changed = true;
             }
         }
@@ -297,8 +377,9 @@ pub(crate) fn apply(instances: &mut Instances, update: InstanceUpdate) -> Applie
                     &i.hypervisor,
                     i.pid,
                     i.start_time,
-                    i.identity,
+                    i.identity.clone(),
                 ));
+                instances.left(&i.instance_uuid, i.identity);
                 applied.changed = true;
             }
         }
@@ -334,12 +415,14 @@ pub(crate) fn apply(instances: &mut Instances, update: InstanceUpdate) -> Applie
                     event.oom = instance.oom;
                 }
                 applied.events.push(event);
+                instances.left(&instance.instance_uuid, instance.identity);
                 applied.changed = true;
             }
         }
         InstanceUpdate::Untracked { pid, boot_ns } => {
             if let Some(instance) = instances.by_pid.remove(&pid) {
                 applied.events.push(ended(&instance, boot_ns));
+                instances.left(&instance.instance_uuid, instance.identity);
                 applied.changed = true;
             }
         }
@@ -365,23 +448,21 @@ pub(crate) struct Registry {
 }
 
 /// Spawns the registry task, numbering events from `last_seq + 1` (where the previous run
-/// stopped), with the instances Pods backed before (`pods`, listed at once). It ends,
+/// stopped), with what the previous run left (`seed`: the instances Pods backed, listed at
+/// once, and the departed). It ends,
 /// dropping its subscribers, once every update sender is gone and the queued updates are
 /// applied.
 pub(crate) fn spawn(
     mut subscribers: Vec<Box<dyn EventSubscriber>>,
     last_seq: u64,
-    pods: BTreeMap<String, PodBacked>,
+    seed: Instances,
     snapshot_tx: watch::Sender<Arc<Snapshot>>,
     guard: PipelineGuard,
 ) -> (Registry, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<InstanceUpdate>(QUEUE);
     let snapshot_rx = snapshot_tx.subscribe();
-    let mut instances = Instances::seeded(pods);
-    snapshot_tx.send_replace(Arc::new(Snapshot {
-        by_pid: BTreeMap::new(),
-        pods: instances.pods.clone(),
-    }));
+    let mut instances = seed;
+    snapshot_tx.send_replace(Arc::new(instances.snapshot()));
     let task = tokio::spawn(async move {
         let _guard = guard;
         let mut next_seq = last_seq;
@@ -406,12 +487,9 @@ pub(crate) fn spawn(
                 }
                 next = rx.try_recv().ok();
             }
+            changed |= instances.prune_departed(SystemTime::now());
             if changed {
-                let snapshot = Arc::new(Snapshot {
-                    by_pid: instances.by_pid.clone(),
-                    pods: instances.pods.clone(),
-                });
-                snapshot_tx.send_replace(snapshot);
+                snapshot_tx.send_replace(Arc::new(instances.snapshot()));
             }
             for barrier in barriers {
                 // A waiter that gave up is not an error.
@@ -738,18 +816,57 @@ mod tests {
         assert_eq!(t.events[0].identity, Some(identity("q")));
         assert!(apply(&mut m, deleted("a", "q")).events.is_empty());
         assert_eq!(m.pods.keys().collect::<Vec<_>>(), ["z"]);
+        // Gone, but its identity stays as its tombstone; a new Pod for it replaces that.
+        assert_eq!(
+            m.snapshot().identity_of("a"),
+            Some(&identity("q")),
+            "departed"
+        );
+        apply(&mut m, created("a", "r"));
+        assert!(m.departed.is_empty());
+        assert_eq!(m.snapshot().identity_of("a"), Some(&identity("r")));
+    }
+
+    #[test]
+    fn tombstones_last_the_retention_and_are_bounded() {
+        let limits = DepartedLimits {
+            retention: Duration::from_millis(300),
+            max: 2,
+        };
+        let mut m = Instances::seeded(BTreeMap::new(), BTreeMap::new(), limits);
+        for uuid in ["a", "b", "c"] {
+            apply(&mut m, created(uuid, uuid));
+            apply(&mut m, deleted(uuid, uuid));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The oldest went past the bound.
+        assert_eq!(m.departed.keys().collect::<Vec<_>>(), ["b", "c"]);
+        // A VMM without a Pod is not a tombstone; one that had an identity is.
+        apply(
+            &mut m,
+            InstanceUpdate::Add(instance(7, "solo", 10, Origin::Exec)),
+        );
+        apply(&mut m, exit(7, 0, false));
+        assert!(!m.departed.contains_key("solo"));
+        std::thread::sleep(Duration::from_millis(350));
+        assert!(m.prune_departed(SystemTime::now()));
+        assert!(m.departed.is_empty(), "expired");
     }
 
     #[test]
     fn a_vmm_outliving_its_pod_keeps_the_identity_and_seeds_are_not_created_again() {
-        let mut m = Instances::seeded(BTreeMap::from([(
-            "b".to_owned(),
-            PodBacked {
-                identity: identity("p"),
-                created: SystemTime::UNIX_EPOCH,
-                hypervisor: None,
-            },
-        )]));
+        let mut m = Instances::seeded(
+            BTreeMap::from([(
+                "b".to_owned(),
+                PodBacked {
+                    identity: identity("p"),
+                    created: SystemTime::UNIX_EPOCH,
+                    hypervisor: None,
+                },
+            )]),
+            BTreeMap::new(),
+            DepartedLimits::default(),
+        );
         // Running before the Pod's first report after a restart: named from the seed.
         apply(
             &mut m,
@@ -763,8 +880,14 @@ mod tests {
         assert_eq!(t.events[0].hypervisor, "firecracker");
         // The VMM still runs: it keeps the identity, and its stop carries it.
         assert_eq!(m.by_pid[&2].identity, Some(identity("p")));
+        assert!(m.departed.is_empty(), "its VMM still runs");
         let stop = apply(&mut m, exit(2, 15, false));
         assert_eq!(stop.events[0].identity, Some(identity("p")));
+        assert_eq!(
+            m.departed["b"].identity,
+            identity("p"),
+            "gone when its VMM went"
+        );
         // A VMM without a Pod has none.
         let other = apply(
             &mut m,

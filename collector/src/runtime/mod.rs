@@ -59,7 +59,7 @@ use crate::{
     },
     registry,
     sinks::{
-        console_logs::{LogFiles, history::ConsoleHistory},
+        console_logs::{LogFiles, history::ConsoleHistory, naming::IdentityWait},
         events::{EventSink, EventStore},
         prometheus::{Exposition, KernelMetrics},
         state::StateSink,
@@ -296,10 +296,23 @@ impl Stages {
             .iter()
             .map(|(uuid, pod)| (uuid.clone(), pod.identity.clone()))
             .collect();
+        let registry_seed = registry::Instances::seeded(
+            pods,
+            restored.departed,
+            registry::DepartedLimits {
+                retention: Duration::from_secs(
+                    config
+                        .console
+                        .retention_seconds
+                        .max(config.events.retention_seconds),
+                ),
+                max: config.events.max_instances,
+            },
+        );
         let (registry, registry_task) = registry::spawn(
             vec![Box::new(event_sink), Box::new(state.events)],
             restored.last_event_seq,
-            pods,
+            registry_seed,
             snapshot_tx,
             pipelines.guard(Pipeline::Registry),
         );
@@ -307,9 +320,16 @@ impl Stages {
             config.console.history_bytes,
             config.console.history_total_bytes(),
         );
+        // With the Kubernetes source on, the files wait for each instance's identity.
+        let identity_wait = identities.source.is_some().then(|| IdentityWait {
+            snapshot: registry.snapshot.clone(),
+            wait: Duration::from_secs(config.kubernetes.identity_wait_seconds),
+            max_bytes: config.kubernetes.identity_hold_bytes,
+        });
         let files = LogFiles::start(
             &config.log_dir,
             &config.console,
+            identity_wait,
             console_stats.clone(),
             pipelines.guard(Pipeline::ConsoleFiles),
         )?;

@@ -15,7 +15,7 @@ use crate::{
     host::{names, proc},
     model::{
         console::Resume,
-        identity::PodBacked,
+        identity::{Departed, PodBacked},
         instance::{HYPERVISOR_UNKNOWN, Origin, PreviousInstance},
         lifecycle::{EventKind, REASON_EXEC_RECORD_LOST, Sequenced},
         time,
@@ -23,7 +23,7 @@ use crate::{
     sinks::{
         console_logs::tail,
         events::read_back::{self, ReadBack},
-        state::{self, InstanceState, PodState, StateError},
+        state::{self, DepartedState, InstanceState, PodState, StateError},
     },
 };
 
@@ -50,6 +50,9 @@ pub(crate) struct Restored {
     /// again, and the seed of the Kubernetes source (not created again; terminated if their Pod
     /// went while the collector was down).
     pub(crate) pods: BTreeMap<String, PodBacked>,
+    /// Identities of instances that had gone when it stopped, or whose Pod's `terminate` the
+    /// events files hold after the state file.
+    pub(crate) departed: BTreeMap<String, Departed>,
 }
 
 /// Reads what `config.log_dir` holds of the previous run. Never fails: a missing or corrupt
@@ -71,13 +74,14 @@ pub(crate) fn restore(config: &Config) -> Restored {
     let same_boot = state
         .as_ref()
         .is_some_and(|s| !boot_id.is_empty() && s.boot_id == boot_id);
-    let (state_seq, written_at, listed, pod_states) =
-        state.map_or((0, None, Vec::new(), Vec::new()), |s| {
+    let (state_seq, written_at, listed, pod_states, departed_states) =
+        state.map_or((0, None, Vec::new(), Vec::new(), Vec::new()), |s| {
             (
                 s.last_event_seq,
                 time::parse_rfc3339(&s.written_at),
                 s.instances,
                 s.pods,
+                s.departed,
             )
         });
     let dirs: HashSet<String> = listed
@@ -142,7 +146,11 @@ pub(crate) fn restore(config: &Config) -> Restored {
         seqs.insert(prev.instance_uuid.clone(), last);
     }
     let last_event_seq = state_seq.max(events.last_seq);
-    let pods = pods_of(pod_states, state_seq, &events);
+    let mut departed: BTreeMap<String, Departed> = departed_states
+        .into_iter()
+        .map(DepartedState::departed)
+        .collect();
+    let pods = pods_of(pod_states, state_seq, &events, &mut departed);
     info!(
         previous_instances = previous.len(),
         last_event_seq, same_boot, "continuing from the previous run"
@@ -155,15 +163,19 @@ pub(crate) fn restore(config: &Config) -> Restored {
         events,
         resume: Resume { seqs, down_since },
         pods,
+        departed,
     }
 }
 
 /// The instances Pods backed: those of the state file, then the `create`s and `terminate`s the
-/// events files hold after it (the newest of both wins).
+/// events files hold after it (the newest of both wins). A `terminate` there makes its
+/// instance one of the `departed` (when no VMM of it was listed, the registry makes it one
+/// when that VMM's end is known).
 fn pods_of(
     states: Vec<PodState>,
     state_seq: u64,
     events: &ReadBack,
+    departed: &mut BTreeMap<String, Departed>,
 ) -> BTreeMap<String, PodBacked> {
     let mut pods: BTreeMap<String, PodBacked> = states.into_iter().map(PodState::backed).collect();
     let mut after: Vec<&Sequenced> = events
@@ -177,6 +189,7 @@ fn pods_of(
         let event = &sequenced.event;
         match (event.event, &event.identity) {
             (EventKind::Create, Some(identity)) => {
+                departed.remove(&event.instance_uuid);
                 let hypervisor =
                     (event.hypervisor != HYPERVISOR_UNKNOWN).then(|| event.hypervisor.clone());
                 pods.insert(
@@ -188,8 +201,17 @@ fn pods_of(
                     },
                 );
             }
-            (EventKind::Terminate, _) => {
-                pods.remove(&event.instance_uuid);
+            (EventKind::Terminate, identity) => {
+                let had = pods.remove(&event.instance_uuid).map(|p| p.identity);
+                if let Some(identity) = identity.clone().or(had) {
+                    departed.insert(
+                        event.instance_uuid.clone(),
+                        Departed {
+                            identity,
+                            since: event.time,
+                        },
+                    );
+                }
             }
             _ => {}
         }
@@ -356,6 +378,7 @@ mod tests {
             last_event_seq: 12,
             instances: vec![listed("e", 15, 12)],
             pods: Vec::new(),
+            departed: Vec::new(),
         };
         std::fs::write(
             tmp.path().join(state::FILE_NAME),
@@ -438,7 +461,8 @@ mod tests {
             ]),
             last_seq: 9,
         };
-        let pods = pods_of(vec![state("a"), state("d")], 5, &back);
+        let mut departed = BTreeMap::new();
+        let pods = pods_of(vec![state("a"), state("d")], 5, &back, &mut departed);
         let projects: Vec<(&str, Option<&str>)> = pods
             .iter()
             .map(|(u, p)| (u.as_str(), p.identity.project.as_deref()))
@@ -449,5 +473,8 @@ mod tests {
         );
         assert_eq!(pods["d"].hypervisor.as_deref(), Some("fc"));
         assert_eq!(pods["b"].hypervisor, None, "no VMM seen");
+        // Terminated after the state was written: departed, with the identity it had.
+        assert_eq!(departed.keys().collect::<Vec<_>>(), ["a"]);
+        assert_eq!(departed["a"].identity, identity("a"));
     }
 }

@@ -12,8 +12,11 @@
 //!   deleted first; if nothing is left to delete, lines are dropped (`where="sink"`).
 //! - Never follows a symlink below the log folder, and instance ids become names that cannot
 //!   escape it (`host::files`).
+//! - Each line carries its instance's `identity` when the registry knows it; with the
+//!   Kubernetes source on, an unnamed instance's lines wait for it a while ([`naming`]).
 
 pub(crate) mod history;
+pub(crate) mod naming;
 pub(crate) mod tail;
 
 use std::{
@@ -21,6 +24,8 @@ use std::{
     path::Path,
     sync::{Arc, Mutex, mpsc},
 };
+
+use naming::{IdentityWait, Namer, Naming};
 
 use tracing::warn;
 
@@ -95,10 +100,12 @@ pub(crate) struct LogFiles {
 
 impl LogFiles {
     /// Opens (creating) the log folder and starts the writer thread, which holds `guard` for
-    /// as long as it runs.
+    /// as long as it runs. With `identities` (the Kubernetes source is on), lines are stamped
+    /// with their instance's identity, and wait for it.
     pub(crate) fn start(
         dir: &Path,
         config: &ConsoleConfig,
+        identities: Option<IdentityWait>,
         stats: ConsoleStats,
         guard: PipelineGuard,
     ) -> Result<Self, SinkError> {
@@ -116,6 +123,7 @@ impl LogFiles {
             max_file: config.file_max_bytes,
             rotations: config.file_rotations,
             max_total: config.disk_max_bytes,
+            namer: Namer::new(identities, stats.clone()),
             stats: stats.clone(),
         };
         let thread_queued = queued.clone();
@@ -123,17 +131,32 @@ impl LogFiles {
             .name("console-files".into())
             .spawn(move || {
                 let _guard = guard;
-                while let Ok(message) = rx.recv() {
+                loop {
+                    let message = if writer.namer.holding() {
+                        match rx.recv_timeout(naming::CHECK_EVERY) {
+                            Ok(message) => Some(message),
+                            Err(mpsc::RecvTimeoutError::Timeout) => None,
+                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                        }
+                    } else {
+                        let Ok(message) = rx.recv() else { break };
+                        Some(message)
+                    };
                     match message {
-                        Message::Records(batch) => {
+                        Some(Message::Records(batch)) => {
                             writer.write(&batch);
                             thread_queued.lock().expect("queue lock").written(&batch);
                         }
-                        Message::Ended(uuid) => {
+                        Some(Message::Ended(uuid)) => {
                             writer.open.remove(&uuid);
+                            writer.namer.ended(&uuid);
                         }
+                        None => {}
                     }
+                    writer.release(false);
                 }
+                // Shutdown: what still waits goes out, named if it can be.
+                writer.release(true);
             })
             .map_err(dir_error)?;
         Ok(Self {
@@ -229,19 +252,53 @@ struct Writer {
     max_file: u64,
     rotations: u32,
     max_total: u64,
+    /// Stamps identity, and holds lines back until it is known.
+    namer: Namer,
     stats: ConsoleStats,
 }
 
 impl Writer {
     fn write(&mut self, batch: &[Arc<LogRecord>]) {
         for run in batch.chunk_by(|a, b| Arc::ptr_eq(&a.instance_uuid, &b.instance_uuid)) {
-            self.write_run(run);
+            let uuid = &run[0].instance_uuid;
+            match self.namer.naming(uuid) {
+                Naming::Off => self.write_run(run, None),
+                Naming::Known(identity) => {
+                    let held = self.namer.take_held(uuid);
+                    if !held.is_empty() {
+                        self.write_run(&held, Some(&identity));
+                    }
+                    self.write_run(run, Some(&identity));
+                }
+                Naming::Hold => {
+                    for (uuid, records, _) in self.namer.hold(uuid, run) {
+                        if !records.is_empty() {
+                            debug_assert!(Arc::ptr_eq(&uuid, &records[0].instance_uuid));
+                            self.write_run(&records, None);
+                        }
+                    }
+                }
+                Naming::Unnamed => {
+                    self.namer.count_unnamed(run.len());
+                    self.write_run(run, None);
+                }
+            }
+        }
+    }
+
+    /// Writes the held lines that are due (named since, or past the wait); all of them when
+    /// `all` (shutdown).
+    fn release(&mut self, all: bool) {
+        for (_, records, identity) in self.namer.due(all) {
+            if !records.is_empty() {
+                self.write_run(&records, identity.as_deref());
+            }
         }
     }
 
     /// Lines of one instance: one write, split where a rotation falls; every line checked
     /// against the disk cap.
-    fn write_run(&mut self, run: &[Arc<LogRecord>]) {
+    fn write_run(&mut self, run: &[Arc<LogRecord>], identity: Option<&[u8]>) {
         let uuid = &run[0].instance_uuid;
         if !self.open.contains_key(uuid) {
             let file = self.open_log(uuid);
@@ -256,7 +313,7 @@ impl Writer {
                 continue;
             };
             let start = text.len();
-            record.write_ndjson(&mut text);
+            record.write_ndjson_as(&mut text, identity);
             let n = (text.len() - start) as u64;
             let pending = file.size() + start as u64;
             if pending + n > self.max_file && pending > 0 {
@@ -392,8 +449,14 @@ mod tests {
         // A planted symlink where an instance folder would go.
         std::os::unix::fs::symlink(tmp.path(), root.join("evil")).unwrap();
         let stats = ConsoleStats::default();
-        let files =
-            LogFiles::start(&root, &config(1 << 20, 1, 1 << 30), stats.clone(), guard()).unwrap();
+        let files = LogFiles::start(
+            &root,
+            &config(1 << 20, 1, 1 << 30),
+            None,
+            stats.clone(),
+            guard(),
+        )
+        .unwrap();
         files.send(vec![
             record("../../escape", 1, "x"),
             record("evil", 1, "y"),
@@ -416,6 +479,7 @@ mod tests {
         let files = LogFiles::start(
             tmp.path(),
             &config(1024, 2, 5 * 1024),
+            None,
             stats.clone(),
             guard(),
         )

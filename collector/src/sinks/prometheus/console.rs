@@ -81,4 +81,27 @@ pub(crate) fn write(w: &mut dyn MetricWriter, snapshot: &Snapshot, stats: &Conso
         MetricKind::Counter,
     );
     w.sample(&[], Value::Uint(stats.unattributed_bytes()));
+
+    let hold = stats.identity_hold();
+    w.family(
+        "collector_console_identity_held_lines",
+        "Console lines the console files hold back until their instance's identity is known \
+         (Kubernetes source on; at most kubernetes.identity_wait_seconds).",
+        MetricKind::Gauge,
+    );
+    w.sample(&[], Value::Uint(hold.held_lines));
+    w.family(
+        "collector_console_identity_held_bytes",
+        "Bytes of the console lines held back for identity (bounded by \
+         kubernetes.identity_hold_bytes).",
+        MetricKind::Gauge,
+    );
+    w.sample(&[], Value::Uint(hold.held_bytes));
+    w.family(
+        "collector_console_lines_without_identity",
+        "Console lines written to the console files without identity: the Kubernetes source \
+         is on and the wait for their instance's identity, or its byte bound, ran out first.",
+        MetricKind::Counter,
+    );
+    w.sample(&[], Value::Uint(hold.unnamed_lines));
 }

@@ -35,7 +35,7 @@ use crate::{
     model::{
         console::{ConsoleSubscriber, LogRecord, Resume, Stream},
         health::PipelineGuard,
-        identity::{Identity, PodBacked},
+        identity::{Departed, Identity, PodBacked},
         instance::{Origin, SnapshotReceiver},
         lifecycle::{EventSubscriber, Sequenced},
         time,
@@ -67,6 +67,33 @@ pub(crate) struct StateFile {
     /// Instances a Pod backs (created, not terminated), running or not.
     #[serde(default)]
     pub(crate) pods: Vec<PodState>,
+    /// Identities of instances that are gone (no Pod, no VMM), kept while what they left may
+    /// still be read.
+    #[serde(default)]
+    pub(crate) departed: Vec<DepartedState>,
+}
+
+/// A departed instance's identity, in the state file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct DepartedState {
+    pub(crate) instance_uuid: String,
+    pub(crate) identity: Identity,
+    /// RFC 3339: when it departed.
+    pub(crate) since: String,
+}
+
+impl DepartedState {
+    /// The registry's record of it (a `since` that does not read is now).
+    pub(crate) fn departed(self) -> (String, Departed) {
+        let since = time::parse_rfc3339(&self.since).unwrap_or_else(SystemTime::now);
+        (
+            self.instance_uuid,
+            Departed {
+                identity: self.identity,
+                since,
+            },
+        )
+    }
 }
 
 /// An instance a Pod backs, in the state file.
@@ -367,6 +394,15 @@ fn render(snapshot: &SnapshotReceiver, boot_id: &str, shared: &Shared) -> Vec<u8
             .iter()
             .map(|(uuid, pod)| PodState::new(uuid, pod))
             .collect(),
+        departed: listed
+            .departed
+            .iter()
+            .map(|(uuid, d)| DepartedState {
+                instance_uuid: uuid.clone(),
+                identity: d.identity.clone(),
+                since: time::rfc3339(d.since),
+            })
+            .collect(),
     };
     let mut bytes = serde_json::to_vec_pretty(&file).unwrap_or_default();
     bytes.push(b'\n');
@@ -454,6 +490,17 @@ mod tests {
                 },
                 created: "2027-01-15T06:59:00Z".into(),
                 hypervisor: None,
+            }],
+            departed: vec![DepartedState {
+                instance_uuid: "gone".into(),
+                identity: Identity {
+                    project: Some("q".into()),
+                    pod: "db-0".into(),
+                    pod_namespace: "ns-2".into(),
+                    node: "n1".into(),
+                    ..Identity::default()
+                },
+                since: "2027-01-15T07:30:00Z".into(),
             }],
         }
     }

@@ -24,16 +24,22 @@ const WITHIN: Duration = Duration::from_secs(10);
 /// A collector for node n1, matching executables `<tag>-vmm --id <uuid>` as hypervisor
 /// `<tag>`, its Kubernetes source pointed at `fake`.
 fn start(fake: &FakeKube, tag: &str, log_dir: tempfile::TempDir) -> Collector {
-    launch(fake, tag, log_dir, true)
+    launch(fake, tag, log_dir, true, "")
 }
 
-/// [`start`], waiting for `/readyz` only when `wait_ready`.
-fn launch(fake: &FakeKube, tag: &str, log_dir: tempfile::TempDir, wait_ready: bool) -> Collector {
+/// [`start`], waiting for `/readyz` only when `wait_ready`, with `extra` in its config file.
+fn launch(
+    fake: &FakeKube,
+    tag: &str,
+    log_dir: tempfile::TempDir,
+    wait_ready: bool,
+    extra: &str,
+) -> Collector {
     let config = log_dir.path().join("collector.toml");
     std::fs::write(
         &config,
         format!(
-            r#"
+            r#"{extra}
 [[matcher]]
 name = "{tag}"
 executable = "{tag}-vmm"
@@ -494,7 +500,7 @@ fn not_ready_until_the_first_list_of_this_nodes_pods_is_in() {
     fake.create_pod(&pod("web-0", &format!("ukp://{}", new_uuid("ready"))));
     // The API server is down when the collector starts: it runs, but is not ready.
     fake.cut();
-    let collector = launch(&fake, "ready-vmm", tempfile::tempdir().unwrap(), false);
+    let collector = launch(&fake, "ready-vmm", tempfile::tempdir().unwrap(), false, "");
     let unready = wait_for(WITHIN, || {
         collector.get_status("/readyz")?;
         let ready: Value = serde_json::from_str(&collector.get_text_any("/readyz")).ok()?;
@@ -516,4 +522,171 @@ fn not_ready_until_the_first_list_of_this_nodes_pods_is_in() {
     let ready: Value = serde_json::from_str(&collector.get_text("/readyz")).unwrap();
     assert_eq!(ready["identities_synced"], true, "{ready}");
     assert_eq!(ready["ready"], true, "{ready}");
+}
+
+/// Whether every record carries `want` as its identity.
+fn all_named(records: &[Value], want: &Value) -> bool {
+    !records.is_empty() && records.iter().all(|r| r["identity"] == *want)
+}
+
+/// `(stream, seq)` of each record, in order.
+fn numbering(records: &[Value]) -> Vec<(String, u64)> {
+    records
+        .iter()
+        .map(|r| {
+            (
+                r["stream"].as_str().unwrap().to_owned(),
+                r["seq"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn console_lines_wait_for_identity_and_keep_it_once_the_pod_and_vmm_are_gone() {
+    let tag = "id-console";
+    let exe = format!("{tag}-vmm");
+    let fake = fake_with_namespace();
+    let collector = start(&fake, tag, tempfile::tempdir().unwrap());
+    wait_watching(&fake);
+    let uuid = new_uuid(tag);
+    let more = collector.log_dir.path().join("more");
+    let mut vmm = Standin::spawn(
+        &exe,
+        &["--id", &uuid],
+        &[
+            ("STANDIN_LINES", "3"),
+            ("STANDIN_MORE_WHEN", more.to_str().unwrap()),
+        ],
+    );
+    wait_for(WITHIN, || collector.instance(&uuid)).expect("instance listed");
+    // Captured before the Pod is known: the API serves them (unnamed); the file holds them back.
+    let served = wait_for(WITHIN, || {
+        let lines = collector.logs(&uuid, "");
+        (lines.len() == 6).then_some(lines)
+    })
+    .unwrap_or_else(|| panic!("lines: {:?}", collector.logs(&uuid, "")));
+    assert!(
+        served.iter().all(|r| r.get("identity").is_none()),
+        "{served:#?}"
+    );
+    wait_for(WITHIN, || {
+        let metrics = collector.get_text("/metrics");
+        (sample(&metrics, "collector_console_identity_held_lines") == Some(6.0)).then_some(())
+    })
+    .expect("six lines held for identity");
+    assert!(collector.metric("collector_console_identity_held_bytes") > 0.0);
+    assert!(collector.log_file(&uuid).is_empty(), "written before named");
+
+    // The Pod arrives: within 1 s every line, held or served, carries its identity.
+    let arrived = Instant::now();
+    fake.create_pod(&pod("web-0", &format!("ukp://{uuid}")));
+    let want = identity("web-0");
+    let (api, file) = wait_for(ARRIVAL, || {
+        let (api, file) = (collector.logs(&uuid, ""), collector.log_file(&uuid));
+        (api.len() == 6 && all_named(&api, &want) && file.len() == 6 && all_named(&file, &want))
+            .then_some((api, file))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "not named within {ARRIVAL:?}: api {:?}\nfile {:?}\n{}",
+            collector.logs(&uuid, ""),
+            collector.log_file(&uuid),
+            collector.stderr()
+        )
+    });
+    eprintln!(
+        "held lines written with identity {} ms after the Pod",
+        arrived.elapsed().as_millis()
+    );
+    // The file has them in the order captured, as the API does.
+    assert_eq!(numbering(&file), numbering(&api));
+    assert_eq!(
+        collector.metric("collector_console_identity_held_lines"),
+        0.0
+    );
+    // Later lines go out named at once.
+    std::fs::write(&more, b"").unwrap();
+    let file = wait_for(WITHIN, || {
+        let file = collector.log_file(&uuid);
+        (file.len() == 12).then_some(file)
+    })
+    .expect("twelve lines in the file");
+    assert!(all_named(&file, &want), "{file:#?}");
+    assert!(file[6..].iter().any(|r| r["message"] == "stdout more 3"));
+    assert_eq!(
+        collector.metric("collector_console_lines_without_identity_total"),
+        0.0
+    );
+
+    // The Pod goes, then the VMM: the instance is gone, its lines still read with its identity.
+    fake.delete_pod("ns-a", "web-0");
+    events_until(&collector, &uuid, |e| kinds(e).contains(&"terminate"));
+    vmm.signal(libc::SIGTERM);
+    events_until(&collector, &uuid, |e| kinds(e).contains(&"stop"));
+    wait_for(WITHIN, || collector.instance(&uuid).is_none().then_some(())).expect("unlisted");
+    let after = collector.logs(&uuid, "");
+    assert_eq!(after.len(), 12);
+    assert!(all_named(&after, &want), "{after:#?}");
+
+    // Across a restart the identity stays: the state file keeps the departed instance's.
+    let dir = collector.stop_keep_dir();
+    let departed = |dir: &std::path::Path| -> Option<Value> {
+        let text = std::fs::read_to_string(dir.join(".collector-state.json")).ok()?;
+        let state: Value = serde_json::from_str(&text).ok()?;
+        state["departed"]
+            .as_array()?
+            .iter()
+            .find(|d| d["instance_uuid"] == uuid.as_str())
+            .map(|d| d["identity"].clone())
+    };
+    assert_eq!(departed(dir.path()), Some(want.clone()));
+    std::fs::remove_file(dir.path().join(".collector-state.json")).unwrap();
+    let collector = start(&fake, tag, dir);
+    // Rewritten by the new run from what it restored (the events files hold the terminate too).
+    let kept = wait_for(WITHIN, || departed(collector.log_dir.path()));
+    assert_eq!(kept, Some(want), "{}", collector.stderr());
+}
+
+#[test]
+fn lines_no_pod_names_in_time_are_written_without_identity_and_counted() {
+    let tag = "id-unnamed";
+    let fake = fake_with_namespace();
+    let collector = launch(
+        &fake,
+        tag,
+        tempfile::tempdir().unwrap(),
+        true,
+        "[kubernetes]\nidentity_wait_seconds = 3\n",
+    );
+    wait_watching(&fake);
+    let uuid = new_uuid(tag);
+    let _vmm = Standin::spawn(
+        &format!("{tag}-vmm"),
+        &["--id", &uuid],
+        &[("STANDIN_LINES", "4")],
+    );
+    wait_for(WITHIN, || collector.instance(&uuid)).expect("instance listed");
+    wait_for(WITHIN, || {
+        (collector.logs(&uuid, "").len() == 8).then_some(())
+    })
+    .expect("eight lines captured");
+    assert!(collector.log_file(&uuid).is_empty(), "held within the wait");
+    let file = wait_for(WITHIN, || {
+        let file = collector.log_file(&uuid);
+        (file.len() == 8).then_some(file)
+    })
+    .expect("written after the wait");
+    assert!(
+        file.iter().all(|r| r.get("identity").is_none()),
+        "{file:#?}"
+    );
+    assert_eq!(
+        collector.metric("collector_console_lines_without_identity_total"),
+        8.0
+    );
+    assert_eq!(
+        collector.metric("collector_console_identity_held_lines"),
+        0.0
+    );
 }

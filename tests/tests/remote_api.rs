@@ -73,10 +73,25 @@ fn fake_cluster(a: &str, b: &str) -> FakeKube {
 
 impl Setup {
     fn start(tls: Option<(&std::path::Path, &std::path::Path)>) -> Self {
+        Self::start_configured(tls, None)
+    }
+
+    /// [`Setup::start`] with a config file of this text.
+    fn start_configured(
+        tls: Option<(&std::path::Path, &std::path::Path)>,
+        config: Option<&str>,
+    ) -> Self {
         let (a, b) = (new_uuid("rapi-a"), new_uuid("rapi-b"));
         let fake = fake_cluster(&a, &b);
         let addr = format!("127.0.0.1:{}", free_port());
+        let log_dir = tempfile::tempdir().unwrap();
+        let config_path = log_dir.path().join("collector.toml");
+        let config_arg = config_path.to_str().unwrap().to_owned();
         let mut args = vec!["--api-listen", &addr, "--node-name", NODE];
+        if let Some(text) = config {
+            std::fs::write(&config_path, text).unwrap();
+            args.extend(["--config", &config_arg]);
+        }
         let paths;
         if let Some((cert, key)) = tls {
             paths = [cert.to_str().unwrap(), key.to_str().unwrap()];
@@ -89,7 +104,7 @@ impl Setup {
         }
         let kubeconfig = fake.kubeconfig();
         let collector = Collector::start_in_env(
-            tempfile::tempdir().unwrap(),
+            log_dir,
             &args,
             &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
         );
@@ -328,6 +343,72 @@ fn decisions_are_cached_and_a_review_failure_is_503() {
         (s.status(&instance(&s.b, "/logs"), Some(TOKEN_B)) == 200).then_some(())
     });
     assert!(back.is_some(), "{}", s.collector.stderr());
+}
+
+#[test]
+fn an_open_stream_ends_once_its_access_is_revoked() {
+    // Reviews are reused for 1 s: an open stream is reviewed again every second.
+    let s = Setup::start_configured(None, Some("[kubernetes]\nauth_cache_seconds = 1\n"));
+    s.wait_identity(&s.a, TOKEN_A);
+    let forbidden = r#"collector_api_auth_decisions_total{decision="forbidden"}"#;
+    let refused_before = s.metric(forbidden);
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .new_agent();
+    let url = format!("http://{}{}", s.api, instance(&s.a, "/logs?follow=true"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut response = agent
+            .get(&url)
+            .header("Authorization", format!("Bearer {TOKEN_A}"))
+            .call()
+            .unwrap();
+        let status = response.status().as_u16();
+        let mut reader = response.body_mut().as_reader();
+        let mut body = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    body.extend_from_slice(&buf[..n]);
+                    let _ = tx.send(None);
+                }
+            }
+        }
+        let _ = tx.send(Some((status, String::from_utf8_lossy(&body).into_owned())));
+    });
+    // The stream stays open across several reviews while alice keeps the permission.
+    let mut ended = None;
+    let open_until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < open_until {
+        if let Ok(Some(done)) = rx.recv_timeout(Duration::from_millis(200)) {
+            ended = Some(done);
+            break;
+        }
+    }
+    assert!(ended.is_none(), "ended while allowed: {ended:?}");
+    // Alice's RoleBinding goes: the stream ends at the next review.
+    s.fake.revoke(&Subject::User("alice".into()));
+    let revoked = std::time::Instant::now();
+    let (status, body) = loop {
+        match rx.recv_timeout(Duration::from_secs(15)) {
+            Ok(Some(done)) => break done,
+            Ok(None) => {}
+            Err(e) => panic!("the stream did not end after the revocation: {e}"),
+        }
+    };
+    eprintln!(
+        "follow stream ended {} ms after the revocation",
+        revoked.elapsed().as_millis()
+    );
+    assert_eq!(status, 200);
+    assert!(body.contains("stdout line 3"), "{body}");
+    assert!(s.metric(forbidden) > refused_before);
+    // And the next request is refused outright.
+    assert_eq!(s.status(&instance(&s.a, "/logs"), Some(TOKEN_A)), 403);
 }
 
 /// A throwaway CA and a server certificate for 127.0.0.1 signed by it, as PEM files; the CA's

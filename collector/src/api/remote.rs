@@ -5,35 +5,29 @@
 //! - No `Authorization: Bearer` token, or one the `TokenReview` rejects: 401 with
 //!   `WWW-Authenticate: Bearer`.
 //! - Authenticated without the permission: 403. A per-instance route asks `get pods/log` in
-//!   the namespace of the instance's Pod ([`PodIndex`]), then `get nodes/proxy` on this node;
-//!   node-wide routes only the latter.
+//!   the namespace of the instance's Pod (from the registry's snapshot, a departed instance's
+//!   tombstone included), then `get nodes/proxy` on this node; node-wide routes only the
+//!   latter.
 //! - A review the API server could not answer: 503 (never allowed by default).
+//! - An open stream is reviewed again as the decisions expire, and ends once refused.
 //!
 //! Every decision is counted (`collector_api_auth_decisions_total{decision}`) and every refusal
 //! logged (method, path, decision, the user when known; never the token).
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex, RwLock},
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
 use axum::{
+    body::Body,
     extract::{Request, State},
-    http::{HeaderValue, header},
+    http::{HeaderMap, HeaderValue, header},
     middleware::Next,
     response::Response,
 };
+use futures_util::StreamExt;
 use tracing::warn;
 
 use super::auth::{self, Access, Denied, Reviewer};
-use crate::{
-    model::{
-        identity::{Identity, IdentityUpdate},
-        metrics::CounterVec,
-    },
-    util::ttl_cache::TtlCache,
-};
+use crate::model::{instance::SnapshotReceiver, metrics::CounterVec};
 
 /// The `decision` label values of `collector_api_auth_decisions_total`, pre-set at 0.
 pub(crate) const DECISIONS: [&str; 4] = ["allowed", "unauthenticated", "forbidden", "unavailable"];
@@ -51,93 +45,39 @@ fn decision(result: Result<(), Denied>) -> &'static str {
 #[derive(Clone)]
 pub(crate) struct Guard {
     pub(crate) reviewer: Arc<Reviewer>,
-    pub(crate) pods: PodIndex,
+    /// Whose each instance is: the namespace of its Pod is where its logs' access is reviewed.
+    pub(crate) snapshot: SnapshotReceiver,
     /// `collector_api_auth_decisions_total`, by `decision`.
     pub(crate) decisions: CounterVec,
+    /// How often an open follow stream's access is reviewed again: the reviews' cache
+    /// lifetime, so that each review is a fresh one.
+    pub(crate) recheck: Duration,
 }
 
-/// The Pod (namespace, name) backing each instance, from the Kubernetes source's updates. A
-/// deleted Pod's instance keeps its entry for `retention` (bounded), so that its tenant can
-/// still read the lines and events the collector keeps after it is gone.
-#[derive(Debug, Clone)]
-pub(crate) struct PodIndex(Arc<PodIndexInner>);
-
-#[derive(Debug)]
-struct PodIndexInner {
-    live: RwLock<HashMap<String, (String, String)>>,
-    gone: Mutex<TtlCache<String, (String, String)>>,
-}
-
-fn pod_of(identity: &Identity) -> (String, String) {
-    (identity.pod_namespace.clone(), identity.pod.clone())
-}
-
-impl PodIndex {
-    /// An index keeping deleted Pods' instances `retention`, at most `max_gone` of them.
-    pub(crate) fn new(retention: Duration, max_gone: usize) -> Self {
-        Self(Arc::new(PodIndexInner {
-            live: RwLock::new(HashMap::new()),
-            gone: Mutex::new(TtlCache::new(retention, max_gone)),
-        }))
-    }
-
-    pub(crate) fn apply(&self, update: &IdentityUpdate) {
-        let mut live = self
-            .0
-            .live
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match update {
-            IdentityUpdate::Created {
-                instance_uuid,
-                identity,
-            }
-            | IdentityUpdate::Changed {
-                instance_uuid,
-                identity,
-            } => {
-                live.insert(instance_uuid.clone(), pod_of(identity));
-            }
-            IdentityUpdate::Deleted {
-                instance_uuid,
-                identity,
-            } => {
-                live.remove(instance_uuid);
-                lock(&self.0.gone).insert(instance_uuid.clone(), pod_of(identity), Instant::now());
-            }
-            IdentityUpdate::Synced => {}
-        }
-    }
-
-    /// The Pod backing `uuid` (or that backed it, within the retention).
-    pub(crate) fn pod_of(&self, uuid: &str) -> Option<(String, String)> {
-        let live = self
-            .0
-            .live
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(pod) = live.get(uuid) {
-            return Some(pod.clone());
-        }
-        drop(live);
-        lock(&self.0.gone).get(&uuid.to_owned(), Instant::now())
+impl Guard {
+    /// The Pod (namespace, name) backing `uuid`, or that backed it (its tombstone).
+    fn pod_of(&self, uuid: &str) -> Option<(String, String)> {
+        self.snapshot
+            .borrow()
+            .identity_of(uuid)
+            .map(|identity| (identity.pod_namespace.clone(), identity.pod.clone()))
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+/// Reviews in a row the API server could not answer before an open follow stream ends: an
+/// outage of a few seconds does not cut every reader, a longer one is not an open door.
+const UNAVAILABLE_REVIEWS: u32 = 3;
 
 /// The middleware of every `/v1` route of the remote API.
 pub(crate) async fn review(State(guard): State<Guard>, request: Request, next: Next) -> Response {
     let path = request.uri().path();
     // A path the classification does not know is asked the most of: this node's.
-    let access = auth::access_for(path, |uuid| guard.pods.pod_of(uuid)).unwrap_or(Access::Node);
+    let access = auth::access_for(path, |uuid| guard.pod_of(uuid)).unwrap_or(Access::Node);
     let Err((denied, username)) = guard.reviewer.decide(request.headers(), &access).await else {
         guard.decisions.inc(&[decision(Ok(()))]);
-        return next.run(request).await;
+        let headers = request.headers().clone();
+        let response = next.run(request).await;
+        return reviewed_while_open(response, guard, headers, access);
     };
     guard.decisions.inc(&[decision(Err(denied))]);
     let peer = request
@@ -167,52 +107,49 @@ pub(crate) async fn review(State(guard): State<Guard>, request: Request, next: N
     response
 }
 
+/// A response (a follow stream, a long history) stays open only while its reader keeps the
+/// permission it was opened with: the review is made again every [`Guard::recheck`], and the
+/// body ends at the first refusal (or after [`UNAVAILABLE_REVIEWS`] reviews in a row the API
+/// server could not answer). Every response, not only `follow=true` ones: no spelling of the
+/// query escapes it.
+fn reviewed_while_open(
+    response: Response,
+    guard: Guard,
+    headers: HeaderMap,
+    access: Access,
+) -> Response {
+    let (parts, body) = response.into_parts();
+    let revoked = async move {
+        let mut unavailable = 0;
+        loop {
+            tokio::time::sleep(guard.recheck).await;
+            let denied = match guard.reviewer.decide(&headers, &access).await {
+                Ok(_) => {
+                    unavailable = 0;
+                    continue;
+                }
+                Err((Denied::Unavailable, _)) if unavailable + 1 < UNAVAILABLE_REVIEWS => {
+                    unavailable += 1;
+                    continue;
+                }
+                Err(refusal) => refusal,
+            };
+            guard.decisions.inc(&[decision(Err(denied.0))]);
+            warn!(
+                decision = decision(Err(denied.0)),
+                username = denied.1,
+                "remote API follow stream ended: its access was refused on review"
+            );
+            return;
+        }
+    };
+    let body = Body::from_stream(body.into_data_stream().take_until(revoked));
+    Response::from_parts(parts, body)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn identity(ns: &str, pod: &str) -> Identity {
-        Identity {
-            project: None,
-            instance_name: None,
-            instance_namespace: None,
-            workload: None,
-            pod: pod.into(),
-            pod_namespace: ns.into(),
-            node: "n1".into(),
-        }
-    }
-
-    #[test]
-    fn the_index_follows_pods_and_keeps_the_deleted_for_a_while() {
-        let index = PodIndex::new(Duration::from_millis(200), 1);
-        let pod = |ns: &str, name: &str| Some((ns.to_owned(), name.to_owned()));
-        index.apply(&IdentityUpdate::Created {
-            instance_uuid: "u1".into(),
-            identity: identity("ns-a", "p1"),
-        });
-        assert_eq!(index.pod_of("u1"), pod("ns-a", "p1"));
-        assert_eq!(index.pod_of("u2"), None);
-        index.apply(&IdentityUpdate::Changed {
-            instance_uuid: "u1".into(),
-            identity: identity("ns-a", "p2"),
-        });
-        assert_eq!(index.pod_of("u1"), pod("ns-a", "p2"));
-        index.apply(&IdentityUpdate::Deleted {
-            instance_uuid: "u1".into(),
-            identity: identity("ns-a", "p2"),
-        });
-        assert_eq!(index.pod_of("u1"), pod("ns-a", "p2"), "kept after deletion");
-        // Bounded: a second deletion pushes the first out.
-        index.apply(&IdentityUpdate::Deleted {
-            instance_uuid: "u3".into(),
-            identity: identity("ns-c", "p3"),
-        });
-        assert_eq!(index.pod_of("u1"), None);
-        assert_eq!(index.pod_of("u3"), pod("ns-c", "p3"));
-        std::thread::sleep(Duration::from_millis(250));
-        assert_eq!(index.pod_of("u3"), None, "expired");
-    }
 
     #[test]
     fn every_outcome_has_its_decision_label() {

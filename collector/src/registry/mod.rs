@@ -50,7 +50,7 @@ pub(crate) struct DepartedLimits {
 impl Default for DepartedLimits {
     fn default() -> Self {
         Self {
-            retention: Duration::from_secs(24 * 3600),
+            retention: Duration::from_hours(24),
             max: 10_000,
         }
     }

@@ -14,7 +14,7 @@ use crate::{
     api::{
         self, ApiState, Exposure, RequestLimits,
         auth::{self, Reviewer},
-        remote::{self, Guard, PodIndex},
+        remote::{self, Guard},
         server::{self, ConnectionLimits, Listener},
         tls,
     },
@@ -67,11 +67,11 @@ pub(super) struct Bound {
 }
 
 /// What the remote API needs, configured before anything else starts: a client of the
-/// Kubernetes API (the reviews), the index of each instance's Pod (fed from the one identity
-/// source, see `runtime::forward_identities`), the node, and the TLS acceptor.
+/// Kubernetes API (the reviews), the node, and the TLS acceptor. Whose each instance is comes
+/// from the registry's snapshot (a departed instance's tombstone included, so its tenant can
+/// read what the collector keeps of it).
 pub(super) struct RemoteApi {
     client: kube::Client,
-    pub(super) pods: PodIndex,
     node: String,
     tls: Option<TlsAcceptor>,
 }
@@ -104,13 +104,6 @@ pub(super) fn remote_api(
              NODE_NAME): node-wide routes ask for get nodes/proxy on it"
         );
     };
-    // A deleted Pod's instance stays readable by its tenant while the collector keeps its
-    // lines and events.
-    let retention = config
-        .console
-        .retention_seconds
-        .max(config.events.retention_seconds);
-    let pods = PodIndex::new(Duration::from_secs(retention), config.events.max_instances);
     let tls = if let (Some(cert), Some(key)) = (&config.api_tls_cert_file, &config.api_tls_key_file)
     {
         Some(tls::acceptor(cert, key)?)
@@ -124,7 +117,6 @@ pub(super) fn remote_api(
     };
     Ok(Some(RemoteApi {
         client: source.client.clone(),
-        pods,
         node,
         tls,
     }))
@@ -224,7 +216,6 @@ fn start_remote(remote: RemoteApi, config: &Config, state: &ApiState) -> Guard {
     }
     let reviewer = Reviewer::new(remote.client, remote.node.clone(), &config.kubernetes)
         .counting(health.api_reviews.clone());
-    let pods = remote.pods;
     info!(
         node = remote.node.as_str(),
         tls = remote.tls.is_some(),
@@ -232,8 +223,9 @@ fn start_remote(remote: RemoteApi, config: &Config, state: &ApiState) -> Guard {
     );
     Guard {
         reviewer: Arc::new(reviewer),
-        pods,
+        snapshot: state.snapshot.clone(),
         decisions: health.api_auth_decisions.clone(),
+        recheck: Duration::from_secs(config.kubernetes.auth_cache_seconds.max(1)),
     }
 }
 

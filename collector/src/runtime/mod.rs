@@ -41,7 +41,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
-    api::{ApiState, Exposure, Readiness, remote::PodIndex},
+    api::{ApiState, Exposure, Readiness},
     config::Config,
     host::privileges,
     kernel::{
@@ -179,7 +179,6 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
         Identities {
             source: kube,
             updates: identity_rx,
-            remote_pods: remote.as_ref().map(|r| r.pods.clone()),
         },
     )?;
     if let Some(pipeline) = end_on_purpose {
@@ -213,8 +212,6 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
 struct Identities {
     source: Option<KubernetesSource>,
     updates: mpsc::Receiver<IdentityUpdate>,
-    /// The remote API's index of each instance's Pod, fed from the same updates.
-    remote_pods: Option<PodIndex>,
 }
 
 /// The running stages and what shutdown needs of them.
@@ -397,7 +394,6 @@ impl Stages {
             sources.spawn(forward_identities(
                 identities.updates,
                 registry.updates.clone(),
-                identities.remote_pods,
                 readiness.clone(),
             ));
         }
@@ -488,18 +484,13 @@ impl Stages {
     }
 }
 
-/// Hands the Kubernetes source's updates to the registry (and the remote API's Pod index), in
-/// order, until the source ends.
+/// Hands the Kubernetes source's updates to the registry, in order, until the source ends.
 async fn forward_identities(
     mut updates: mpsc::Receiver<IdentityUpdate>,
     registry: mpsc::Sender<InstanceUpdate>,
-    remote_pods: Option<PodIndex>,
     readiness: Readiness,
 ) {
     while let Some(update) = updates.recv().await {
-        if let Some(pods) = &remote_pods {
-            pods.apply(&update);
-        }
         let synced = matches!(update, IdentityUpdate::Synced);
         if registry
             .send(InstanceUpdate::Identity(update))

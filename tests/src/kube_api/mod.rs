@@ -604,6 +604,11 @@ impl FakeKube {
         self.shared.lock().grants.push(grant);
     }
 
+    /// Takes back every grant of `subject` (its bindings are deleted).
+    pub fn revoke(&self, subject: &Subject) {
+        self.shared.lock().grants.retain(|g| g.subject != *subject);
+    }
+
     pub fn counts(&self) -> Counts {
         self.shared.lock().counts.clone()
     }

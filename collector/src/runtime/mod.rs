@@ -61,7 +61,7 @@ use crate::{
     sinks::{
         console_logs::{LogFiles, history::ConsoleHistory, naming::IdentityWait},
         events::{EventSink, EventStore},
-        prometheus::{Exposition, KernelMetrics},
+        prometheus::{Exposition, KernelMetrics, resident::ResidentMemory},
         state::StateSink,
     },
     sources::{
@@ -336,6 +336,13 @@ impl Stages {
         }
         let intake = CancellationToken::new();
         let sources = TaskTracker::new();
+        // The VMMs' resident memory, read in the background for the scrapes.
+        let resident = ResidentMemory::default();
+        tokio::spawn(
+            resident
+                .clone()
+                .run(registry.snapshot.clone(), intake.clone()),
+        );
 
         let console = ConsoleSource {
             kernel: kernel.console,
@@ -413,6 +420,7 @@ impl Stages {
                     sched: kernel.sched,
                 },
                 console: console_stats,
+                resident: resident.clone(),
             },
             snapshot: registry.snapshot,
             readiness,

@@ -7,10 +7,12 @@ pub(crate) mod encode;
 mod health;
 mod instances;
 mod kernel;
+pub(crate) mod resident;
 mod usage;
 
 pub(crate) use encode::Format;
 pub(crate) use kernel::KernelMetrics;
+use resident::ResidentMemory;
 
 use crate::model::{console_stats::ConsoleStats, health::Health, instance::SnapshotReceiver};
 
@@ -21,17 +23,19 @@ pub(crate) struct Exposition {
     pub(crate) health: Health,
     pub(crate) kernel: KernelMetrics,
     pub(crate) console: ConsoleStats,
+    pub(crate) resident: ResidentMemory,
 }
 
 impl Exposition {
-    /// The whole exposition. Reads `/proc` for each instance: call it off the async workers.
+    /// The whole exposition. May read `/proc` (an instance new since the last refresh of
+    /// [`ResidentMemory`]): call it off the async workers.
     pub(crate) fn render(&self, format: Format) -> String {
         let snapshot = self.snapshot.borrow().clone();
         let mut w = encode::TextWriter::new(format);
         health::write(&mut w, &self.health);
         self.kernel.write(&mut w);
         instances::write(&mut w, &snapshot, &self.health.instance_events);
-        usage::write(&mut w, &snapshot, &self.kernel.sched);
+        usage::write(&mut w, &snapshot, &self.kernel.sched, &self.resident);
         console::write(&mut w, &snapshot, &self.console);
         w.finish()
     }

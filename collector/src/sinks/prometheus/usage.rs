@@ -1,13 +1,13 @@
 //! What each instance uses and was given (`compute_instance_*` CPU, run-queue latency, context
 //! switches, memory), read at scrape time: the scheduling aggregates from the kernel's maps, the
-//! resident memory from `/proc`, the allocation from the registry. An instance that exited is
+//! resident memory from `/proc` (read in the background, [`super::resident`]), the allocation
+//! from the registry. An instance that exited is
 //! absent from the next scrape.
 
 use collector_common::{SCHED_LATENCY_BUCKETS, SchedStats};
 
-use super::instances::instance_gauge;
+use super::{instances::instance_gauge, resident::ResidentMemory};
 use crate::{
-    host::proc,
     kernel::sched::{ProcessSched, SharedSched},
     model::{
         instance::{LabelSet, Snapshot},
@@ -23,22 +23,30 @@ const NS_PER_SECOND: f64 = 1e9;
 /// 100 ms stay within a bucket of 4x.
 const VCPU_BUCKETS: [usize; 9] = [2, 4, 6, 8, 10, 12, 14, 16, 18];
 
-/// Cumulative `(le, count)` buckets from the kernel's per-bucket counts: `le` = 2^i µs of
-/// each kernel bucket `i` in `served`, then +Inf with every sample.
+/// The served `(le, count)` buckets from the kernel's per-bucket counts, per bucket (not
+/// cumulative: [`MetricWriter::histogram`] adds them up): `le` = 2^i µs of each kernel bucket
+/// `i` in `served`, holding the kernel's buckets since the previous served one, then +Inf with
+/// the rest.
 fn served_buckets(kernel: &[u64; SCHED_LATENCY_BUCKETS], served: &[usize]) -> Vec<(f64, u64)> {
     let mut out = Vec::with_capacity(served.len() + 1);
-    let mut below = 0u64;
     let mut next = 0usize;
     for &i in served {
-        below += kernel[next..=i].iter().sum::<u64>();
+        out.push((
+            1e-6 * f64::from(1u32 << i),
+            kernel[next..=i].iter().sum::<u64>(),
+        ));
         next = i + 1;
-        out.push((1e-6 * f64::from(1u32 << i), below));
     }
-    out.push((f64::INFINITY, kernel.iter().sum()));
+    out.push((f64::INFINITY, kernel[next..].iter().sum()));
     out
 }
 
-pub(crate) fn write(w: &mut dyn MetricWriter, snapshot: &Snapshot, sched: &SharedSched) {
+pub(crate) fn write(
+    w: &mut dyn MetricWriter,
+    snapshot: &Snapshot,
+    sched: &SharedSched,
+    resident: &ResidentMemory,
+) {
     let instances: Vec<_> = snapshot.by_pid.values().collect();
     let per_instance: Vec<(Vec<(&'static str, &str)>, ProcessSched)> = {
         let maps = sched.lock().expect("sched lock");
@@ -54,7 +62,7 @@ pub(crate) fn write(w: &mut dyn MetricWriter, snapshot: &Snapshot, sched: &Share
         "Resident memory of the instance's VMM process (VmRSS): guest memory the guest has \
          touched plus the VMM's own.",
         instances.iter().copied(),
-        |i| proc::resident_bytes(i.pid).map(Value::Uint),
+        |i| resident.of(i).map(Value::Uint),
     );
     instance_gauge(
         w,
@@ -151,13 +159,37 @@ mod tests {
         let total: u64 = kernel.iter().sum();
         let served = served_buckets(&kernel, &VCPU_BUCKETS);
         assert_eq!(served.len(), 10);
-        // le = 4 µs holds the kernel's 1, 2 and 4 µs buckets.
+        // le = 4 µs holds the kernel's 1, 2 and 4 µs buckets; le = 16 µs its 8 and 16 µs ones.
         assert_eq!(served[0], (4e-6, 1 + 2 + 3));
         assert!((served[1].0 - 16e-6).abs() < 1e-15);
-        assert_eq!(served[1].1, 1 + 2 + 3 + 4 + 5);
+        assert_eq!(served[1].1, 4 + 5);
         assert!((served[8].0 - 0.262_144).abs() < 1e-12);
-        assert_eq!(served[8].1, (1..=19).sum::<u64>());
-        assert_eq!(served[9], (f64::INFINITY, total));
+        assert_eq!(served[8].1, 18 + 19);
+        assert_eq!(served[9], (f64::INFINITY, (20..=22).sum::<u64>()));
+        assert_eq!(served.iter().map(|b| b.1).sum::<u64>(), total);
+        // As exposed: cumulative, the +Inf bucket and the count every sample, once.
+        let mut w = crate::sinks::prometheus::encode::TextWriter::new(
+            crate::sinks::prometheus::Format::Text,
+        );
+        w.family("h_seconds", "H.", MetricKind::Histogram);
+        w.histogram(&[], &served, 0.0);
+        let text = w.finish();
+        assert!(
+            text.contains("h_seconds_bucket{le=\"0.000004\"} 6\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("h_seconds_bucket{le=\"0.000016\"} 15\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("h_seconds_bucket{{le=\"+Inf\"}} {total}\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("h_seconds_count {total}\n")),
+            "{text}"
+        );
         // Each served bound is the upper bound of its kernel bucket.
         for &i in &VCPU_BUCKETS {
             let ns = (1e3 * f64::from(1u32 << i)).round() as u64;

@@ -34,6 +34,8 @@ pub(crate) struct Health {
     pub(crate) api_reviews: CounterVec,
     /// The capabilities and mounts the collector checked at start, and which are missing.
     pub(crate) privileges: Arc<Vec<PrivilegeState>>,
+    /// The OTLP exporter's counters.
+    pub(crate) export: super::export_stats::ExportStats,
 }
 
 /// A capability or mount the collector needs, and whether it has it.

@@ -817,6 +817,7 @@ vcpu_thread = '^crosvm_vcpu(\d+)$'
         full.api_listen = Some("0.0.0.0:9480".parse().unwrap());
         full.api_tls_cert_file = Some("/c".into());
         full.api_tls_key_file = Some("/k".into());
+        full.export.otlp.require_identity = Some(true);
         let mut code_keys = Vec::new();
         key_paths(&toml::Value::try_from(&full).unwrap(), "", &mut code_keys);
         let missing: Vec<&String> = code_keys

@@ -353,7 +353,7 @@ fn http_connection(mut stream: TcpStream, state: &State) {
             .and_then(|(_, v)| v.trim().parse().ok())
             .unwrap_or(0);
         while buf.len() < head_end + length {
-            let mut chunk = [0u8; 65536];
+            let mut chunk = [0u8; 16384];
             match stream.read(&mut chunk) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),

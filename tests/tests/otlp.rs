@@ -120,12 +120,11 @@ fn bodies(records: &[Received], stream: &str) -> Vec<String> {
             .attr_str("log.record.uid")
             .expect("log.record.uid")
             .to_owned();
-        match seen.get(&uid) {
-            Some(body) => assert_eq!(body, &r.body, "uid {uid} reused for another record"),
-            None => {
-                seen.insert(uid, r.body.clone());
-                out.push(r.body.clone());
-            }
+        if let Some(body) = seen.get(&uid) {
+            assert_eq!(body, &r.body, "uid {uid} reused for another record");
+        } else {
+            seen.insert(uid, r.body.clone());
+            out.push(r.body.clone());
         }
     }
     out
@@ -266,14 +265,14 @@ fn records_without_identity_are_not_sent_and_counted() {
     let n = 5;
     let _vmm = vmm(tag, &uuid, &[("STANDIN_LINES", &n.to_string())]);
     wait_for(WITHIN, || {
-        (exported(&collector, "console", "no_identity") >= 2.0 * n as f64
+        (exported(&collector, "console", "no_identity") >= 2.0 * f64::from(n)
             && exported(&collector, "event", "no_identity") >= 1.0)
             .then_some(())
     })
     .unwrap_or_else(|| panic!("not counted:\n{}", collector.stderr()));
     assert_eq!(
         exported(&collector, "console", "no_identity"),
-        2.0 * n as f64
+        2.0 * f64::from(n)
     );
     let (console, events) = of_instance(&receiver, &uuid);
     assert!(

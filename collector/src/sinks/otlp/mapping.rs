@@ -40,11 +40,13 @@ impl Signal {
         self as usize
     }
 
-    /// The file the signal is read from (and its rotations `.1` ... `.N`).
+    /// The file the signal is read from (and its rotations `.1` ... `.N`): the names the
+    /// console-log and events sinks write (docs/console.md, docs/lifecycle.md; a sink does not
+    /// import its siblings, and the integration tests read both through this exporter).
     pub(crate) fn base(self) -> &'static str {
         match self {
-            Self::Console => crate::sinks::console_logs::FILE_NAME,
-            Self::Event => crate::sinks::events::FILE_NAME,
+            Self::Console => "console.log",
+            Self::Event => "events.log",
         }
     }
 }
@@ -52,6 +54,10 @@ impl Signal {
 /// A console line as the files hold it (docs/console.md); unknown fields are ignored, so a
 /// newer writer's additions do not stop the exporter.
 #[derive(Debug, Deserialize)]
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "the NDJSON flags, as the files hold them"
+)]
 struct ConsoleLine {
     ts: String,
     instance_uuid: String,

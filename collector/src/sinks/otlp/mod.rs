@@ -209,7 +209,7 @@ impl Exporter {
             let read = self.read_files();
             self.release_held();
             self.update_gauges();
-            if self.send_due(&stop, read == 0).await.is_err() {
+            if self.send_due(&stop).await.is_err() {
                 break;
             }
             if self.last_save.elapsed() >= SAVE_EVERY {
@@ -251,7 +251,7 @@ impl Exporter {
         }
         let lines = self.tailer.read(room);
         let n = lines.len();
-        for line in lines {
+        for line in &lines {
             self.admit(line);
         }
         n
@@ -269,7 +269,7 @@ impl Exporter {
     }
 
     /// A line read: mapped, then to its batch, or held for identity, or counted invalid.
-    fn admit(&mut self, line: Line) {
+    fn admit(&mut self, line: &Line) {
         let size = line.bytes.len() + 1;
         self.queue_bytes += size;
         let mapped = match line.signal {
@@ -409,9 +409,8 @@ impl Exporter {
         self.stats.set_held(self.held_records as u64);
     }
 
-    /// Sends each batch that is full, or old enough, or (when nothing more was read) any
-    /// batch at all once its time is up.
-    async fn send_due(&mut self, stop: &CancellationToken, idle: bool) -> Result<(), Stopped> {
+    /// Sends each batch that is full or whose time is up.
+    async fn send_due(&mut self, stop: &CancellationToken) -> Result<(), Stopped> {
         let c = &self.settings.config;
         let (max_records, max_bytes) = (c.batch_max_records, c.batch_max_bytes);
         let timeout = Duration::from_millis(c.batch_timeout_ms);
@@ -420,7 +419,7 @@ impl Exporter {
                 let batch = &self.batches[signal.index()];
                 let full = batch.items.len() >= max_records || batch.bytes >= max_bytes;
                 let due = batch.since.is_some_and(|s| s.elapsed() >= timeout);
-                if batch.items.is_empty() || !(full || due || (idle && due)) {
+                if batch.items.is_empty() || !(full || due) {
                     break;
                 }
                 let take = batch.items.len().min(max_records);

@@ -468,7 +468,7 @@ impl Tailer {
         match self.root.replace(CHECKPOINT_FILE, &bytes) {
             Ok(()) => self.dirty = false,
             Err(error) => {
-                warn!(file = CHECKPOINT_FILE, %error, "cannot write the OTLP checkpoints")
+                warn!(file = CHECKPOINT_FILE, %error, "cannot write the OTLP checkpoints");
             }
         }
     }

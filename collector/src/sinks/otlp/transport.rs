@@ -40,7 +40,7 @@ type HttpClient = hyper_util::client::legacy::Client<
 /// A connection to the receiver.
 pub(crate) enum Transport {
     Http {
-        client: HttpClient,
+        client: Box<HttpClient>,
         uri: hyper::Uri,
     },
     Grpc {
@@ -85,7 +85,10 @@ impl Transport {
                 )
                 .pool_idle_timeout(Duration::from_secs(30))
                 .build(connector);
-                Ok(Self::Http { client, uri })
+                Ok(Self::Http {
+                    client: Box::new(client),
+                    uri,
+                })
             }
             OtlpProtocol::Grpc => {
                 let channel = tonic::transport::Endpoint::from_shared(config.endpoint.clone())

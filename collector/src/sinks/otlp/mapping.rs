@@ -246,11 +246,9 @@ pub(crate) fn console(line: &[u8]) -> Result<Mapped, MapError> {
                 i64::try_from(n).unwrap_or(i64::MAX),
             ));
         }
-        if let Some(since) = l.gap_since.as_deref().and_then(time::parse_rfc3339) {
-            attributes.push(int(
-                "compute.console.gap_since_unix_nano",
-                i64::try_from(nanos(since)).unwrap_or(i64::MAX),
-            ));
+        if let Some(since) = l.gap_since {
+            // RFC 3339, as in the file (the node collector's filelog passes it on as is).
+            attributes.push(string("compute.console.gap_since", since));
         }
     }
     Ok(Mapped {

@@ -128,6 +128,7 @@ impl OtlpExporter {
                         queue_bytes: 0,
                         held_records: 0,
                         remembered: HashMap::new(),
+                        looked_up: HashMap::new(),
                         last_save: Instant::now(),
                         random: ring::rand::SystemRandom::new(),
                     };
@@ -192,6 +193,8 @@ struct Exporter {
     /// The last identity seen per instance (lines, snapshot): instances that left the
     /// snapshot keep theirs for their last records.
     remembered: HashMap<String, Identity>,
+    /// Lookups of this pass (the snapshot is searched by instance once a pass, not a line).
+    looked_up: HashMap<String, Option<Identity>>,
     last_save: Instant,
     random: ring::rand::SystemRandom,
 }
@@ -240,6 +243,7 @@ impl Exporter {
 
     /// Scans and reads the files within the queue's room; returns the lines read.
     fn read_files(&mut self) -> usize {
+        self.looked_up.clear();
         self.scan();
         let room = self
             .settings
@@ -330,11 +334,15 @@ impl Exporter {
         }
         if self.remembered.get(uuid) != Some(identity) {
             self.remembered.insert(uuid.to_owned(), identity.clone());
+            self.looked_up.remove(uuid);
         }
     }
 
     /// The instance's identity: the snapshot's (its VMM, else its Pod), else the last seen.
     fn lookup(&mut self, uuid: &str) -> Option<Identity> {
+        if let Some(known) = self.looked_up.get(uuid) {
+            return known.clone();
+        }
         let found = {
             let snapshot = self.snapshot.borrow();
             snapshot
@@ -342,13 +350,15 @@ impl Exporter {
                 .find_map(|i| i.identity.clone())
                 .or_else(|| snapshot.pods.get(uuid).map(|p| p.identity.clone()))
         };
-        match found {
+        let identity = match found {
             Some(identity) => {
                 self.remember(uuid, &identity);
                 Some(identity)
             }
             None => self.remembered.get(uuid).cloned(),
-        }
+        };
+        self.looked_up.insert(uuid.to_owned(), identity.clone());
+        identity
     }
 
     /// Held records whose instance now has its identity go to their batch; those held past

@@ -245,11 +245,13 @@ impl Exporter {
     fn read_files(&mut self) -> usize {
         self.looked_up.clear();
         self.scan();
-        let room = self
-            .settings
-            .config
+        // Within the queue's room, and a few batches a pass: the records parsed from the
+        // lines cost more memory than the lines, and a backlog is read as it is sent.
+        let c = &self.settings.config;
+        let room = c
             .queue_max_bytes
-            .saturating_sub(self.queue_bytes);
+            .saturating_sub(self.queue_bytes)
+            .min(4 * c.batch_max_bytes);
         if room == 0 {
             return 0;
         }

@@ -48,8 +48,11 @@ fn receiver<'a>(component: &'a Value, name: &str) -> &'a Value {
     &component["receivers"][name]
 }
 
-/// `attributes["x.y"]` / `resource["x.y"]` / `attributes.x`: (`attributes`|`resource`|`body`, key).
-fn field(text: &str) -> (String, String) {
+/// A field as (`attributes`|`resource`|`body`, key).
+type Field = (String, String);
+
+/// `attributes["x.y"]` / `resource["x.y"]` / `attributes.x` as a [`Field`].
+fn field(text: &str) -> Field {
     if let Some((scope, rest)) = text.split_once("[\"") {
         return (scope.to_owned(), rest.trim_end_matches("\"]").to_owned());
     }
@@ -61,7 +64,7 @@ fn field(text: &str) -> (String, String) {
 
 /// The fields the operators read (`from`, a remove's `field`) and write (`to`, an add's
 /// `field`).
-fn operator_fields(receiver: &Value) -> (Vec<(String, String)>, Vec<(String, String)>) {
+fn operator_fields(receiver: &Value) -> (Vec<Field>, Vec<Field>) {
     let mut read = Vec::new();
     let mut written = Vec::new();
     for op in receiver["operators"].as_array().expect("operators") {

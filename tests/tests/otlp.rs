@@ -478,3 +478,44 @@ fn past_the_bound_rotated_away_lines_are_counted_exactly() {
         last = i;
     }
 }
+
+/// SIGTERM writes the checkpoints: after a restart on the same folder nothing acknowledged is
+/// sent again (every uid once), and lines written while it was down arrive.
+#[test]
+fn sigterm_then_restart_sends_nothing_twice() {
+    let receiver = OtlpReceiver::http();
+    let tag = "oterm";
+    let collector = start(tag, &receiver, None, "", "", tempfile::tempdir().unwrap());
+    let uuid = new_uuid("otlp-term");
+    let n = 100;
+    let work = tempfile::tempdir().unwrap();
+    let more = work.path().join("more");
+    let _vmm = vmm(
+        tag,
+        &uuid,
+        &[
+            ("STANDIN_LINES", &n.to_string()),
+            ("STANDIN_MORE_WHEN", more.to_str().unwrap()),
+        ],
+    );
+    wait_lines(&receiver, &collector, &uuid, n);
+    let log_dir = collector.stop_keep_dir();
+    assert!(log_dir.path().join(".otlp-checkpoints.json").exists());
+    let collector = start(tag, &receiver, None, "", "", log_dir);
+    // More lines from the same VMM after the restart.
+    std::fs::write(&more, "").unwrap();
+    let mut records = Vec::new();
+    wait_for(WITHIN, || {
+        records = of_instance(&receiver, &uuid).0;
+        (records.len() >= 4 * n).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{} of {}:\n{}", records.len(), 4 * n, collector.stderr()));
+    let uids: BTreeSet<&str> = records
+        .iter()
+        .map(|r| r.attr_str("log.record.uid").unwrap())
+        .collect();
+    assert_eq!(uids.len(), records.len(), "a record sent twice");
+    let mut stdout = numbered("stdout", n as u32);
+    stdout.extend((1..=n).map(|i| format!("stdout more {i}")));
+    assert_eq!(bodies(&records, "stdout"), stdout);
+}

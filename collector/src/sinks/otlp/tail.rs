@@ -17,6 +17,7 @@ use std::{
     fs::File,
     os::{fd::OwnedFd, unix::fs::FileExt},
     path::Path,
+    time::{Duration, Instant},
 };
 
 use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags};
@@ -32,6 +33,8 @@ pub(crate) const CHECKPOINT_FILE: &str = ".otlp-checkpoints.json";
 const FINGERPRINT_BYTES: usize = 1024;
 /// Most bytes read from one file at a time.
 const CHUNK: u64 = 1 << 20;
+/// A current file read to its end and not grown for this long is closed.
+const IDLE_CLOSE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 struct FileKey {
@@ -66,6 +69,8 @@ struct Entry {
     verified: bool,
     /// Seen in the latest scan.
     present: bool,
+    /// When its size last changed.
+    grew: Instant,
 }
 
 /// A line read, with its place.
@@ -200,6 +205,7 @@ impl Tailer {
                             first_index: 0,
                             verified: false,
                             present: false,
+                            grew: Instant::now(),
                         });
                     }
                 }
@@ -333,6 +339,9 @@ impl Tailer {
             }
             if same {
                 e.present = true;
+                if e.size != size {
+                    e.grew = Instant::now();
+                }
                 if e.rank != rank || e.size != size {
                     e.rank = rank;
                     e.size = size;
@@ -364,6 +373,7 @@ impl Tailer {
             first_index: 0,
             verified: true,
             present: true,
+            grew: Instant::now(),
         });
         self.dirty = true;
     }
@@ -400,7 +410,6 @@ impl Tailer {
             }
             for &id in &groups[(start + g) % groups.len()] {
                 let e = self.entries.get_mut(&id).expect("listed");
-                let before = budget;
                 read_entry(id, e, &mut budget, &mut lines);
                 let finished = e.read >= e.size;
                 if finished && e.rank > 0 {
@@ -408,7 +417,11 @@ impl Tailer {
                     e.file = None;
                     continue;
                 }
-                let _ = before;
+                if finished && e.grew.elapsed() >= IDLE_CLOSE {
+                    // An idle current file (an instance that ended, or a quiet one) holds no
+                    // descriptor: it is opened again, its fingerprint checked, once it grows.
+                    e.file = None;
+                }
                 // The current file, or one not finished: the newer files wait for it.
                 break;
             }

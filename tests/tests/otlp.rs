@@ -234,6 +234,10 @@ fn every_line_with_identity(tag: &str, receiver: &OtlpReceiver) {
         assert!(e.attr("compute.instance.event.reason").is_some());
     }
     assert_eq!(exported(&collector, "console", "no_identity"), 0.0);
+    assert_eq!(
+        collector.metric("collector_pipeline_up{pipeline=\"otlp_export\"}"),
+        1.0
+    );
 }
 
 #[test]

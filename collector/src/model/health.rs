@@ -119,16 +119,19 @@ pub(crate) enum Pipeline {
     ConsoleFiles,
     /// The writer of the restart state file.
     StateFile,
+    /// The OTLP exporter (`[export.otlp]`; up, and idle, when it is off).
+    OtlpExport,
 }
 
 impl Pipeline {
-    pub(crate) const ALL: [Self; 6] = [
+    pub(crate) const ALL: [Self; 7] = [
         Self::Discovery,
         Self::Console,
         Self::Registry,
         Self::EventsFiles,
         Self::ConsoleFiles,
         Self::StateFile,
+        Self::OtlpExport,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -139,6 +142,7 @@ impl Pipeline {
             Self::EventsFiles => "events_files",
             Self::ConsoleFiles => "console_files",
             Self::StateFile => "state_file",
+            Self::OtlpExport => "otlp_export",
         }
     }
 

@@ -353,6 +353,7 @@ impl Stages {
             },
             registry.snapshot.clone(),
             health.export.clone(),
+            &pipelines,
         )
         .context("OTLP exporter")?;
         let mut readiness = Readiness::new(kernel.probes.clone());
@@ -471,7 +472,7 @@ impl Stages {
             Pipeline::Console => self.console.clone(),
             Pipeline::Registry => self.registry.abort_handle(),
             Pipeline::StateFile => self.state_writer.abort_handle(),
-            Pipeline::EventsFiles | Pipeline::ConsoleFiles => return,
+            Pipeline::EventsFiles | Pipeline::ConsoleFiles | Pipeline::OtlpExport => return,
         };
         let readiness = self.api.readiness.clone();
         tokio::spawn(async move {
@@ -543,8 +544,12 @@ fn test_hook() -> anyhow::Result<Option<Pipeline>> {
         return Ok(None);
     };
     let value = value.to_string_lossy();
-    let pipeline = Pipeline::from_name(&value)
-        .filter(|p| !matches!(p, Pipeline::EventsFiles | Pipeline::ConsoleFiles));
+    let pipeline = Pipeline::from_name(&value).filter(|p| {
+        !matches!(
+            p,
+            Pipeline::EventsFiles | Pipeline::ConsoleFiles | Pipeline::OtlpExport
+        )
+    });
     let Some(pipeline) = pipeline else {
         anyhow::bail!(
             "{TEST_END_PIPELINE}={value:?}: not a pipeline the test hook can end \

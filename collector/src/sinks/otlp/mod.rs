@@ -49,7 +49,12 @@ use self::{
 };
 use crate::{
     config::OtlpConfig,
-    model::{export_stats::ExportStats, identity::Identity, instance::SnapshotReceiver},
+    model::{
+        export_stats::ExportStats,
+        health::{Pipeline, Pipelines},
+        identity::Identity,
+        instance::SnapshotReceiver,
+    },
 };
 
 /// Checkpoints are written at most this often (and at shutdown).
@@ -86,15 +91,18 @@ pub(crate) struct OtlpExporter {
 }
 
 impl OtlpExporter {
-    /// Starts the exporter's thread; `None` when no endpoint is configured.
+    /// Starts the exporter's thread, which holds the guard of [`Pipeline::OtlpExport`] for as
+    /// long as it runs; `None` when no endpoint is configured (the pipeline stays up, idle).
     pub(crate) fn start(
         settings: Settings,
         snapshot: SnapshotReceiver,
         stats: ExportStats,
+        pipelines: &Pipelines,
     ) -> Result<Option<Self>, ExportError> {
         if settings.config.endpoint.is_empty() {
             return Ok(None);
         }
+        let guard = pipelines.guard(Pipeline::OtlpExport);
         let transport = Transport::new(&settings.config)?;
         let tailer = Tailer::open(&settings.log_dir).map_err(|source| ExportError::Dir {
             path: settings.log_dir.display().to_string(),
@@ -113,6 +121,7 @@ impl OtlpExporter {
             .spawn({
                 let stop = stop.clone();
                 move || {
+                    let _guard = guard;
                     let runtime = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()

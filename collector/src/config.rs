@@ -427,11 +427,9 @@ pub(crate) struct OtlpConfig {
     pub(crate) endpoint: String,
     pub(crate) protocol: OtlpProtocol,
     /// Never send a record without tenant identity (project, instance name and namespace):
-    /// hold it up to `identity_wait_seconds`, then drop and count it. Default: on exactly when
-    /// the Kubernetes source runs.
+    /// hold it up to `kubernetes.identity_wait_seconds` (the one identity bound), then drop
+    /// and count it. Default: on exactly when the Kubernetes source runs.
     pub(crate) require_identity: Option<bool>,
-    /// How long a record waits for its instance's identity.
-    pub(crate) identity_wait_seconds: u64,
     /// Most records in one request.
     pub(crate) batch_max_records: usize,
     /// Most bytes (of file lines) in one request.
@@ -456,7 +454,6 @@ impl Default for OtlpConfig {
             endpoint: String::new(),
             protocol: OtlpProtocol::HttpProtobuf,
             require_identity: None,
-            identity_wait_seconds: 30,
             batch_max_records: 1024,
             batch_max_bytes: 1 << 20,
             batch_timeout_ms: 200,

@@ -261,8 +261,8 @@ fn records_without_identity_are_not_sent_and_counted() {
         tag,
         &receiver,
         Some(&fake),
-        "identity_wait_seconds = 1",
         "",
+        "[kubernetes]\nidentity_wait_seconds = 1\n",
         tempfile::tempdir().unwrap(),
     );
     let uuid = new_uuid("otlp-noid");

@@ -349,6 +349,7 @@ impl Stages {
                     .require_identity
                     .unwrap_or(identities.source.is_some()),
                 node: identities.node.clone(),
+                identity_wait: Duration::from_secs(config.kubernetes.identity_wait_seconds),
                 log_dir: config.log_dir.clone(),
             },
             registry.snapshot.clone(),

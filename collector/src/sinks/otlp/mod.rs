@@ -13,7 +13,7 @@
 //!   its lines counted as `outcome="lost"`.
 //! - **Identity.** With `require_identity` a record whose instance has no tenant identity
 //!   (project, instance name and namespace: on the line, else in the registry's snapshot, else
-//!   the last one seen for the instance) is held up to `identity_wait_seconds`, then dropped
+//!   the last one seen for the instance) is held up to `kubernetes.identity_wait_seconds`, then dropped
 //!   and counted (`outcome="no_identity"`), never sent.
 //! - **Delivery** ([`transport`]): batches by signal, by count, bytes and time; one request at
 //!   a time; retries with exponential backoff and jitter on 429, 502, 503, 504, connection
@@ -81,6 +81,8 @@ pub(crate) struct Settings {
     pub(crate) require_identity: bool,
     /// The collector's node name (`k8s.node.name` of instances without identity).
     pub(crate) node: Option<String>,
+    /// How long a record waits for its instance's identity (`kubernetes.identity_wait_seconds`).
+    pub(crate) identity_wait: Duration,
     pub(crate) log_dir: PathBuf,
 }
 
@@ -349,17 +351,15 @@ impl Exporter {
         }
     }
 
-    /// The instance's identity: the snapshot's (its VMM, else its Pod), else the last seen.
+    /// The instance's identity: the snapshot's (its VMM, else its Pod, else its tombstone once
+    /// departed), else the last one seen.
     fn lookup(&mut self, uuid: &str) -> Option<Identity> {
         if let Some(known) = self.looked_up.get(uuid) {
             return known.clone();
         }
         let found = {
             let snapshot = self.snapshot.borrow();
-            snapshot
-                .by_uuid(uuid)
-                .find_map(|i| i.identity.clone())
-                .or_else(|| snapshot.pods.get(uuid).map(|p| p.identity.clone()))
+            snapshot.identity_of(uuid).cloned()
         };
         let identity = match found {
             Some(identity) => {
@@ -375,7 +375,7 @@ impl Exporter {
     /// Held records whose instance now has its identity go to their batch; those held past
     /// the bound are dropped and counted.
     fn release_held(&mut self) {
-        let wait = Duration::from_secs(self.settings.config.identity_wait_seconds);
+        let wait = self.settings.identity_wait;
         let entries: Vec<u64> = self.held.keys().copied().collect();
         for entry in entries {
             let uuid = self.held[&entry]

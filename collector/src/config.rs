@@ -67,6 +67,8 @@ pub(crate) struct Config {
     pub(crate) console: ConsoleConfig,
     /// The Kubernetes identity source and the remote API's access reviews.
     pub(crate) kubernetes: KubernetesConfig,
+    /// Export of console records and lifecycle events to the fleet's log pipeline.
+    pub(crate) export: ExportConfig,
 }
 
 impl Default for Config {
@@ -92,6 +94,7 @@ impl Default for Config {
             events: EventsConfig::default(),
             console: ConsoleConfig::default(),
             kubernetes: KubernetesConfig::default(),
+            export: ExportConfig::default(),
         }
     }
 }
@@ -394,6 +397,75 @@ impl Default for KubernetesConfig {
     }
 }
 
+/// Exporters of records to other systems.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct ExportConfig {
+    /// The OTLP logs exporter (off without an endpoint).
+    pub(crate) otlp: OtlpConfig,
+}
+
+/// The OTLP transport.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub(crate) enum OtlpProtocol {
+    /// OTLP/HTTP, protobuf bodies, `POST <endpoint>/v1/logs`.
+    #[default]
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    /// OTLP/gRPC, `opentelemetry.proto.collector.logs.v1.LogsService/Export`.
+    #[serde(rename = "grpc")]
+    Grpc,
+}
+
+/// `[export.otlp]`: console records and lifecycle events, read back from the per-instance
+/// files, sent as OTLP logs (docs/export.md).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct OtlpConfig {
+    /// The receiver, e.g. `http://127.0.0.1:4318` (`http/protobuf`) or `http://127.0.0.1:4317`
+    /// (`grpc`). Empty: the exporter is off.
+    pub(crate) endpoint: String,
+    pub(crate) protocol: OtlpProtocol,
+    /// Never send a record without tenant identity (project, instance name and namespace):
+    /// hold it up to `kubernetes.identity_wait_seconds` (the one identity bound), then drop
+    /// and count it. Default: on exactly when the Kubernetes source runs.
+    pub(crate) require_identity: Option<bool>,
+    /// Most records in one request.
+    pub(crate) batch_max_records: usize,
+    /// Most bytes (of file lines) in one request.
+    pub(crate) batch_max_bytes: usize,
+    /// Longest a record waits for its batch to fill.
+    pub(crate) batch_timeout_ms: u64,
+    /// Bytes read from the files and not yet acknowledged by the receiver; past it, reading
+    /// pauses (the files keep the data).
+    pub(crate) queue_max_bytes: usize,
+    /// Timeout of one request.
+    pub(crate) request_timeout_ms: u64,
+    /// First retry delay (doubled each retry, with jitter) and its cap.
+    pub(crate) retry_initial_ms: u64,
+    pub(crate) retry_max_ms: u64,
+    /// How often the files are checked for new lines.
+    pub(crate) poll_ms: u64,
+}
+
+impl Default for OtlpConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            protocol: OtlpProtocol::HttpProtobuf,
+            require_identity: None,
+            batch_max_records: 1024,
+            batch_max_bytes: 1 << 20,
+            batch_timeout_ms: 200,
+            queue_max_bytes: 64 << 20,
+            request_timeout_ms: 10_000,
+            retry_initial_ms: 250,
+            retry_max_ms: 30_000,
+            poll_ms: 200,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ConfigError {
     #[error("config {path}")]
@@ -563,6 +635,35 @@ impl Config {
         if k.auth_cache_entries == 0 {
             return Err("kubernetes.auth_cache_entries must be at least 1".into());
         }
+        let o = &self.export.otlp;
+        if !o.endpoint.is_empty() {
+            let ok = o
+                .endpoint
+                .strip_prefix("http://")
+                .is_some_and(|rest| !rest.is_empty() && !rest.contains(['?', '#']));
+            if !ok {
+                return Err(format!(
+                    "export.otlp.endpoint = {:?}: must be http://HOST:PORT[/PATH] (TLS is not \
+                     supported: the node collector listens on localhost)",
+                    o.endpoint
+                ));
+            }
+        }
+        if o.batch_max_records == 0
+            || o.batch_max_bytes == 0
+            || o.queue_max_bytes < o.batch_max_bytes
+            || o.request_timeout_ms == 0
+            || o.poll_ms == 0
+            || o.retry_initial_ms == 0
+            || o.retry_max_ms < o.retry_initial_ms
+        {
+            return Err(
+                "export.otlp: batch_max_records, batch_max_bytes, request_timeout_ms, poll_ms \
+                 and retry_initial_ms must be at least 1, queue_max_bytes at least \
+                 batch_max_bytes, retry_max_ms at least retry_initial_ms"
+                    .into(),
+            );
+        }
         for name in &self.disable_builtin_matchers {
             if !["firecracker", "qemu", "cloud-hypervisor"].contains(&name.as_str()) {
                 return Err(format!(
@@ -713,6 +814,7 @@ vcpu_thread = '^crosvm_vcpu(\d+)$'
         full.api_listen = Some("0.0.0.0:9480".parse().unwrap());
         full.api_tls_cert_file = Some("/c".into());
         full.api_tls_key_file = Some("/k".into());
+        full.export.otlp.require_identity = Some(true);
         let mut code_keys = Vec::new();
         key_paths(&toml::Value::try_from(&full).unwrap(), "", &mut code_keys);
         let missing: Vec<&String> = code_keys

@@ -558,6 +558,7 @@ pub fn sample(exposition: &str, series: &str) -> Option<f64> {
 // ---------------------------------------------------------------------------------------------
 
 pub mod kube_api;
+pub mod otlp_receiver;
 pub mod qemu_guest;
 pub mod servers;
 

@@ -98,6 +98,7 @@ fn an_ended_pipeline_makes_the_collector_unhealthy() {
         "events_files",
         "console_files",
         "state_file",
+        "otlp_export",
     ] {
         let series = format!("collector_pipeline_up{{pipeline=\"{pipeline}\"}}");
         assert_eq!(sample(&metrics, &series), Some(1.0), "{series}");

@@ -34,6 +34,8 @@ pub(crate) struct Health {
     pub(crate) api_reviews: CounterVec,
     /// The capabilities and mounts the collector checked at start, and which are missing.
     pub(crate) privileges: Arc<Vec<PrivilegeState>>,
+    /// The OTLP exporter's counters.
+    pub(crate) export: super::export_stats::ExportStats,
 }
 
 /// A capability or mount the collector needs, and whether it has it.
@@ -117,16 +119,19 @@ pub(crate) enum Pipeline {
     ConsoleFiles,
     /// The writer of the restart state file.
     StateFile,
+    /// The OTLP exporter (`[export.otlp]`; up, and idle, when it is off).
+    OtlpExport,
 }
 
 impl Pipeline {
-    pub(crate) const ALL: [Self; 6] = [
+    pub(crate) const ALL: [Self; 7] = [
         Self::Discovery,
         Self::Console,
         Self::Registry,
         Self::EventsFiles,
         Self::ConsoleFiles,
         Self::StateFile,
+        Self::OtlpExport,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -137,6 +142,7 @@ impl Pipeline {
             Self::EventsFiles => "events_files",
             Self::ConsoleFiles => "console_files",
             Self::StateFile => "state_file",
+            Self::OtlpExport => "otlp_export",
         }
     }
 

@@ -4,6 +4,7 @@
 
 pub(crate) mod console;
 pub(crate) mod console_stats;
+pub(crate) mod export_stats;
 pub(crate) mod health;
 pub(crate) mod identity;
 pub(crate) mod instance;

@@ -20,8 +20,10 @@
 //!    queued to the console files;
 //! 2. drain the registry: the updates already sent are applied, their events handed on;
 //! 3. write the events files: the event writer empties its queue;
-//! 4. write the restart state, once more;
-//! 5. detach the programs.
+//! 4. stop the OTLP exporter (an export in flight is abandoned: it is sent again after the
+//!    restart) and write its checkpoints;
+//! 5. write the restart state, once more;
+//! 6. detach the programs.
 
 mod http;
 pub(crate) mod logging;
@@ -61,6 +63,7 @@ use crate::{
     sinks::{
         console_logs::{LogFiles, history::ConsoleHistory, naming::IdentityWait},
         events::{EventSink, EventStore},
+        otlp::{self, OtlpExporter},
         prometheus::{Exposition, KernelMetrics, resident::ResidentMemory},
         state::StateSink,
     },
@@ -131,7 +134,7 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
     // mistake to report before the kernel side loads.
     let (identity_tx, identity_rx) = mpsc::channel(IDENTITY_QUEUE);
     let node = kubernetes::node_name(overrides.node_name);
-    let kube = kubernetes::configure(&config.kubernetes, node, Vec::new(), identity_tx)
+    let kube = kubernetes::configure(&config.kubernetes, node.clone(), Vec::new(), identity_tx)
         .await
         .context("kubernetes identity source")?;
     // The remote API's settings (its Kubernetes client, node, TLS files) likewise.
@@ -179,6 +182,7 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
         Identities {
             source: kube,
             updates: identity_rx,
+            node,
         },
     )?;
     if let Some(pipeline) = end_on_purpose {
@@ -212,6 +216,8 @@ pub(crate) async fn run(mut config: Config, overrides: Overrides) -> anyhow::Res
 struct Identities {
     source: Option<KubernetesSource>,
     updates: mpsc::Receiver<IdentityUpdate>,
+    /// This node's name, if known.
+    node: Option<String>,
 }
 
 /// The running stages and what shutdown needs of them.
@@ -228,6 +234,8 @@ struct Stages {
     /// discovery, its one sender, stops early: the other pipelines keep running then).
     registry_updates: mpsc::Sender<InstanceUpdate>,
     event_writer: JoinHandle<()>,
+    /// The OTLP exporter, when an endpoint is configured.
+    exporter: Option<OtlpExporter>,
     /// Cancelled for the state file's last write.
     state_done: CancellationToken,
     state_writer: JoinHandle<()>,
@@ -330,6 +338,25 @@ impl Stages {
             console_stats.clone(),
             pipelines.guard(Pipeline::ConsoleFiles),
         )?;
+        // The OTLP exporter reads the files the sinks above write; a record without identity
+        // is held back by default exactly when the Kubernetes source runs.
+        let exporter = OtlpExporter::start(
+            otlp::Settings {
+                config: config.export.otlp.clone(),
+                require_identity: config
+                    .export
+                    .otlp
+                    .require_identity
+                    .unwrap_or(identities.source.is_some()),
+                node: identities.node.clone(),
+                identity_wait: Duration::from_secs(config.kubernetes.identity_wait_seconds),
+                log_dir: config.log_dir.clone(),
+            },
+            registry.snapshot.clone(),
+            health.export.clone(),
+            &pipelines,
+        )
+        .context("OTLP exporter")?;
         let mut readiness = Readiness::new(kernel.probes.clone());
         if identities.source.is_some() {
             readiness.wait_for_identities();
@@ -439,6 +466,7 @@ impl Stages {
             registry: registry_task,
             registry_updates: registry.updates,
             event_writer,
+            exporter,
             state_done,
             state_writer: state.writer,
             programs: kernel.programs,
@@ -453,7 +481,7 @@ impl Stages {
             Pipeline::Console => self.console.clone(),
             Pipeline::Registry => self.registry.abort_handle(),
             Pipeline::StateFile => self.state_writer.abort_handle(),
-            Pipeline::EventsFiles | Pipeline::ConsoleFiles => return,
+            Pipeline::EventsFiles | Pipeline::ConsoleFiles | Pipeline::OtlpExport => return,
         };
         let readiness = self.api.readiness.clone();
         tokio::spawn(async move {
@@ -483,10 +511,15 @@ impl Stages {
         bounded("registry", self.registry, deadline).await;
         // 3. Write the events files (the writer ends once the registry dropped the sink).
         bounded("events files", self.event_writer, deadline).await;
-        // 4. The restart state, with everything above in it.
+        // 4. The OTLP exporter's checkpoints.
+        if let Some(exporter) = self.exporter {
+            let left = deadline.saturating_duration_since(Instant::now());
+            exporter.stop(left.min(Duration::from_secs(2))).await;
+        }
+        // 5. The restart state, with everything above in it.
         self.state_done.cancel();
         bounded("state file", self.state_writer, deadline).await;
-        // 5. Detach the programs.
+        // 6. Detach the programs.
         self.programs.detach();
         bounded("program statistics", self.program_stats, deadline).await;
     }
@@ -520,8 +553,12 @@ fn test_hook() -> anyhow::Result<Option<Pipeline>> {
         return Ok(None);
     };
     let value = value.to_string_lossy();
-    let pipeline = Pipeline::from_name(&value)
-        .filter(|p| !matches!(p, Pipeline::EventsFiles | Pipeline::ConsoleFiles));
+    let pipeline = Pipeline::from_name(&value).filter(|p| {
+        !matches!(
+            p,
+            Pipeline::EventsFiles | Pipeline::ConsoleFiles | Pipeline::OtlpExport
+        )
+    });
     let Some(pipeline) = pipeline else {
         anyhow::bail!(
             "{TEST_END_PIPELINE}={value:?}: not a pipeline the test hook can end \

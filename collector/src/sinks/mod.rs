@@ -3,5 +3,6 @@
 
 pub(crate) mod console_logs;
 pub(crate) mod events;
+pub(crate) mod otlp;
 pub(crate) mod prometheus;
 pub(crate) mod state;

@@ -6,6 +6,7 @@
 mod console;
 mod empty_programs;
 mod memory;
+mod otlp;
 mod overhead;
 mod sched;
 
@@ -34,6 +35,9 @@ pub(crate) enum Bench {
     /// `perf bench syscall basic` and hackbench, with nothing attached, the collector, empty
     /// programs on its hooks and a bpftrace script, with 32 stand-in instances running.
     Overhead(overhead::Options),
+    /// OTLP export: throughput and collector CPU per MB exported over OTLP/HTTP on loopback,
+    /// from console files of stand-in instances to a sink that keeps up.
+    Otlp(otlp::Args),
 }
 
 pub(crate) fn bench(bench: Bench) -> anyhow::Result<()> {
@@ -42,6 +46,7 @@ pub(crate) fn bench(bench: Bench) -> anyhow::Result<()> {
         Bench::Console(args) => console::run(&args),
         Bench::Memory(args) => memory::run(&args),
         Bench::Overhead(options) => overhead::run(&options),
+        Bench::Otlp(args) => otlp::run(&args),
     }
 }
 

@@ -108,4 +108,5 @@ pub(crate) fn write(w: &mut dyn MetricWriter, health: &Health) {
         &["ring", "reason"],
         &health.decode_errors,
     );
+    health.export.write(w);
 }

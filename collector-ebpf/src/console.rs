@@ -669,7 +669,12 @@ fn send_class<const N: usize>(
         return false;
     };
     let record = entry.as_mut_ptr();
-    // Bounded again where the verifier sees it: at most the class.
+    // Bounded again where the verifier sees it: at most the class. `want <= N` is known to
+    // LLVM from the class choice, so without the barrier it drops this clamp and passes the
+    // length as it was spilled before that choice (compared there through another register,
+    // `total`). Verifiers from 5.11 carry that comparison over to the spilled copy; 5.10's does
+    // not, sees up to CONSOLE_MAX_WRITE bytes into a smaller class, and refuses the program.
+    let want = opaque(want);
     let len = if want > N as u64 { N as u64 } else { want };
     stamp(header, proc);
     // SAFETY: `record` is an exclusive reservation of size_of::<Record<N>>() bytes; the copy
@@ -686,6 +691,16 @@ fn send_class<const N: usize>(
     }
     entry.submit(0);
     true
+}
+
+/// `value`, unknown to LLVM afterwards (an empty `asm!` that may change its register): a
+/// bound checked on the result stays in the code, on the register that carries it on, so the
+/// verifier sees the check on the value it is about to pass. No instruction of its own.
+#[inline(always)]
+fn opaque(mut value: u64) -> u64 {
+    // SAFETY: an empty instruction sequence; it reads and writes only `value`'s register.
+    unsafe { core::arch::asm!("/* {0} */", inout(reg) value, options(nomem, nostack, preserves_flags)) };
+    value
 }
 
 /// Sends the first `want` bytes of a `writev`'s iovecs, assembled in this CPU's scratch record.

@@ -132,7 +132,7 @@ pub(crate) static CONSOLE_LIMITS: ConsoleLimits = ConsoleLimits {
 };
 
 /// One record under construction per CPU (indexed by CPU number; userspace sizes it), for a
-/// `writev` (and the path compared at `open`). A `write` is copied straight into its ring
+/// `writev` (and the path compared at `open`, and a new process's console state). A `write` is copied straight into its ring
 /// reservation ([`send_write`]); a `writev` is assembled here and copied to the ring with
 /// `bpf_ringbuf_output`, because its iovecs land at offsets the verifier cannot bound inside a
 /// reservation of the write's own size class. Twice the largest write: the verifier then
@@ -148,6 +148,8 @@ const PATH_LEN: usize = 4096;
 struct Scratch {
     header: ConsoleRecordHeader,
     data: [u8; SCRATCH_DATA],
+    /// The value a new [`CONSOLE_PROCS`] entry is inserted from ([`console_proc`]).
+    proc: ConsoleProc,
 }
 
 /// What kind of syscall a number is, for this module.
@@ -309,15 +311,23 @@ fn console_proc(tgid: u32, start: u64) -> Option<*mut ConsoleProc> {
             return Some(proc);
         }
     }
-    // New, or left by an earlier process with this pid (replaced).
-    let fresh = ConsoleProc {
-        start_boot_ns: start,
-        tokens: read_offset64(&CONSOLE_LIMITS.burst_bytes),
-        // SAFETY: plain helper call.
-        refilled_ns: unsafe { bpf_ktime_get_boot_ns() },
-        ..ConsoleProc::default()
+    // New, or left by an earlier process with this pid (replaced). Built in this CPU's scratch
+    // record, not on the stack: the programs' 512 bytes of stack are shared with the functions
+    // they call (`capture`), and a `ConsoleProc` on the stack of both took a write's path over
+    // that on kernels before 6.13 (which give tracing programs a private stack).
+    let scratch = scratch()?;
+    // SAFETY: this CPU's slot (see `send_writev`); `proc` is its own field, used only here.
+    let fresh = unsafe {
+        let fresh = &raw mut (*scratch).proc;
+        fresh.write(ConsoleProc {
+            start_boot_ns: start,
+            tokens: read_offset64(&CONSOLE_LIMITS.burst_bytes),
+            refilled_ns: bpf_ktime_get_boot_ns(),
+            ..ConsoleProc::default()
+        });
+        &*fresh
     };
-    if CONSOLE_PROCS.insert(&tgid, &fresh, 0).is_err() {
+    if CONSOLE_PROCS.insert(&tgid, fresh, 0).is_err() {
         count_drop(drop_kind::CONSOLE_PROC_MAP_FULL);
         return None;
     }
@@ -669,7 +679,12 @@ fn send_class<const N: usize>(
         return false;
     };
     let record = entry.as_mut_ptr();
-    // Bounded again where the verifier sees it: at most the class.
+    // Bounded again where the verifier sees it: at most the class. `want <= N` is known to
+    // LLVM from the class choice, so without the barrier it drops this clamp and passes the
+    // length as it was spilled before that choice (compared there through another register,
+    // `total`). Verifiers from 5.11 carry that comparison over to the spilled copy; 5.10's does
+    // not, sees up to CONSOLE_MAX_WRITE bytes into a smaller class, and refuses the program.
+    let want = opaque(want);
     let len = if want > N as u64 { N as u64 } else { want };
     stamp(header, proc);
     // SAFETY: `record` is an exclusive reservation of size_of::<Record<N>>() bytes; the copy
@@ -686,6 +701,18 @@ fn send_class<const N: usize>(
     }
     entry.submit(0);
     true
+}
+
+/// `value`, unknown to LLVM afterwards (an `asm!` move of its register onto itself): a bound
+/// checked on the result stays in the code, on the register that carries it on, so the
+/// verifier sees the check on the value it is about to pass. One instruction: an empty `asm!`
+/// would do for LLVM, but its line-info entry would share the next instruction's offset, which
+/// the kernel refuses ("Invalid line_info[..].insn_off").
+#[inline(always)]
+fn opaque(mut value: u64) -> u64 {
+    // SAFETY: `rN = rN`: reads and writes only `value`'s register.
+    unsafe { core::arch::asm!("{0} = {0}", inout(reg) value, options(nomem, nostack)) };
+    value
 }
 
 /// Sends the first `want` bytes of a `writev`'s iovecs, assembled in this CPU's scratch record.

@@ -233,17 +233,11 @@ fn idle_instance_has_only_its_start_up_samples() {
          {preempted} preemptions), {after} one second later"
     );
     assert_eq!(tids.len(), 2, "vCPU threads");
-    // Not inside the matrix's emulated guests (COLLECTOR_TEST_TIME_SCALE > 1) for now: there the
-    // start-up count has exceeded this bound on 5.10, 6.1 and 6.12 (19 samples against 2
-    // creations, 3 voluntary switches and 4 preemptions on 6.1), which is not explained yet.
-    // The idle check below holds there too.
-    if collector_tests::time_scale() <= 1.0 {
-        assert!(
-            before <= bound as f64,
-            "2 parked vCPU threads, {voluntary} voluntary switches, preempted {preempted} \
-             times: {before} samples"
-        );
-    }
+    assert!(
+        before <= bound as f64,
+        "2 parked vCPU threads, {voluntary} voluntary switches, preempted {preempted} times: \
+         {before} samples"
+    );
     assert_eq!(after, before, "samples while idle");
 }
 

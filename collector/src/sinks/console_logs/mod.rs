@@ -3,9 +3,9 @@
 //!
 //! - Written by a thread of its own, fed through a queue bounded in bytes (a quarter of
 //!   `console.memory_max_bytes`) and in lines (`console.queue_lines`), of which one instance may
-//!   hold at most an eighth: when the disk is slow or full, or a guest floods, lines are dropped
-//!   and counted (`where="queue"`), the flooding instance's first; the console source never
-//!   waits for the disk.
+//!   hold at most an eighth once it is half full: when the disk is slow or full, or a guest
+//!   floods, lines are dropped and counted (`where="queue"`), the flooding instance's first;
+//!   the console source never waits for the disk.
 //! - Rotated by size (`console.log.1` ... `.N`), so an instance holds at most
 //!   `file_max_bytes * (file_rotations + 1)`. All instances together stay under
 //!   `disk_max_bytes`: the oldest rotated files, and the files of instances that are gone, are
@@ -88,13 +88,34 @@ impl Queued {
     }
 }
 
+/// The file queue's bounds, and one instance's share of them.
+#[derive(Debug, Clone, Copy)]
+struct QueueBounds {
+    lines: usize,
+    bytes: usize,
+}
+
+impl QueueBounds {
+    /// Whether a record of `size` bytes of instance `uuid` may join the queue.
+    fn admits(self, queued: &Queued, uuid: &str, size: usize, is_gap: bool) -> bool {
+        if queued.lines >= self.lines || queued.bytes + size > self.bytes {
+            return false;
+        }
+        let contended = queued.lines >= self.lines / 2 || queued.bytes + size > self.bytes / 2;
+        if is_gap || !contended {
+            return true;
+        }
+        let (held_bytes, held_lines) = queued.per_instance.get(uuid).copied().unwrap_or((0, 0));
+        held_bytes + size <= self.bytes / 8 && held_lines < (self.lines / 8).max(1)
+    }
+}
+
 /// The sending side: a console subscriber.
 pub(crate) struct LogFiles {
     tx: mpsc::Sender<Message>,
     thread: std::thread::JoinHandle<()>,
     queued: Arc<Mutex<Queued>>,
-    max_lines: usize,
-    max_bytes: usize,
+    bounds: QueueBounds,
     stats: ConsoleStats,
 }
 
@@ -163,35 +184,33 @@ impl LogFiles {
             tx,
             thread,
             queued,
-            max_lines: config.queue_lines,
-            max_bytes: config.queue_bytes(),
+            bounds: QueueBounds {
+                lines: config.queue_lines,
+                bytes: config.queue_bytes(),
+            },
             stats,
         })
     }
 
-    /// Queues lines for the files; never blocks. A line over the queue's bounds (or over its
-    /// instance's share, an eighth of the bytes and of the lines) is dropped and counted.
+    /// Queues lines for the files; never blocks. A line over the queue's bounds is dropped and
+    /// counted; so is one over its instance's share (an eighth of the bytes and of the lines)
+    /// once the queue is half full. One instance's burst may use the queue while it is calm (a
+    /// burst drained at shutdown, a VMM's boot log), and a flood still leaves its neighbours
+    /// at least half of it.
     pub(crate) fn send(&self, batch: Vec<Arc<LogRecord>>) {
         if batch.is_empty() {
             return;
         }
-        let (share_bytes, share_lines) = (self.max_bytes / 8, self.max_lines / 8);
         let mut admitted = Vec::with_capacity(batch.len());
         let mut queued = self.queued.lock().expect("queue lock");
         for record in batch {
             let size = record.size();
-            let (held_bytes, held_lines) = queued
-                .per_instance
-                .get(&record.instance_uuid)
-                .copied()
-                .unwrap_or((0, 0));
             // A gap record is the mark of a loss: only the queue's own bounds refuse it, never
             // its instance's share (a flooding instance's marks are what its readers need).
             let is_gap = matches!(record.end, LineEnd::Gap(_));
-            let over_share = held_bytes + size > share_bytes || held_lines >= share_lines.max(1);
-            if queued.lines >= self.max_lines
-                || queued.bytes + size > self.max_bytes
-                || (over_share && !is_gap)
+            if !self
+                .bounds
+                .admits(&queued, &record.instance_uuid, size, is_gap)
             {
                 self.stats.dropped(
                     &record.instance_uuid,
@@ -415,6 +434,43 @@ mod tests {
 
     fn record(uuid: &str, seq: u64, message: &str) -> Arc<LogRecord> {
         LogRecord::test_line(uuid, Stream::Console, seq, message)
+    }
+
+    /// The queue's books after `lines` records of `size` bytes of `uuid`.
+    fn holding(queued: &mut Queued, uuid: &str, lines: usize, size: usize) {
+        queued.lines += lines;
+        queued.bytes += lines * size;
+        let held = queued.per_instance.entry(uuid.into()).or_default();
+        held.0 += lines * size;
+        held.1 += lines;
+    }
+
+    #[test]
+    fn the_share_binds_only_once_the_queue_is_half_full() {
+        let bounds = QueueBounds {
+            lines: 800,
+            bytes: 1 << 20,
+        };
+        let mut queued = Queued::default();
+        // Alone, a burst of one instance takes the queue up to half, past its eighth.
+        holding(&mut queued, "burst", 399, 100);
+        assert!(bounds.admits(&queued, "burst", 100, false));
+        holding(&mut queued, "burst", 1, 100);
+        // Half full: over its share it is refused (its gap marks are not); a neighbour within
+        // its share is still taken, up to the share.
+        assert!(!bounds.admits(&queued, "burst", 100, false));
+        assert!(bounds.admits(&queued, "burst", 100, true));
+        assert!(bounds.admits(&queued, "quiet", 100, false));
+        holding(&mut queued, "quiet", 100, 100);
+        assert!(!bounds.admits(&queued, "quiet", 100, false));
+        // Full: nothing more, not even a gap mark.
+        holding(&mut queued, "others", 300, 100);
+        assert!(!bounds.admits(&queued, "fresh", 100, true));
+        // Half full in bytes counts as contended too.
+        let mut big = Queued::default();
+        holding(&mut big, "burst", 10, 1 << 16);
+        assert!(!bounds.admits(&big, "burst", 1 << 16, false));
+        assert!(bounds.admits(&big, "quiet", 1 << 16, false));
     }
 
     fn guard() -> PipelineGuard {

@@ -196,7 +196,7 @@ fn every_line_with_identity(tag: &str, receiver: &OtlpReceiver) {
     );
     // Ready means the Pods were listed: the identity is known before the VMM starts.
     let n = 200;
-    let _vmm = vmm(tag, &uuid, &[("STANDIN_LINES", &n.to_string())]);
+    let mut vmm = vmm(tag, &uuid, &[("STANDIN_LINES", &n.to_string())]);
     let records = wait_lines(receiver, &collector, &uuid, n);
     assert_eq!(bodies(&records, "stdout"), numbered("stdout", n as u32));
     assert_eq!(bodies(&records, "stderr"), numbered("stderr", n as u32));
@@ -233,6 +233,31 @@ fn every_line_with_identity(tag: &str, receiver: &OtlpReceiver) {
         assert_eq!(e.attr_str("event.name"), Some(e.event_name.as_str()));
         assert!(e.attr("compute.instance.event.reason").is_some());
     }
+    // The rest of the instance's life: the VMM stops, then its Pod goes. Every event of it
+    // arrives once, in the order it happened.
+    vmm.signal(libc::SIGTERM);
+    vmm.wait();
+    fake.delete_pod("ns-a", "web-0");
+    let lifecycle = [
+        "compute.instance.create",
+        "compute.instance.start",
+        "compute.instance.stop",
+        "compute.instance.terminate",
+    ];
+    let events = wait_for(WITHIN, || {
+        let events = of_instance(receiver, &uuid).1;
+        events
+            .iter()
+            .any(|e| e.event_name == "compute.instance.terminate")
+            .then_some(events)
+    })
+    .unwrap_or_else(|| panic!("no terminate of {uuid}:\n{}", collector.stderr()));
+    // Time order, which the exporter keeps (one file, read in order): what the receiver got,
+    // as it got it, is the life once.
+    let names: Vec<&str> = events.iter().map(|e| e.event_name.as_str()).collect();
+    assert_eq!(names, lifecycle, "events of {uuid} as received");
+    let times: Vec<u64> = events.iter().map(|e| e.time_unix_nano).collect();
+    assert!(times.is_sorted(), "event times {times:?}");
     assert_eq!(exported(&collector, "console", "no_identity"), 0.0);
     assert_eq!(
         collector.metric("collector_pipeline_up{pipeline=\"otlp_export\"}"),

@@ -76,7 +76,24 @@ pub mod names {
         /// Console capture's fallback on the raw syscall tracepoints.
         pub const CONSOLE_SYS_ENTER: &str = "console_sys_enter";
         pub const CONSOLE_SYS_EXIT: &str = "console_sys_exit";
-        /// Every program of the object.
+        /// Console capture on the syscall handlers (`fexit`), one program per followed
+        /// syscall: `console_fexit_<syscall>`.
+        pub const CONSOLE_FEXIT: &[&str] = &[
+            "console_fexit_write",
+            "console_fexit_pwrite64",
+            "console_fexit_writev",
+            "console_fexit_pwritev",
+            "console_fexit_pwritev2",
+            "console_fexit_open",
+            "console_fexit_creat",
+            "console_fexit_openat",
+            "console_fexit_close",
+            "console_fexit_dup",
+            "console_fexit_dup2",
+            "console_fexit_dup3",
+            "console_fexit_fcntl",
+        ];
+        /// Every program of the object but [`CONSOLE_FEXIT`].
         pub const ALL: &[&str] = &[
             SCHED_PROCESS_EXEC,
             SCHED_PROCESS_EXIT,

@@ -39,9 +39,9 @@ use aya_ebpf::{
             bpf_probe_read_user_str, bpf_ringbuf_output,
         },
     },
-    macros::{btf_tracepoint, map, tracepoint},
+    macros::{btf_tracepoint, fexit, map, tracepoint},
     maps::{Array, HashMap, RingBuf},
-    programs::{BtfTracePointContext, TracePointContext},
+    programs::{BtfTracePointContext, FExitContext, TracePointContext},
 };
 use collector_common::{
     CONSOLE_MAX_IOVECS, CONSOLE_MAX_RULES, CONSOLE_MAX_WRITE, CONSOLE_RECORD_OVERHEAD,
@@ -458,17 +458,50 @@ pub(crate) fn console_sys_exit(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// Syscall `nr` enters; `arg(i)` reads its argument `i` (0 to 2). Cheap for an untracked
-/// process: a comparison of the number (against a dozen constants) and one hash lookup.
+/// Syscall `nr` enters; `arg(i)` reads its argument `i` (0 to 2): what it needs at exit is
+/// stashed per thread. Cheap for an untracked process: a comparison of the number (against a
+/// dozen constants) and one hash lookup.
 #[inline(always)]
 fn on_enter(nr: i64, arg: impl Fn(usize) -> Result<u64, i64>) -> Result<(), i64> {
     let Some(kind) = classify(nr, &SYSCALLS.load()) else {
         return Ok(());
     };
     let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(pending) = begin(nr, kind, pid_tgid, arg)? else {
+        return Ok(());
+    };
+    if CONSOLE_PENDING.insert(&pid_tgid, &pending, 0).is_err() {
+        let tgid = (pid_tgid >> 32) as u32;
+        if pending.kind == kind::WRITE || pending.kind == kind::WRITEV {
+            // Lost before it happened: counted at the bytes asked for.
+            let bytes = if pending.kind == kind::WRITE {
+                pending.count
+            } else {
+                iovec_bytes(pending.arg, pending.count)
+            };
+            if let Some(proc) = console_proc(tgid, pending.start_boot_ns) {
+                lose(proc, pending.stream, console_loss::PENDING_FULL, bytes);
+            }
+        } else {
+            count_drop(drop_kind::CONSOLE_PENDING_FULL);
+        }
+    }
+    Ok(())
+}
+
+/// What syscall `nr` (of [`kind`] `kind`) of thread `pid_tgid` needs done when it returns, if
+/// anything: a write to a console, an open, a dup. (A close forgets its descriptor here: Linux
+/// frees it whatever close returns.)
+#[inline(always)]
+fn begin(
+    nr: i64,
+    kind: u32,
+    pid_tgid: u64,
+    arg: impl Fn(usize) -> Result<u64, i64>,
+) -> Result<Option<Pending>, i64> {
     let tgid = (pid_tgid >> 32) as u32;
     let Some(tracked) = TRACKED_PROCESSES.get_ptr(&tgid) else {
-        return Ok(());
+        return Ok(None);
     };
     // SAFETY: pointer from a successful lookup.
     let (matcher_id, start) = unsafe { ((*tracked).matcher_id, (*tracked).start_boot_ns) };
@@ -489,7 +522,7 @@ fn on_enter(nr: i64, arg: impl Fn(usize) -> Result<u64, i64>) -> Result<(), i64>
         kind::WRITE | kind::WRITEV => {
             pending.stream = stream_of(tgid, fd, start);
             if pending.stream == console_stream::NONE {
-                return Ok(());
+                return Ok(None);
             }
             pending.arg = arg(1)?;
             pending.count = arg(2)?;
@@ -497,34 +530,18 @@ fn on_enter(nr: i64, arg: impl Fn(usize) -> Result<u64, i64>) -> Result<(), i64>
         kind::OPEN_ARG0 => pending.arg = arg0,
         kind::OPEN_ARG1 => pending.arg = arg(1)?,
         kind::CLOSE => {
-            // Linux frees the descriptor whatever close returns: forget it now.
             set_stream(tgid, fd, console_stream::NONE, start);
-            return Ok(());
+            return Ok(None);
         }
         kind::FCNTL => {
             let cmd = arg(1)?;
             if cmd != F_DUPFD && cmd != F_DUPFD_CLOEXEC {
-                return Ok(());
+                return Ok(None);
             }
         }
         _ => {}
     }
-    if CONSOLE_PENDING.insert(&pid_tgid, &pending, 0).is_err() {
-        if pending.kind == kind::WRITE || pending.kind == kind::WRITEV {
-            // Lost before it happened: counted at the bytes asked for.
-            let bytes = if pending.kind == kind::WRITE {
-                pending.count
-            } else {
-                iovec_bytes(pending.arg, pending.count)
-            };
-            if let Some(proc) = console_proc(tgid, start) {
-                lose(proc, pending.stream, console_loss::PENDING_FULL, bytes);
-            }
-        } else {
-            count_drop(drop_kind::CONSOLE_PENDING_FULL);
-        }
-    }
-    Ok(())
+    Ok(Some(pending))
 }
 
 /// Bytes the iovecs of a `writev` ask to write (the first [`CONSOLE_MAX_IOVECS`] of them).
@@ -557,14 +574,25 @@ fn on_exit(nr: i64, ret: i64) -> Result<(), i64> {
     // SAFETY: pointer from a successful lookup; copied before the entry is removed.
     let pending = unsafe { *pending };
     let _ = CONSOLE_PENDING.remove(&pid_tgid);
-    if i64::from(pending.nr) != nr || ret < 0 {
+    if i64::from(pending.nr) != nr {
         return Ok(());
+    }
+    complete(pid_tgid, &pending, ret);
+    Ok(())
+}
+
+/// The syscall `pending` describes returned `ret`: send what a write accepted, give an opened
+/// or duplicated descriptor its role.
+#[inline(always)]
+fn complete(pid_tgid: u64, pending: &Pending, ret: i64) {
+    if ret < 0 {
+        return;
     }
     let tgid = (pid_tgid >> 32) as u32;
     match pending.kind {
-        kind::WRITE | kind::WRITEV if ret > 0 => capture(tgid, &pending, ret as u64),
+        kind::WRITE | kind::WRITEV if ret > 0 => capture(tgid, pending, ret as u64),
         kind::OPEN_ARG0 | kind::OPEN_ARG1 => {
-            let stream = if opened_console(&pending) {
+            let stream = if opened_console(pending) {
                 console_stream::CONSOLE
             } else {
                 console_stream::NONE
@@ -577,7 +605,56 @@ fn on_exit(nr: i64, ret: i64) -> Result<(), i64> {
         }
         _ => {}
     }
-    Ok(())
+}
+
+/// `fexit` on a syscall's handler, `long __<arch>_sys_<name>(const struct pt_regs *regs)`,
+/// where the kernel allows it: one program sees the arguments (in `regs`, as the task entered)
+/// and the return value at once, so nothing is stashed per thread, and attaching puts no task
+/// on the syscall-tracing slow path (only the handler's own calls pass through its
+/// trampoline). `nr` is the syscall's number on this architecture; `kind` is a constant of each
+/// program, so each one holds only its own syscall's path (and the verifier walks only that).
+#[inline(always)]
+fn on_fexit(ctx: &FExitContext, nr: u32, kind: u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !may_be_tracked((pid_tgid >> 32) as u32) || nr == SYSCALL_NONE {
+        return;
+    }
+    let regs: *const u8 = ctx.arg(0);
+    // The return value follows the handler's one argument.
+    let ret: i64 = ctx.arg(1);
+    let read = |i| read_at::<u64>(regs, syscall_arg_offset(i));
+    if let Ok(Some(pending)) = begin(i64::from(nr), kind, pid_tgid, read) {
+        complete(pid_tgid, &pending, ret);
+    }
+}
+
+/// One `fexit` program per followed syscall (userspace loads each on its handler, named by
+/// the program's suffix: `console_fexit_write` on `__x64_sys_write`).
+macro_rules! fexit_programs {
+    ($($program:ident => $syscall:ident: $kind:ident),* $(,)?) => {$(
+        #[fexit]
+        pub(crate) fn $program(ctx: FExitContext) -> i32 {
+            on_fexit(&ctx, SYSCALLS.load().$syscall, kind::$kind);
+            0
+        }
+    )*};
+}
+
+// The kinds are those `classify` gives each syscall's number.
+fexit_programs! {
+    console_fexit_write => write: WRITE,
+    console_fexit_pwrite64 => pwrite64: WRITE,
+    console_fexit_writev => writev: WRITEV,
+    console_fexit_pwritev => pwritev: WRITEV,
+    console_fexit_pwritev2 => pwritev2: WRITEV,
+    console_fexit_open => open: OPEN_ARG0,
+    console_fexit_creat => creat: OPEN_ARG0,
+    console_fexit_openat => openat: OPEN_ARG1,
+    console_fexit_close => close: CLOSE,
+    console_fexit_dup => dup: DUP,
+    console_fexit_dup2 => dup2: DUP,
+    console_fexit_dup3 => dup3: DUP,
+    console_fexit_fcntl => fcntl: FCNTL,
 }
 
 fn scratch() -> Option<*mut Scratch> {

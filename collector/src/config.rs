@@ -208,9 +208,10 @@ pub(crate) struct KernelConfig {
     /// each hold one). A write that finds it full is lost, counted (`where="evicted"`) and
     /// marked with a gap record.
     pub(crate) console_pending_entries: u32,
-    /// How console capture hooks syscalls: `auto` (the per-syscall tracepoints when the kernel
-    /// has them, else the raw syscall tracepoints) or `raw_syscalls` (always the raw ones; for
-    /// testing the fallback).
+    /// How console capture hooks syscalls: `auto` (`fexit` on the syscall handlers where the
+    /// kernel allows it, else the per-syscall tracepoints, else the raw syscall tracepoints),
+    /// `fexit` (only those), `syscall_tracepoints` (the per-syscall tracepoints, else the raw
+    /// ones) or `raw_syscalls` (always the raw ones). The last three are for testing each path.
     pub(crate) console_hooks: ConsoleHooksMode,
     /// The kernel's BPF run-time statistics (`collector_ebpf_program_*`): `off` (the default:
     /// they cost every run of every BPF program on the host two clock reads), `on`, or
@@ -238,6 +239,8 @@ pub(crate) enum ProgramStatsMode {
 pub(crate) enum ConsoleHooksMode {
     #[default]
     Auto,
+    Fexit,
+    SyscallTracepoints,
     RawSyscalls,
 }
 

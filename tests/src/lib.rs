@@ -128,9 +128,9 @@ impl Collector {
     /// [`Collector::start_in`] with environment variables `env`. Its stderr goes to
     /// `collector.stderr` in the log folder (appended: a restart keeps the earlier run's).
     ///
-    /// With `COLLECTOR_TEST_CONSOLE_HOOKS` set (e.g. `raw_syscalls`, as the kernel matrix runs
-    /// the console tests a second time), the collector gets that `kernel.console_hooks`: added
-    /// to the test's config file, or in a config file of its own.
+    /// With `COLLECTOR_TEST_CONSOLE_HOOKS` set (e.g. `raw_syscalls` or `syscall_tracepoints`, as
+    /// the kernel matrix runs the console tests again), the collector gets that
+    /// `kernel.console_hooks`: added to the test's config file, or in a config file of its own.
     pub fn start_in_env(log_dir: tempfile::TempDir, extra: &[&str], env: &[(&str, &str)]) -> Self {
         Self::start_wrapped(&[], log_dir, extra, env)
     }
@@ -218,13 +218,12 @@ impl Collector {
         collector
     }
 
-    /// With `COLLECTOR_TEST_CONSOLE_HOOKS=raw_syscalls`, console capture really is on the raw
-    /// `sys_enter`/`sys_exit` programs (a forced run that silently used the per-syscall ones
-    /// would prove nothing about the fallback).
+    /// With `COLLECTOR_TEST_CONSOLE_HOOKS` set, console capture really is on the hooks it names
+    /// (a forced run that silently used others would prove nothing about the path it forces).
     fn assert_console_hooks_forced(&self) {
-        if std::env::var("COLLECTOR_TEST_CONSOLE_HOOKS").as_deref() != Ok("raw_syscalls") {
+        let Ok(hooks) = std::env::var("COLLECTOR_TEST_CONSOLE_HOOKS") else {
             return;
-        }
+        };
         let ready: Value = serde_json::from_str(&self.get_text("/readyz")).expect("readyz JSON");
         let attached = |name: &str| {
             ready["probes"]
@@ -233,10 +232,15 @@ impl Collector {
                 .flatten()
                 .any(|p| p["probe"] == name && p["attached"] == true)
         };
-        assert!(
-            attached("console_sys_enter") && attached("console_sys_exit"),
-            "console_hooks = raw_syscalls forced, but: {ready:#}"
-        );
+        let on_them = match hooks.as_str() {
+            "raw_syscalls" => attached("console_sys_enter") && attached("console_sys_exit"),
+            "syscall_tracepoints" => {
+                attached("console_sys_enter_write") && attached("console_sys_exit_write")
+            }
+            "fexit" => attached("console_fexit_write") && attached("console_fexit_close"),
+            other => panic!("COLLECTOR_TEST_CONSOLE_HOOKS={other}: not a console_hooks value"),
+        };
+        assert!(on_them, "console_hooks = {hooks} forced, but: {ready:#}");
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -218,7 +218,10 @@ fn flooders_lose_only_their_own_output_and_every_loss_is_marked() {
 #[test]
 fn writes_the_pending_map_cannot_hold_are_counted_and_marked() {
     let _serial = serial();
-    let collector = Collector::start_with_config("[kernel]\nconsole_pending_entries = 16\n");
+    // The pending map exists on the tracepoint paths only (`fexit` stashes nothing).
+    let collector = Collector::start_with_config(
+        "[kernel]\nconsole_pending_entries = 16\nconsole_hooks = \"syscall_tracepoints\"\n",
+    );
     let uuid = new_uuid("blocked");
     let work = tempfile::tempdir().unwrap();
     let dir = work.path().join(&uuid);

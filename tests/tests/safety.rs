@@ -273,7 +273,7 @@ fn the_manifests_capabilities_are_enough() {
     let want: u64 = caps.iter().map(|c| 1u64 << capability_bit(c)).sum();
     assert_eq!(effective, want, "{caps:?}");
 
-    // Every probe attached, console capture on the per-syscall tracepoints.
+    // Every probe attached, console capture on per-syscall hooks.
     let ready = collector.get_json("/readyz");
     assert_eq!(ready["ready"], true, "{ready}");
     assert_eq!(ready["degraded"], serde_json::json!([]), "{ready}");
@@ -283,7 +283,12 @@ fn the_manifests_capabilities_are_enough() {
         .iter()
         .map(|p| p["probe"].as_str().unwrap())
         .collect();
-    assert!(probes.contains(&"console_sys_enter_write"), "{probes:?}");
+    // Console capture per syscall: fexit on the handlers where the kernel allows it, else the
+    // per-syscall tracepoints.
+    assert!(
+        probes.contains(&"console_fexit_write") || probes.contains(&"console_sys_enter_write"),
+        "{probes:?}"
+    );
     // The raw syscall fallback's probes are not there.
     assert!(
         !probes.contains(&"console_sys_enter") && !probes.contains(&"console_sys_exit"),

@@ -11,7 +11,7 @@ use std::{
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{LpmTrie, Map, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{BtfTracePoint, TracePoint},
+    programs::{BtfTracePoint, FExit, TracePoint},
 };
 use collector_common::{
     COMM_LEN, CommKey, ExecMatch, SyscallTpOffsets, VcpuCommKey,
@@ -234,8 +234,12 @@ pub(crate) fn load(config: &KernelConfig, plan: &KernelPlan) -> Result<Kernel, L
     let offsets = btf_offsets::kernel_offsets(Path::new(VMLINUX_BTF))?;
     let btf = Btf::from_sys_fs()?;
     let syscalls = syscalls::numbers();
+    // The tracepoints' layout is set at load even when `fexit` is tried first: the object is
+    // loaded once, and the tracepoints are the fallback.
     let console_hooks = match config.console_hooks {
-        ConsoleHooksMode::Auto => tracefs::console_hooks(),
+        ConsoleHooksMode::Auto | ConsoleHooksMode::SyscallTracepoints => tracefs::console_hooks(),
+        // Never used: `fexit` mode has no fallback.
+        ConsoleHooksMode::Fexit => ConsoleHooks::Raw("kernel.console_hooks = \"fexit\"".to_owned()),
         ConsoleHooksMode::RawSyscalls => {
             ConsoleHooks::Raw("kernel.console_hooks = \"raw_syscalls\"".to_owned())
         }
@@ -293,7 +297,12 @@ pub(crate) fn load(config: &KernelConfig, plan: &KernelPlan) -> Result<Kernel, L
         .iter()
         .map(|spec| attach(&mut ebpf, &btf, spec))
         .collect();
-    probes.extend(attach_console(&mut ebpf, &btf, console_hooks));
+    probes.extend(attach_console(
+        &mut ebpf,
+        &btf,
+        config.console_hooks,
+        console_hooks,
+    ));
     Ok(Kernel {
         tracked: TrackedProcesses::new(
             take_map(&mut ebpf, map::TRACKED_PROCESSES)?,
@@ -419,9 +428,43 @@ fn attach(ebpf: &mut Ebpf, btf: &Btf, spec: &ProbeSpec) -> ProbeState {
     probe_state(spec.program, spec.tracepoint, spec.feature, result)
 }
 
-/// Console capture's programs: on every per-syscall tracepoint of the followed syscalls (one
-/// probe each: a missing tracepoint loses only its syscall), or on the raw syscall tracepoints.
-fn attach_console(ebpf: &mut Ebpf, btf: &Btf, hooks: ConsoleHooks) -> Vec<ProbeState> {
+/// Console capture's programs, by `mode`: `fexit` on the followed syscalls' handlers where the
+/// kernel allows all of them (no task then pays the syscall-tracing slow path), else on every
+/// per-syscall tracepoint of the followed syscalls (one probe each: a missing tracepoint loses
+/// only its syscall), or on the raw syscall tracepoints.
+fn attach_console(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    mode: ConsoleHooksMode,
+    hooks: ConsoleHooks,
+) -> Vec<ProbeState> {
+    if matches!(mode, ConsoleHooksMode::Auto | ConsoleHooksMode::Fexit) {
+        match attach_console_fexit(ebpf, btf) {
+            Ok(probes) => {
+                info!(
+                    hooks = "fexit",
+                    "console capture on fexit programs on the syscall handlers"
+                );
+                return probes;
+            }
+            Err(refused) if mode == ConsoleHooksMode::Fexit => {
+                return vec![probe_state(
+                    refused.program,
+                    &refused.handler,
+                    "console capture (kernel.console_hooks = \"fexit\")",
+                    Err(refused.error),
+                )];
+            }
+            Err(refused) => info!(
+                program = refused.program,
+                handler = %refused.handler,
+                error = %refused.error,
+                "fexit on the syscall handlers refused by this kernel: console capture falls \
+                 back to the syscall tracepoints (every task then takes the syscall-tracing \
+                 slow path)"
+            ),
+        }
+    }
     let events = match hooks {
         ConsoleHooks::Raw(reason) => {
             info!(
@@ -470,6 +513,76 @@ fn attach_console(ebpf: &mut Ebpf, btf: &Btf, hooks: ConsoleHooks) -> Vec<ProbeS
             probe_state(event.probe, &event.name, &feature, result)
         })
         .collect()
+}
+
+/// The first `fexit` program the kernel refused, and why.
+struct FexitRefused {
+    program: &'static str,
+    handler: String,
+    error: String,
+}
+
+/// Loads and attaches one `fexit` program on each followed syscall's handler, all or none: at
+/// the first refusal the ones attached are unloaded again (capture then falls back whole to
+/// the tracepoints, rather than missing a syscall).
+fn attach_console_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<ProbeState>, FexitRefused> {
+    let mut attached: Vec<(&'static str, String)> = Vec::new();
+    let mut refusal = None;
+    for syscall in syscalls::SYSCALLS.iter().filter(|s| s.number.is_some()) {
+        let handler = syscall.handler();
+        let result = (|| -> Result<(), String> {
+            let program: &mut FExit = ebpf
+                .program_mut(syscall.fexit_program)
+                .ok_or("program missing from the object")?
+                .try_into()
+                .map_err(|e| format!("{e}"))?;
+            program
+                .load(&handler, btf)
+                .map_err(|e| format!("load: {e}"))?;
+            program.attach().map_err(|e| format!("attach: {e}"))?;
+            Ok(())
+        })();
+        match result {
+            Ok(()) => attached.push((syscall.fexit_program, handler)),
+            Err(error) => {
+                refusal = Some(FexitRefused {
+                    program: syscall.fexit_program,
+                    handler,
+                    error,
+                });
+                break;
+            }
+        }
+    }
+    if let Some(refused) = refusal {
+        for (name, _) in &attached {
+            if let Some(program) = ebpf
+                .program_mut(name)
+                .and_then(|p| <&mut FExit>::try_from(p).ok())
+            {
+                let _ = program.unload();
+            }
+        }
+        // A program refused at load is unloaded too (aya keeps nothing of it).
+        if let Some(program) = ebpf
+            .program_mut(refused.program)
+            .and_then(|p| <&mut FExit>::try_from(p).ok())
+        {
+            let _ = program.unload();
+        }
+        return Err(refused);
+    }
+    Ok(attached
+        .into_iter()
+        .map(|(program, handler)| {
+            probe_state(
+                program,
+                &handler,
+                "console capture through its syscall",
+                Ok(()),
+            )
+        })
+        .collect())
 }
 
 /// Logs what became of a probe.
@@ -529,6 +642,7 @@ mod tests {
         let mut programs: Vec<&str> = ebpf.programs().map(|(name, _)| name).collect();
         programs.sort_unstable();
         let mut want: Vec<&str> = program::ALL.to_vec();
+        want.extend(program::CONSOLE_FEXIT);
         want.sort_unstable();
         assert_eq!(programs, want);
         for spec in PROBES.iter().chain(CONSOLE_RAW_PROBES) {

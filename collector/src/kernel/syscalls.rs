@@ -10,6 +10,8 @@ pub(crate) struct Syscall {
     /// `probe` label values of its `sys_enter_<name>` and `sys_exit_<name>` tracepoints.
     pub(crate) enter_probe: &'static str,
     pub(crate) exit_probe: &'static str,
+    /// Its `fexit` program on the syscall's handler (and that probe's `probe` label).
+    pub(crate) fexit_program: &'static str,
     /// This architecture's number, if it has the syscall.
     pub(crate) number: Option<u32>,
     /// Its slot in the kernel's [`SyscallNumbers`].
@@ -38,6 +40,7 @@ macro_rules! syscalls {
             name: stringify!($name),
             enter_probe: concat!("console_sys_enter_", stringify!($name)),
             exit_probe: concat!("console_sys_exit_", stringify!($name)),
+            fexit_program: concat!("console_fexit_", stringify!($name)),
             number: $number,
             slot: |numbers| &mut numbers.$name,
         }),*]
@@ -60,6 +63,22 @@ pub(crate) const SYSCALLS: &[Syscall] = syscalls!(
     dup3 = nr(libc::SYS_dup3),
     fcntl = nr(libc::SYS_fcntl),
 );
+
+/// Prefix of the syscall handlers' names (`__x64_sys_write`): the functions the `fexit`
+/// programs attach to.
+#[cfg(target_arch = "x86_64")]
+const HANDLER_PREFIX: &str = "__x64_sys_";
+#[cfg(target_arch = "aarch64")]
+const HANDLER_PREFIX: &str = "__arm64_sys_";
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const HANDLER_PREFIX: &str = "sys_";
+
+impl Syscall {
+    /// The kernel function that handles the syscall on this architecture.
+    pub(crate) fn handler(&self) -> String {
+        format!("{HANDLER_PREFIX}{}", self.name)
+    }
+}
 
 /// The kernel's [`SyscallNumbers`] global, from [`SYSCALLS`].
 pub(crate) fn numbers() -> SyscallNumbers {
@@ -103,5 +122,8 @@ mod tests {
         }
         assert_eq!(SYSCALLS.len(), 13);
         assert_eq!(SYSCALLS[0].enter_probe, "console_sys_enter_write");
+        // Each has its program in the object's contract, in the same order.
+        let programs: Vec<&str> = SYSCALLS.iter().map(|s| s.fexit_program).collect();
+        assert_eq!(programs, collector_common::names::program::CONSOLE_FEXIT);
     }
 }

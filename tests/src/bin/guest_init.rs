@@ -9,6 +9,7 @@
 //! - `kernel RELEASE`, `boot_ms N` (kernel start to `/init`)
 //! - `test SUITE NAME ok|FAILED|ignored`, `suite SUITE exit=CODE seconds=S`
 //! - `readyz STATUS`, `probe PROBE 0|1`, `verifier PROGRAM INSNS`
+//! - `bench MODE FIGURE VALUE` from a bench run as a suite (`syscall-cost`)
 //! - `error TEXT` for anything that stopped a step, and `done` last.
 //!
 //! Out of the guest it refuses to run: it mounts, remounts and powers off.
@@ -296,8 +297,13 @@ fn run_suite(
     Ok(code == 0)
 }
 
-/// libtest's `test NAME ... ok` (or `FAILED`, `ignored`) as a port line.
+/// libtest's `test NAME ... ok` (or `FAILED`, `ignored`) as a port line; a bench's
+/// `bench ...` lines (`syscall-cost`) as they are.
 fn report_test_line(port: &mut ResultPort, suite: &str, line: &str) {
+    if line.starts_with("bench ") {
+        port.line(line);
+        return;
+    }
     let Some(rest) = line.strip_prefix("test ") else {
         return;
     };

@@ -5,6 +5,7 @@
 
 mod console;
 mod empty_programs;
+mod kernel_hooks;
 mod memory;
 mod otlp;
 mod overhead;
@@ -35,6 +36,9 @@ pub(crate) enum Bench {
     /// `perf bench syscall basic` and hackbench, with nothing attached, the collector, empty
     /// programs on its hooks and a bpftrace script, with 32 stand-in instances running.
     Overhead(overhead::Options),
+    /// What console capture's hooks cost every task inside each kernel of the matrix, by how
+    /// they attach (`fexit` on the syscall handlers, the per-syscall tracepoints, nothing).
+    KernelHooks(kernel_hooks::Options),
     /// OTLP export: throughput and collector CPU per MB exported over OTLP/HTTP on loopback,
     /// from console files of stand-in instances to a sink that keeps up.
     Otlp(otlp::Args),
@@ -47,6 +51,7 @@ pub(crate) fn bench(bench: Bench) -> anyhow::Result<()> {
         Bench::Memory(args) => memory::run(&args),
         Bench::Overhead(options) => overhead::run(&options),
         Bench::Otlp(args) => otlp::run(&args),
+        Bench::KernelHooks(options) => kernel_hooks::run(&options),
     }
 }
 

@@ -10,7 +10,7 @@
 
 mod fetch;
 mod initramfs;
-mod report;
+pub(crate) mod report;
 
 use std::{
     collections::BTreeMap,
@@ -36,7 +36,8 @@ pub(crate) struct Options {
     /// all of them.
     #[arg(long = "kernel", value_name = "VERSION")]
     kernels: Vec<String>,
-    /// Run only this suite (a test file of [`SUITES`], or `console-raw-syscalls`); repeatable.
+    /// Run only this suite (a test file of [`SUITES`], or one of [`FORCED_CONSOLE`]);
+    /// repeatable.
     /// Default: all of them.
     #[arg(long = "suite", value_name = "NAME")]
     suites: Vec<String>,
@@ -51,9 +52,23 @@ pub(crate) struct Options {
 /// and `/readyz` with every probe attached.
 const SUITES: &[&str] = &["discovery", "lifecycle", "sched", "console"];
 
-/// The console tests once more with the raw-syscall fallback forced
-/// (`kernel.console_hooks = "raw_syscalls"`), on the kernels named here.
-const RAW_CONSOLE_ON: &[&str] = &["5.10.223", "6.12.118"];
+/// The console tests once more with one of console capture's other paths forced
+/// (`kernel.console_hooks`): `(suite, console_hooks, kernels)`. Every kernel of the matrix
+/// allows `fexit`, which `auto` then picks: the per-syscall tracepoints (the path of a kernel
+/// that refuses `fexit`, like the CI host's) and the raw-syscall fallback are each forced on
+/// some of them.
+const FORCED_CONSOLE: &[(&str, &str, &[&str])] = &[
+    (
+        "console-raw-syscalls",
+        "raw_syscalls",
+        &["5.10.223", "6.12.118"],
+    ),
+    (
+        "console-syscall-tracepoints",
+        "syscall_tracepoints",
+        &["6.1.192"],
+    ),
+];
 
 /// How much slower than the host the tests run in a TCG guest (`COLLECTOR_TEST_TIME_SCALE`).
 const TIME_SCALE: u32 = 10;
@@ -62,48 +77,29 @@ const TIME_SCALE: u32 = 10;
 const GUEST_TIMEOUT: Duration = Duration::from_mins(30);
 
 pub(crate) fn test_kernels(options: &Options) -> anyhow::Result<()> {
-    let kernels = fetch::select(&options.kernels)?;
     let started = Instant::now();
-    let linker_dir = build::build(false)?;
-    toolchain::run(toolchain::cargo(&linker_dir).args(["build", "--locked", "--bins"]))?;
-    let tests = test_binaries(&linker_dir)?;
+    let runs = run_in_guests(
+        &options.kernels,
+        |spec| plan_archive(spec, &options.suites),
+        |run| {
+            let failures = run.failures();
+            eprintln!(
+                "xtask: {}: {} ({}/{} tests, {}/{} probes) in {:.0} s; console in {}",
+                run.version,
+                if failures.is_empty() { "pass" } else { "FAIL" },
+                run.passed_tests(),
+                run.counted_tests(),
+                run.attached_probes(),
+                run.probes.len(),
+                run.seconds,
+                guest_dir(&run.version).join("console.log").display()
+            );
+            for failure in &failures {
+                eprintln!("xtask:   {failure}");
+            }
+        },
+    )?;
     let out_dir = toolchain::workspace_root().join("target/kernels");
-    std::fs::create_dir_all(&out_dir)?;
-    let base = base_archive(&tests)?;
-    eprintln!(
-        "xtask: initramfs of {:.0} MiB built in {:.1} s",
-        base.len() as f64 / f64::from(1 << 20),
-        started.elapsed().as_secs_f64()
-    );
-
-    let mut runs = Vec::new();
-    for spec in &kernels {
-        let image = fetch::vmlinuz(spec)?;
-        let dir = out_dir.join(spec.version);
-        std::fs::create_dir_all(&dir)?;
-        let initrd = dir.join("initramfs.cpio");
-        let mut archive = base.clone();
-        archive.extend(plan_archive(spec, &options.suites)?);
-        std::fs::write(&initrd, archive)?;
-        eprintln!("xtask: booting {} under QEMU (TCG)", spec.version);
-        let run = boot(spec, &image, &initrd, &dir)?;
-        let failures = run.failures();
-        eprintln!(
-            "xtask: {}: {} ({}/{} tests, {}/{} probes) in {:.0} s; console in {}",
-            spec.version,
-            if failures.is_empty() { "pass" } else { "FAIL" },
-            run.passed_tests(),
-            run.counted_tests(),
-            run.attached_probes(),
-            run.probes.len(),
-            run.seconds,
-            dir.join("console.log").display()
-        );
-        for failure in &failures {
-            eprintln!("xtask:   {failure}");
-        }
-        runs.push(run);
-    }
 
     let summary = report::table(&runs);
     println!("\n{summary}");
@@ -129,6 +125,50 @@ pub(crate) fn test_kernels(options: &Options) -> anyhow::Result<()> {
         bail!("kernel matrix failed on {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// Where the files of `version`'s guest go (its initramfs, console, result port).
+fn guest_dir(version: &str) -> PathBuf {
+    toolchain::workspace_root()
+        .join("target/kernels")
+        .join(version)
+}
+
+/// Builds what the guests run (the kernel object, the debug binaries, the test executables),
+/// then boots each kernel of `kernels` (all of the matrix when empty), one after the other,
+/// with the plan `plan_for` makes for it, and reads back what each reported (handed to
+/// `finished` as each guest ends).
+pub(crate) fn run_in_guests(
+    kernels: &[String],
+    plan_for: impl Fn(&KernelSpec) -> anyhow::Result<Vec<u8>>,
+    mut finished: impl FnMut(&KernelRun),
+) -> anyhow::Result<Vec<KernelRun>> {
+    let kernels = fetch::select(kernels)?;
+    let started = Instant::now();
+    let linker_dir = build::build(false)?;
+    toolchain::run(toolchain::cargo(&linker_dir).args(["build", "--locked", "--bins"]))?;
+    let tests = test_binaries(&linker_dir)?;
+    let base = base_archive(&tests)?;
+    eprintln!(
+        "xtask: initramfs of {:.0} MiB built in {:.1} s",
+        base.len() as f64 / f64::from(1 << 20),
+        started.elapsed().as_secs_f64()
+    );
+    let mut runs = Vec::new();
+    for spec in &kernels {
+        let image = fetch::vmlinuz(spec)?;
+        let dir = guest_dir(spec.version);
+        std::fs::create_dir_all(&dir)?;
+        let initrd = dir.join("initramfs.cpio");
+        let mut archive = base.clone();
+        archive.extend(plan_for(spec)?);
+        std::fs::write(&initrd, archive)?;
+        eprintln!("xtask: booting {} under QEMU (TCG)", spec.version);
+        let run = boot(spec, &image, &initrd, &dir)?;
+        finished(&run);
+        runs.push(run);
+    }
+    Ok(runs)
 }
 
 /// The integration test executables (`cargo test --no-run`), by test file name.
@@ -189,6 +229,10 @@ fn base_archive(tests: &BTreeMap<String, PathBuf>) -> anyhow::Result<Vec<u8>> {
             format!("{GUEST_TARGET}/standin-vmm"),
             debug.join("standin-vmm"),
         ),
+        (
+            format!("{GUEST_TARGET}/syscall-cost"),
+            debug.join("syscall-cost"),
+        ),
     ];
     for suite in SUITES {
         binaries.push((
@@ -232,15 +276,39 @@ fn plan_archive(spec: &KernelSpec, only: &[String]) -> anyhow::Result<Vec<u8>> {
             "timeout_seconds": 20 * 60,
         }));
     }
-    if RAW_CONSOLE_ON.contains(&spec.version) && wanted("console-raw-syscalls") {
-        suites.push(json!({
-            "name": "console-raw-syscalls",
-            "binary": format!("{GUEST_TARGET}/deps/console"),
-            "args": [],
-            "env": {"COLLECTOR_TEST_CONSOLE_HOOKS": "raw_syscalls"},
-            "timeout_seconds": 20 * 60,
-        }));
+    for (name, hooks, kernels) in FORCED_CONSOLE {
+        if kernels.contains(&spec.version) && wanted(name) {
+            suites.push(json!({
+                "name": name,
+                "binary": format!("{GUEST_TARGET}/deps/console"),
+                "args": [],
+                "env": {"COLLECTOR_TEST_CONSOLE_HOOKS": hooks},
+                "timeout_seconds": 20 * 60,
+            }));
+        }
     }
+    plan_json(&suites)
+}
+
+/// `/plan.json` for a kernel-hooks bench ([`crate::bench`]): `syscall-cost` with `args` as the
+/// one suite.
+pub(crate) fn bench_plan_archive(args: &[String]) -> anyhow::Result<Vec<u8>> {
+    let mut args = args.to_vec();
+    args.extend([
+        "--collector".to_owned(),
+        format!("{GUEST_TARGET}/collector"),
+    ]);
+    plan_json(&[json!({
+        "name": "syscall-cost",
+        "binary": format!("{GUEST_TARGET}/syscall-cost"),
+        "args": args,
+        "env": {},
+        "timeout_seconds": 25 * 60,
+    })])
+}
+
+/// The plan archive: `suites`, the guests' common environment, the probe collector.
+fn plan_json(suites: &[serde_json::Value]) -> anyhow::Result<Vec<u8>> {
     let plan = json!({
         "env": {
             "PATH": "/bin:/usr/bin",
@@ -399,11 +467,18 @@ fn document(runs: &[KernelRun]) -> String {
          | 512 bytes of stack for a program and the functions it calls, together | before 6.13 \
          (tracing programs get a private stack from then on) | `console_exit` and `capture` \
          keep under it together (152 + 112 bytes): a new process's console state is built in \
-         the per-CPU scratch record, not on the stack |\n\n\
+         the per-CPU scratch record, not on the stack |\n\
+         | `fexit` on the syscall handlers (`__x64_sys_write`, ...) | allowed by every kernel \
+         here (booted without lockdown); refused by the CI host's 6.18 (lockdown: \
+         `BPF_PROG_LOAD` answers `EPERM`) | `kernel.console_hooks = \"auto\"` attaches all \
+         13 `console_fexit_*` programs or none, and otherwise falls back to the per-syscall \
+         tracepoints (whose cost every task pays: [benchmarks.md](benchmarks.md#kernel-hooks)) |\n\n\
          ## Verifier: instructions processed, per program\n\n{}\n\
          ## Tests, per kernel\n\n\
-         `console-raw-syscalls` is the console suite again with `kernel.console_hooks = \
-         \"raw_syscalls\"`.\n\n{}",
+         `console` runs with the default `kernel.console_hooks = \"auto\"`, which picks `fexit` \
+         on the syscall handlers wherever the kernel allows it; `console-syscall-tracepoints` \
+         and `console-raw-syscalls` are the console suite again with \
+         `kernel.console_hooks = \"syscall_tracepoints\"` and `\"raw_syscalls\"`.\n\n{}",
         status(runs),
         report::table(runs),
         report::verifier_table(runs),

@@ -38,6 +38,8 @@ pub(crate) struct KernelRun {
     pub(crate) probes: Vec<(String, bool)>,
     pub(crate) verifier: Vec<(String, u64)>,
     pub(crate) errors: Vec<String>,
+    /// A bench's `bench MODE FIGURE VALUE` lines (VALUE may have spaces).
+    pub(crate) bench: Vec<(String, String, String)>,
     pub(crate) splats: Vec<String>,
     pub(crate) done: bool,
     /// QEMU's exit status: 1 when the init reported success through isa-debug-exit.
@@ -84,6 +86,11 @@ impl KernelRun {
                     }
                 }
                 ("error", _) => run.errors.push(rest.to_owned()),
+                ("bench", [mode, figure, ..]) => {
+                    let value = rest.splitn(3, ' ').nth(2).unwrap_or_default();
+                    run.bench
+                        .push(((*mode).to_owned(), (*figure).to_owned(), value.to_owned()));
+                }
                 ("done", []) => run.done = true,
                 _ => {}
             }

@@ -1,0 +1,238 @@
+//! `syscall-cost`: what the collector's console hooks cost every task of the machine it runs
+//! on, by the way they are attached. Run inside the kernel-matrix guests by
+//! `cargo xtask bench kernel-hooks` (each kernel decides which hooks it allows); runs anywhere
+//! as root.
+//!
+//! Modes, interleaved round by round: `nothing` (no collector), `syscall_tracepoints` and
+//! `fexit` (a collector with `kernel.console_hooks` forced to that value, following nothing:
+//! what every task the collector does not follow pays). Each round measures a pipe ping-pong
+//! between two threads (a round trip is 2 writes, 2 reads, 2 wake-ups, 2 context switches) and
+//! a `getppid` loop (a syscall no program follows). One line a measurement on stdout:
+//!
+//! - `bench MODE pipe_us VALUE`, `bench MODE getppid_ns VALUE`
+//! - `bench MODE hooks N` (console probes attached), `bench MODE refused TEXT`
+//!
+//! Nothing here judges the figures: the bench that runs it prints them side by side.
+
+use std::{
+    fs::File,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+const ADDR: &str = "127.0.0.1:9479";
+
+struct Options {
+    collector: String,
+    rounds: u32,
+    pipe_loops: u32,
+    syscall_loops: u32,
+}
+
+fn main() -> anyhow::Result<()> {
+    let options = parse_args()?;
+    let modes = ["nothing", "syscall_tracepoints", "fexit"];
+    let mut refused: Vec<&str> = Vec::new();
+    for round in 0..options.rounds {
+        // Rotated each round: no mode always follows the same one.
+        for i in 0..modes.len() {
+            let mode = modes[(i + round as usize) % modes.len()];
+            if refused.contains(&mode) {
+                continue;
+            }
+            let collector = if mode == "nothing" {
+                None
+            } else {
+                match start_collector(&options.collector, mode)? {
+                    Ok(collector) => Some(collector),
+                    Err(why) => {
+                        println!("bench {mode} refused {}", one_line(&why));
+                        refused.push(mode);
+                        continue;
+                    }
+                }
+            };
+            let pipe = pipe_round_trip_us(options.pipe_loops)?;
+            let getppid = getppid_ns(options.syscall_loops);
+            println!("bench {mode} pipe_us {pipe:.3}");
+            println!("bench {mode} getppid_ns {getppid:.1}");
+            if let Some(collector) = collector {
+                collector.stop();
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_args() -> anyhow::Result<Options> {
+    let mut options = Options {
+        collector: "collector".to_owned(),
+        rounds: 3,
+        pipe_loops: 20_000,
+        syscall_loops: 1_000_000,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
+        let number = || {
+            value
+                .parse::<u32>()
+                .with_context(|| format!("{flag} {value}"))
+        };
+        match flag.as_str() {
+            "--collector" => options.collector.clone_from(&value),
+            "--rounds" => options.rounds = number()?,
+            "--pipe-loops" => options.pipe_loops = number()?,
+            "--syscall-loops" => options.syscall_loops = number()?,
+            _ => bail!(
+                "unknown flag {flag} (--collector PATH, --rounds N, --pipe-loops N, \
+                 --syscall-loops N)"
+            ),
+        }
+    }
+    Ok(options)
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+struct Collector {
+    child: Child,
+}
+
+impl Collector {
+    fn stop(mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// A collector with `kernel.console_hooks = mode`, ready; `Err` (inner) when its console
+/// probes did not attach in that mode (the kernel refused them), with the reason.
+fn start_collector(path: &str, mode: &str) -> anyhow::Result<Result<Collector, String>> {
+    let dir = std::env::temp_dir().join(format!("syscall-cost-{mode}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("collector.toml");
+    std::fs::write(&config, format!("[kernel]\nconsole_hooks = \"{mode}\"\n"))?;
+    let child = Command::new(path)
+        .args(["run", "--listen", ADDR, "--config"])
+        .arg(&config)
+        .arg("--log-dir")
+        .arg(dir.join("logs"))
+        .stdout(Stdio::null())
+        .stderr(File::create(dir.join("collector.stderr"))?)
+        .spawn()
+        .with_context(|| format!("start {path}"))?;
+    let collector = Collector { child };
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .new_agent();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let ready = loop {
+        if Instant::now() > deadline {
+            collector.stop();
+            bail!("collector ({mode}) not ready within 300 s");
+        }
+        if let Ok(mut response) = agent.get(format!("http://{ADDR}/readyz")).call()
+            && response.status() == 200
+            && let Ok(body) = response.body_mut().read_to_string()
+        {
+            break serde_json::from_str::<Value>(&body)?;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let prefix = if mode == "fexit" {
+        "console_fexit_"
+    } else {
+        "console_sys_"
+    };
+    let console: Vec<&Value> = ready["probes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["probe"].as_str().is_some_and(|n| n.starts_with(prefix)))
+        .collect();
+    let attached = console.iter().filter(|p| p["attached"] == true).count();
+    if attached == 0 || attached < console.len() {
+        let why = console
+            .iter()
+            .find(|p| p["attached"] != true)
+            .and_then(|p| p["error"].as_str())
+            .unwrap_or("no console probe attached")
+            .to_owned();
+        collector.stop();
+        return Ok(Err(why));
+    }
+    println!("bench {mode} hooks {attached}");
+    Ok(Ok(collector))
+}
+
+/// µs per round trip of one byte between two threads over two pipes.
+fn pipe_round_trip_us(loops: u32) -> anyhow::Result<f64> {
+    let (ping_read, ping_write) = pipe()?;
+    let (pong_read, pong_write) = pipe()?;
+    let echo = std::thread::spawn(move || {
+        let mut byte = 0u8;
+        for _ in 0..loops {
+            if !transfer(ping_read, pong_write, &mut byte) {
+                break;
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut byte = 1u8;
+    for _ in 0..loops {
+        // SAFETY: one byte from a live local into a pipe we own.
+        let wrote = unsafe { libc::write(ping_write, (&raw const byte).cast(), 1) };
+        // SAFETY: one byte into a live local.
+        let read = unsafe { libc::read(pong_read, (&raw mut byte).cast(), 1) };
+        if wrote != 1 || read != 1 {
+            bail!("pipe ping-pong broke: {}", std::io::Error::last_os_error());
+        }
+    }
+    let elapsed = started.elapsed();
+    let _ = echo.join();
+    for fd in [ping_read, ping_write, pong_read, pong_write] {
+        // SAFETY: closing descriptors we own, once.
+        unsafe { libc::close(fd) };
+    }
+    Ok(elapsed.as_secs_f64() * 1e6 / f64::from(loops))
+}
+
+/// Reads one byte from `from` and writes it to `to`; false when either fails.
+fn transfer(from: i32, to: i32, byte: &mut u8) -> bool {
+    // SAFETY: one byte into / out of a live local, on descriptors the caller owns.
+    unsafe {
+        libc::read(from, std::ptr::from_mut(byte).cast(), 1) == 1
+            && libc::write(to, std::ptr::from_ref(byte).cast(), 1) == 1
+    }
+}
+
+fn pipe() -> anyhow::Result<(i32, i32)> {
+    let mut fds = [0i32; 2];
+    // SAFETY: a two-element array for pipe(2) to fill.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        bail!("pipe: {}", std::io::Error::last_os_error());
+    }
+    Ok((fds[0], fds[1]))
+}
+
+/// ns per `getppid`.
+fn getppid_ns(loops: u32) -> f64 {
+    let started = Instant::now();
+    for _ in 0..loops {
+        // SAFETY: getppid has no preconditions.
+        std::hint::black_box(unsafe { libc::getppid() });
+    }
+    started.elapsed().as_secs_f64() * 1e9 / f64::from(loops)
+}

@@ -61,12 +61,12 @@ const FORCED_CONSOLE: &[(&str, &str, &[&str])] = &[
     (
         "console-raw-syscalls",
         "raw_syscalls",
-        &["5.10.223", "6.12.118"],
+        &["5.10.223"],
     ),
     (
         "console-syscall-tracepoints",
         "syscall_tracepoints",
-        &["6.1.192"],
+        &["6.12.118"],
     ),
 ];
 

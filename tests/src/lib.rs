@@ -366,7 +366,8 @@ impl Collector {
 }
 
 /// `extra` with `kernel.console_hooks = $COLLECTOR_TEST_CONSOLE_HOOKS` in its config file (a copy
-/// in `log_dir`, or a new one), or `None` when the variable is not set.
+/// in `log_dir`, or a new one), or `None` when the variable is not set or the test's config sets
+/// the hooks itself.
 fn forced_console_hooks(log_dir: &Path, extra: &[&str]) -> Option<Vec<String>> {
     let hooks = std::env::var("COLLECTOR_TEST_CONSOLE_HOOKS").ok()?;
     let mut args: Vec<String> = extra.iter().map(|&a| a.to_owned()).collect();
@@ -375,6 +376,10 @@ fn forced_console_hooks(log_dir: &Path, extra: &[&str]) -> Option<Vec<String>> {
         .and_then(|i| args.get(i + 1))
         .map(|path| std::fs::read_to_string(path).expect("read the test's config file"))
         .unwrap_or_default();
+    // A test that sets the hooks itself is about them: its own setting stands.
+    if config.contains("console_hooks") {
+        return None;
+    }
     let setting = format!("console_hooks = \"{hooks}\"\n");
     if let Some(table) = config.find("[kernel]\n") {
         config.insert_str(table + "[kernel]\n".len(), &setting);

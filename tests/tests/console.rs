@@ -392,3 +392,90 @@ fn bad_console_rule_is_refused_at_start() {
     );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
+
+/// The console probes of a collector's `/readyz`: `(probe, attached, error)`.
+fn console_probes(collector: &Collector) -> Vec<(String, bool, String)> {
+    let ready = collector.get_json("/readyz");
+    ready["probes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            let name = p["probe"].as_str()?;
+            name.starts_with("console_").then(|| {
+                (
+                    name.to_owned(),
+                    p["attached"] == true,
+                    p["error"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+        })
+        .collect()
+}
+
+/// `kernel.console_hooks`: `fexit` forced either attaches on every followed syscall's handler
+/// (the matrix's kernels) or, where the kernel refuses it (this CI host's lockdown), shows the
+/// refusal as one unattached probe in `/readyz`'s `degraded`, with the kernel's error. `auto`
+/// then has console capture on `fexit` where it was allowed and on the per-syscall tracepoints
+/// where it was not, never both, and captures.
+#[test]
+fn fexit_where_the_kernel_allows_it_and_the_tracepoints_where_it_does_not() {
+    let forced = Collector::start_with_config("[kernel]\nconsole_hooks = \"fexit\"\n");
+    let probes = console_probes(&forced);
+    let allowed = probes.iter().all(|(_, attached, _)| *attached);
+    if allowed {
+        // The followed syscalls of x86_64: 13 handlers.
+        assert_eq!(probes.len(), 13, "{probes:?}");
+        assert!(probes.iter().all(|(n, ..)| n.starts_with("console_fexit_")));
+    } else {
+        assert_eq!(probes.len(), 1, "all or none: {probes:?}");
+        let (name, _, error) = &probes[0];
+        assert!(
+            name.starts_with("console_fexit_") && !error.is_empty(),
+            "{probes:?}"
+        );
+        let degraded = forced.get_json("/readyz")["degraded"].clone();
+        assert_eq!(degraded, serde_json::json!([name]), "{degraded}");
+    }
+    drop(forced);
+
+    let auto = Collector::start_with_config("[kernel]\nconsole_hooks = \"auto\"\n");
+    let probes = console_probes(&auto);
+    assert!(
+        probes.iter().all(|(_, attached, _)| *attached),
+        "{probes:?}"
+    );
+    let on_fexit = probes
+        .iter()
+        .filter(|(n, ..)| n.starts_with("console_fexit_"))
+        .count();
+    let on_tracepoints = probes
+        .iter()
+        .filter(|(n, ..)| n.starts_with("console_sys_"))
+        .count();
+    if allowed {
+        assert_eq!((on_fexit, on_tracepoints), (13, 0), "{probes:?}");
+    } else {
+        // Each followed syscall's enter and exit tracepoints.
+        assert_eq!((on_fexit, on_tracepoints), (0, 26), "{probes:?}");
+        assert!(
+            auto.stderr()
+                .contains("fexit on the syscall handlers refused by this kernel"),
+            "the fallback is logged:\n{}",
+            auto.stderr()
+        );
+    }
+    let uuid = new_uuid("hooks");
+    let _vmm = Standin::spawn("firecracker", &["--uuid", &uuid], &[("STANDIN_LINES", "5")]);
+    let records = wait_records(&auto, &uuid, 10);
+    assert_eq!(messages(&records, "stdout"), numbered("stdout", 5));
+    assert_eq!(messages(&records, "stderr"), numbered("stderr", 5));
+    eprintln!(
+        "console hooks: {}",
+        if allowed {
+            "fexit"
+        } else {
+            "per-syscall tracepoints (fexit refused)"
+        }
+    );
+}

@@ -5,12 +5,15 @@
 //!
 //! Modes, interleaved round by round: `nothing` (no collector), `syscall_tracepoints` and
 //! `fexit` (a collector with `kernel.console_hooks` forced to that value, following nothing:
-//! what every task the collector does not follow pays). Each round measures a pipe ping-pong
+//! what every task the collector does not follow pays), and `empty_fexit`: empty programs
+//! (`r0 = 0; exit`) on exactly the hooks the `fexit` collector attached, the floor any program
+//! there costs (after the first `fexit` measurement, which names them). Each round measures a pipe ping-pong
 //! between two threads (a round trip is 2 writes, 2 reads, 2 wake-ups, 2 context switches) and
 //! a `getppid` loop (a syscall no program follows). One line a measurement on stdout:
 //!
 //! - `bench MODE pipe_us VALUE`, `bench MODE getppid_ns VALUE`
-//! - `bench MODE hooks N` (console probes attached), `bench MODE refused TEXT`
+//! - `bench MODE hooks N` (console probes attached; for `empty_fexit`, all its programs),
+//!   `bench MODE refused TEXT`
 //!
 //! Nothing here judges the figures: the bench that runs it prints them side by side.
 
@@ -23,6 +26,12 @@ use std::{
 use anyhow::{Context, bail};
 use serde_json::Value;
 
+// The overhead bench's empty programs, shared with the host bench (std and anyhow only).
+#[path = "../../../xtask/src/bench/empty_programs.rs"]
+mod empty_programs;
+
+use empty_programs::{EmptyPrograms, Hook};
+
 const ADDR: &str = "127.0.0.1:9479";
 
 struct Options {
@@ -34,8 +43,10 @@ struct Options {
 
 fn main() -> anyhow::Result<()> {
     let options = parse_args()?;
-    let modes = ["nothing", "syscall_tracepoints", "fexit"];
+    let modes = ["nothing", "syscall_tracepoints", "fexit", "empty_fexit"];
     let mut refused: Vec<&str> = Vec::new();
+    // The probes the `fexit` collector attached: where `empty_fexit` puts its programs.
+    let mut fexit_probes: Vec<String> = Vec::new();
     for round in 0..options.rounds {
         // Rotated each round: no mode always follows the same one.
         for i in 0..modes.len() {
@@ -43,17 +54,32 @@ fn main() -> anyhow::Result<()> {
             if refused.contains(&mode) {
                 continue;
             }
-            let collector = if mode == "nothing" {
-                None
-            } else {
-                match start_collector(&options.collector, mode)? {
-                    Ok(collector) => Some(collector),
+            let mut empty = None;
+            let collector = match mode {
+                "nothing" => None,
+                "empty_fexit" => {
+                    if fexit_probes.is_empty() {
+                        // `fexit` was refused (or has not run yet): nothing to mirror.
+                        continue;
+                    }
+                    let hooks: Vec<Hook> = fexit_probes.iter().map(|p| Hook::of_probe(p)).collect();
+                    empty = Some(EmptyPrograms::attach(&hooks)?);
+                    None
+                }
+                _ => match start_collector(&options.collector, mode)? {
+                    Ok((collector, probes)) => {
+                        if mode == "fexit" && fexit_probes.is_empty() {
+                            println!("bench empty_fexit hooks {}", probes.len());
+                            fexit_probes = probes;
+                        }
+                        Some(collector)
+                    }
                     Err(why) => {
                         println!("bench {mode} refused {}", one_line(&why));
                         refused.push(mode);
                         continue;
                     }
-                }
+                },
             };
             let pipe = pipe_round_trip_us(options.pipe_loops)?;
             let getppid = getppid_ns(options.syscall_loops);
@@ -62,6 +88,7 @@ fn main() -> anyhow::Result<()> {
             if let Some(collector) = collector {
                 collector.stop();
             }
+            drop(empty);
         }
     }
     Ok(())
@@ -114,9 +141,13 @@ impl Collector {
     }
 }
 
-/// A collector with `kernel.console_hooks = mode`, ready; `Err` (inner) when its console
-/// probes did not attach in that mode (the kernel refused them), with the reason.
-fn start_collector(path: &str, mode: &str) -> anyhow::Result<Result<Collector, String>> {
+/// A collector with `kernel.console_hooks = mode`, ready, and every probe it attached; `Err`
+/// (inner) when its console probes did not attach in that mode (the kernel refused them), with
+/// the reason.
+fn start_collector(
+    path: &str,
+    mode: &str,
+) -> anyhow::Result<Result<(Collector, Vec<String>), String>> {
     let dir = std::env::temp_dir().join(format!("syscall-cost-{mode}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -174,7 +205,14 @@ fn start_collector(path: &str, mode: &str) -> anyhow::Result<Result<Collector, S
         return Ok(Err(why));
     }
     println!("bench {mode} hooks {attached}");
-    Ok(Ok(collector))
+    let probes = ready["probes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["attached"] == true)
+        .filter_map(|p| p["probe"].as_str().map(str::to_owned))
+        .collect();
+    Ok(Ok((collector, probes)))
 }
 
 /// µs per round trip of one byte between two threads over two pipes.

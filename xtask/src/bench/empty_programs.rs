@@ -6,7 +6,12 @@
 //!   the same tracepoint (both run through `bpf_trace_run*`, without the perf buffer);
 //! - a per-syscall tracepoint (`syscalls/sys_enter_write`, ...) gets a tracepoint program
 //!   attached through a perf event, as the collector's are: this also puts every task on the
-//!   kernel's syscall-tracing slow path, exactly as the collector does.
+//!   kernel's syscall-tracing slow path, exactly as the collector does;
+//! - an `fexit` hook on a syscall handler (`console_fexit_write` on `__x64_sys_write`) gets an
+//!   `fexit` program on the same function, found by name in the kernel's BTF.
+//!
+//! Also compiled into the kernel-matrix guests' `syscall-cost` (tests/src/bin/syscall_cost.rs,
+//! by `#[path]`), so it uses nothing but std and anyhow.
 //!
 //! Everything is detached when the [`EmptyPrograms`] is dropped (its descriptors close).
 
@@ -24,6 +29,10 @@ const BPF_PROG_LOAD: c_long = 5;
 const BPF_RAW_TRACEPOINT_OPEN: c_long = 17;
 const BPF_PROG_TYPE_TRACEPOINT: u32 = 5;
 const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
+const BPF_PROG_TYPE_TRACING: u32 = 26;
+const BPF_TRACE_FEXIT: u32 = 25;
+/// The running kernel's BTF, where `fexit` targets are looked up.
+const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 const PERF_TYPE_TRACEPOINT: u32 = 2;
 /// The `perf_event_attr` passed: larger than every version, zero beyond the fields set.
 const PERF_ATTR_BYTES: usize = 128;
@@ -46,13 +55,19 @@ pub(super) enum Hook {
     Raw(String),
     /// A tracefs event, `category/name` (`syscalls/sys_enter_write`).
     Tracepoint(String),
+    /// `fexit` on a kernel function, by its name (`__x64_sys_write`).
+    Fexit(String),
 }
 
 impl Hook {
     /// The hook behind one of the collector's probe names, if it is one this module knows:
+    /// `console_fexit_<syscall>` is `fexit` on the syscall's x86_64 handler;
     /// `console_sys_{enter,exit}_<syscall>` are per-syscall tracepoints; the raw syscall
     /// fallback (`console_sys_enter`) and the BTF tracepoints are raw tracepoints.
     pub(super) fn of_probe(probe: &str) -> Self {
+        if let Some(syscall) = probe.strip_prefix("console_fexit_") {
+            return Self::Fexit(format!("__x64_sys_{syscall}"));
+        }
         if let Some(rest) = probe.strip_prefix("console_sys_")
             && let Some((dir, syscall)) = rest.split_once('_')
         {
@@ -76,10 +91,24 @@ impl EmptyPrograms {
         let raw = load(BPF_PROG_TYPE_RAW_TRACEPOINT).context("load a raw tracepoint program")?;
         let classic = load(BPF_PROG_TYPE_TRACEPOINT).context("load a tracepoint program")?;
         let mut fds = Vec::new();
+        let mut btf = None;
         for hook in hooks {
             let fd = match hook {
                 Hook::Raw(name) => attach_raw(&raw, name),
                 Hook::Tracepoint(event) => attach_tracepoint(&classic, event),
+                Hook::Fexit(function) => {
+                    if btf.is_none() {
+                        btf = Some(std::fs::read(VMLINUX_BTF).context(VMLINUX_BTF)?);
+                    }
+                    let id = btf_func_id(btf.as_deref().unwrap_or_default(), function)?;
+                    // One program per target: the kernel binds a tracing program to its
+                    // function at load.
+                    let program = load_tracing(BPF_TRACE_FEXIT, id)
+                        .with_context(|| format!("load an fexit program on {function}"))?;
+                    let link = attach_traced(&program, function);
+                    fds.push(program);
+                    link
+                }
             };
             fds.push(fd?);
         }
@@ -104,6 +133,15 @@ fn owned(ret: c_long, what: &str) -> anyhow::Result<OwnedFd> {
 }
 
 fn load(prog_type: u32) -> anyhow::Result<OwnedFd> {
+    load_program(prog_type, 0, 0)
+}
+
+/// A tracing program of `attach_type` bound to the kernel's BTF type `btf_id`.
+fn load_tracing(attach_type: u32, btf_id: u32) -> anyhow::Result<OwnedFd> {
+    load_program(BPF_PROG_TYPE_TRACING, attach_type, btf_id)
+}
+
+fn load_program(prog_type: u32, attach_type: u32, btf_id: u32) -> anyhow::Result<OwnedFd> {
     let license = c"GPL";
     // union bpf_attr for BPF_PROG_LOAD: prog_type, insn_cnt, insns, license; the rest zero.
     let mut attr = [0u8; 128];
@@ -112,6 +150,9 @@ fn load(prog_type: u32) -> anyhow::Result<OwnedFd> {
     attr[8..16].copy_from_slice(&(EMPTY.as_ptr() as u64).to_ne_bytes());
     attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
     attr[48..53].copy_from_slice(b"empty");
+    // expected_attach_type and attach_btf_id (0 for the types that take none).
+    attr[68..72].copy_from_slice(&attach_type.to_ne_bytes());
+    attr[108..112].copy_from_slice(&btf_id.to_ne_bytes());
     // SAFETY: attr is a valid bpf_attr of the size passed; the pointers in it (instructions,
     // license) outlive the call.
     let ret = unsafe {
@@ -142,6 +183,64 @@ fn attach_raw(program: &OwnedFd, name: &str) -> anyhow::Result<OwnedFd> {
         )
     };
     owned(ret, &format!("raw tracepoint {name}"))
+}
+
+/// Attaches a tracing program where its load bound it (`BPF_RAW_TRACEPOINT_OPEN` without a
+/// name).
+fn attach_traced(program: &OwnedFd, function: &str) -> anyhow::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let mut attr = [0u8; 128];
+    attr[8..12].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
+    // SAFETY: as in `load_program`.
+    let ret = unsafe {
+        syscall(
+            SYS_BPF,
+            BPF_RAW_TRACEPOINT_OPEN,
+            attr.as_ptr().cast::<c_void>(),
+            attr.len() as u32,
+        )
+    };
+    owned(ret, &format!("attach fexit on {function}"))
+}
+
+/// The id of function `name` (a `BTF_KIND_FUNC`) in the raw BTF `btf` (types numbered from 1,
+/// in order).
+fn btf_func_id(btf: &[u8], name: &str) -> anyhow::Result<u32> {
+    let u32_at = |at: usize| -> anyhow::Result<u32> {
+        let bytes = btf.get(at..at + 4).context("BTF cut short")?;
+        Ok(u32::from_ne_bytes(bytes.try_into()?))
+    };
+    if btf.get(0..2) != Some(&0xeb9f_u16.to_ne_bytes()[..]) {
+        bail!("not BTF (bad magic)");
+    }
+    let header = u32_at(4)? as usize;
+    let (type_off, type_len) = (u32_at(8)? as usize, u32_at(12)? as usize);
+    let str_off = u32_at(16)? as usize;
+    let (types, strings) = (header + type_off, header + str_off);
+    let name_at = |off: usize| -> &[u8] {
+        let rest = btf.get(strings + off..).unwrap_or_default();
+        &rest[..rest.iter().position(|&b| b == 0).unwrap_or(rest.len())]
+    };
+    let mut at = types;
+    let mut id = 1;
+    while at < types + type_len {
+        let (name_off, info) = (u32_at(at)? as usize, u32_at(at + 4)?);
+        let (kind, vlen) = ((info >> 24) & 0x1f, (info & 0xffff) as usize);
+        if kind == 12 && name_at(name_off) == name.as_bytes() {
+            return Ok(id);
+        }
+        // What follows the 12-byte common part, by kind (include/uapi/linux/btf.h).
+        at += 12
+            + match kind {
+                1 | 14 | 17 => 4,             // INT, VAR, DECL_TAG
+                3 => 12,                      // ARRAY
+                4 | 5 | 15 | 19 => 12 * vlen, // STRUCT, UNION, DATASEC, ENUM64
+                6 | 13 => 8 * vlen,           // ENUM, FUNC_PROTO
+                _ => 0,
+            };
+        id += 1;
+    }
+    bail!("no function {name} in the kernel's BTF")
 }
 
 fn attach_tracepoint(program: &OwnedFd, event: &str) -> anyhow::Result<OwnedFd> {
@@ -205,5 +304,22 @@ mod tests {
         );
         assert!(matches!(Hook::of_probe("console_sys_enter"), Hook::Raw(r) if r == "sys_enter"));
         assert!(matches!(Hook::of_probe("sched_switch"), Hook::Raw(r) if r == "sched_switch"));
+        assert!(
+            matches!(Hook::of_probe("console_fexit_write"), Hook::Fexit(f) if f == "__x64_sys_write")
+        );
+    }
+
+    /// The running kernel's own BTF: a function every kernel has is found, a made-up one is a
+    /// clear error.
+    #[test]
+    fn functions_are_found_in_the_kernels_btf() {
+        let btf = std::fs::read(super::VMLINUX_BTF).expect("this host has BTF");
+        let id = super::btf_func_id(&btf, "__x64_sys_write").expect("found");
+        assert!(id > 0);
+        let missing = super::btf_func_id(&btf, "no_such_function_here").unwrap_err();
+        assert!(
+            missing.to_string().contains("no_such_function_here"),
+            "{missing}"
+        );
     }
 }

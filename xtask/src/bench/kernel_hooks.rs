@@ -1,7 +1,8 @@
 //! `cargo xtask bench kernel-hooks [--kernel VERSION]...`: what console capture's hooks cost
 //! every task of each kernel of the matrix, by how they attach: `fexit` on the syscall
 //! handlers (where the kernel allows it) against the per-syscall tracepoints (which put every
-//! task on the syscall-tracing slow path), against nothing attached.
+//! task on the syscall-tracing slow path), against nothing attached, and against empty programs
+//! on the `fexit` collector's hooks (the floor of any program there).
 //!
 //! Inside each kernel-matrix guest (QEMU, TCG: figures are slow in absolute terms; compare the
 //! ratios within one kernel) `syscall-cost` (tests/src/bin/syscall_cost.rs) interleaves the
@@ -31,7 +32,7 @@ pub(crate) struct Options {
 }
 
 /// The modes `syscall-cost` measures, in table order.
-const MODES: [&str; 3] = ["nothing", "syscall_tracepoints", "fexit"];
+const MODES: [&str; 4] = ["nothing", "syscall_tracepoints", "fexit", "empty_fexit"];
 
 pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
     let args: Vec<String> = [
@@ -62,8 +63,10 @@ fn table(runs: &[KernelRun], options: &Options) -> String {
     let mut out = format!(
         "{} rounds, medians; pipe: µs per round trip ({} per measurement), getppid: ns per call \
          ({} per measurement)\n\n\
-         | kernel | mode | console hooks attached | pipe µs | vs nothing | getppid ns | vs nothing |\n\
-         | --- | --- | --- | --- | --- | --- | --- |\n",
+         *x empty*: what the mode adds to a pipe round trip over nothing, in multiples of what \
+         empty programs on the `fexit` collector's hooks add\n\n\
+         | kernel | mode | hooks attached | pipe µs | vs nothing | x empty | getppid ns | vs nothing |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- |\n",
         options.rounds, options.pipe_loops, options.syscall_loops
     );
     for run in runs {
@@ -100,9 +103,18 @@ fn table(runs: &[KernelRun], options: &Options) -> String {
             let show = |v: Option<f64>, digits: usize| {
                 v.map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"))
             };
+            let empty_cost = figure("empty_fexit", "pipe_us")
+                .zip(base_pipe)
+                .map(|(e, b)| e - b);
+            let times_empty = match (pipe, base_pipe, empty_cost) {
+                (Some(p), Some(b), Some(e)) if mode != "nothing" && e > 0.0 => {
+                    format!("{:.1}x", (p - b) / e)
+                }
+                _ => "-".to_owned(),
+            };
             let _ = writeln!(
                 out,
-                "| {} | {mode} | {hooks} | {} | {} | {} | {} |",
+                "| {} | {mode} | {hooks} | {} | {} | {times_empty} | {} | {} |",
                 run.release.as_deref().unwrap_or(&run.version),
                 show(pipe, 2),
                 if mode == "nothing" {

@@ -58,11 +58,7 @@ const SUITES: &[&str] = &["discovery", "lifecycle", "sched", "console"];
 /// that refuses `fexit`, like the CI host's) and the raw-syscall fallback are each forced on
 /// some of them.
 const FORCED_CONSOLE: &[(&str, &str, &[&str])] = &[
-    (
-        "console-raw-syscalls",
-        "raw_syscalls",
-        &["5.10.223"],
-    ),
+    ("console-raw-syscalls", "raw_syscalls", &["5.10.223"]),
     (
         "console-syscall-tracepoints",
         "syscall_tracepoints",

@@ -44,7 +44,12 @@ const PERF_EVENT_IOC_ENABLE: c_long = 0x2400;
 unsafe extern "C" {
     fn syscall(number: c_long, ...) -> c_long;
     fn ioctl(fd: c_int, request: c_long, ...) -> c_int;
+    fn setrlimit(resource: c_int, limit: *const [u64; 2]) -> c_int;
 }
+
+/// `RLIMIT_MEMLOCK` (x86_64), and `RLIM_INFINITY`.
+const RLIMIT_MEMLOCK: c_int = 8;
+const RLIM_INFINITY: u64 = u64::MAX;
 
 /// `r0 = 0; exit`: `BPF_ALU64 | BPF_MOV | BPF_K` to r0, then `BPF_JMP | BPF_EXIT`.
 const EMPTY: [u64; 2] = [0xb7, 0x95];
@@ -88,6 +93,13 @@ pub(super) struct EmptyPrograms {
 
 impl EmptyPrograms {
     pub(super) fn attach(hooks: &[Hook]) -> anyhow::Result<Self> {
+        // Kernels before 5.11 charge BPF memory to the user's locked memory, against this
+        // process's limit: a collector that just stopped may still hold the default's worth.
+        let unlimited = [RLIM_INFINITY, RLIM_INFINITY];
+        // SAFETY: setrlimit reads a valid `struct rlimit` (two u64s).
+        if unsafe { setrlimit(RLIMIT_MEMLOCK, &raw const unlimited) } != 0 {
+            return Err(last_error("lift RLIMIT_MEMLOCK"));
+        }
         let raw = load(BPF_PROG_TYPE_RAW_TRACEPOINT).context("load a raw tracepoint program")?;
         let classic = load(BPF_PROG_TYPE_TRACEPOINT).context("load a tracepoint program")?;
         let mut fds = Vec::new();

@@ -1,12 +1,16 @@
 //! Console capture: the bytes tracked VMMs write to their stdout, stderr and console files.
 //!
-//! Two programs do the work, one at syscall entry and one at exit, attached to the per-syscall
+//! Where the kernel allows it, one `fexit` program per followed syscall on its handler
+//! (`__x64_sys_write`, ...) does the work at once, with the arguments and the return value
+//! ([`on_fexit`]): no task is put on the syscall-tracing slow path. Otherwise two programs do
+//! the work, one at syscall entry and one at exit, attached to the per-syscall
 //! tracepoints (`syscalls/sys_enter_<name>`, `syscalls/sys_exit_<name>`) of the dozen syscalls
 //! that matter, so no other syscall on the host runs them. On a kernel without those
 //! tracepoints (no `CONFIG_FTRACE_SYSCALLS`) userspace attaches the same logic as `tp_btf`
 //! programs on the raw `sys_enter`/`sys_exit` tracepoints instead, which run for every syscall
 //! and filter by number. Both pairs only fetch the number and arguments and call [`on_enter`]
-//! and [`on_exit`]:
+//! and [`on_exit`] (which stash between [`begin`] and [`complete`], what `fexit` calls
+//! directly):
 //!
 //! - At entry, for a tracked process, the arguments are stashed per thread in
 //!   [`CONSOLE_PENDING`]. A write is stashed only when its descriptor is a console (see

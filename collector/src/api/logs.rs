@@ -60,7 +60,8 @@ struct Filter {
 
 impl Filter {
     fn keep(&self, record: &LogRecord) -> bool {
-        self.stream.is_none_or(|s| s == record.stream) && self.since.is_none_or(|t| record.ts >= t)
+        self.stream.is_none_or(|s| s == record.stream)
+            && self.since.is_none_or(|t| record.ts.system_time() >= t)
     }
 }
 

@@ -191,7 +191,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => Config::default(),
             };
             logging::init(log_format);
-            limit_malloc_arenas();
+            tune_malloc();
             let tokio = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -461,13 +461,26 @@ fn instances_table(instances: &[InstanceView]) -> String {
     out
 }
 
-/// Two glibc malloc arenas instead of up to eight per core: each thread that allocates would
-/// otherwise get an arena of its own (the async workers, the blocking pool, the file writer),
-/// and memory freed in one is not reused by the others, so it stays in the RSS.
-fn limit_malloc_arenas() {
+/// Bytes from which glibc maps an allocation of its own (and unmaps it when freed), and free
+/// bytes at the top of a heap past which it gives them back: glibc's initial values.
+#[cfg(target_env = "gnu")]
+const MALLOC_MMAP_AND_TRIM_THRESHOLD: i32 = 128 * 1024;
+
+/// Keeps glibc's malloc from holding freed memory in the RSS (measured in docs/benchmarks.md
+/// "memory": together about 12 MiB at 1000 instances):
+/// - One arena instead of up to eight per core: each thread that allocates would otherwise get
+///   an arena of its own (the async workers, the blocking pool, the file writer), and memory
+///   freed in one is not reused by the others. The threads are few (two async workers) and
+///   each keeps a cache of small chunks, so they seldom wait for the arena's lock.
+/// - Fixed mmap and trim thresholds: by default, freeing a large mapped block (a `/metrics`
+///   body of some MiB at 1000 instances) raises both up to that size, so later bodies come
+///   from the heap and up to twice that stays there once freed.
+fn tune_malloc() {
     #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only sets an allocator parameter; called before the threads start.
+    // SAFETY: mallopt only sets allocator parameters; called before the threads start.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MALLOC_MMAP_AND_TRIM_THRESHOLD);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, MALLOC_MMAP_AND_TRIM_THRESHOLD);
     }
 }

@@ -4,7 +4,7 @@
 
 use std::{
     sync::Arc,
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Deserialize, Serialize};
@@ -39,8 +39,9 @@ impl Stream {
     }
 }
 
-/// How a line ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a line ended. Two words: a record holds one, and gaps are rare, so a gap's details
+/// live in a box of their own.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum LineEnd {
     /// A line terminator.
     Newline,
@@ -52,7 +53,44 @@ pub(crate) enum LineEnd {
     Cut(u64),
     /// Not a line: the mark of a place in the stream where output is missing. The line before
     /// it ended there and is not joined to the line after.
-    Gap(Gap),
+    Gap(Box<Gap>),
+}
+
+impl LineEnd {
+    /// The mark of missing output (see [`LineEnd::Gap`]).
+    pub(crate) fn gap(reason: GapReason, dropped_bytes: Option<u64>, since: SystemTime) -> Self {
+        Self::Gap(Box::new(Gap {
+            reason,
+            dropped_bytes,
+            since,
+        }))
+    }
+
+    /// Heap bytes held besides the value itself: a gap's box.
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Self::Gap(_) => size_of::<Gap>(),
+            _ => 0,
+        }
+    }
+}
+
+/// A wall-clock time in nanoseconds since the Unix epoch (earlier times are the epoch): a
+/// record's time in 8 bytes where a `SystemTime` takes 16; it lasts until 2554.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct UnixNanos(u64);
+
+impl UnixNanos {
+    pub(crate) fn system_time(self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_nanos(self.0)
+    }
+}
+
+impl From<SystemTime> for UnixNanos {
+    fn from(t: SystemTime) -> Self {
+        let since_epoch = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+        Self(u64::try_from(since_epoch.as_nanos()).unwrap_or(u64::MAX))
+    }
 }
 
 /// Output missing from a stream, at the place it went missing.
@@ -178,15 +216,16 @@ pub(crate) trait ConsoleSubscriber: Send {
     fn close(self: Box<Self>);
 }
 
-/// One line of an instance's console output.
+/// One line of an instance's console output. Kept compact (72 bytes): the histories hold
+/// millions of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct LogRecord {
     /// Kernel time of the write that began the line.
-    pub(crate) ts: SystemTime,
+    pub(crate) ts: UnixNanos,
     pub(crate) instance_uuid: Arc<str>,
     pub(crate) stream: Stream,
-    /// The line without its terminator; invalid UTF-8 replaced by U+FFFD.
-    pub(crate) message: String,
+    /// The line without its terminator; invalid UTF-8 replaced by U+FFFD. No spare capacity.
+    pub(crate) message: Box<str>,
     /// Per (instance, stream), from 1, without gaps.
     pub(crate) seq: u64,
     pub(crate) invalid_utf8: bool,
@@ -198,7 +237,7 @@ impl LogRecord {
     /// A whole, valid line at time zero, for tests.
     pub(crate) fn test_line(uuid: &str, stream: Stream, seq: u64, message: &str) -> Arc<Self> {
         Arc::new(Self {
-            ts: SystemTime::UNIX_EPOCH,
+            ts: UnixNanos::default(),
             instance_uuid: uuid.into(),
             stream,
             message: message.into(),
@@ -263,10 +302,10 @@ impl LogRecord {
     #[cfg(test)]
     pub(crate) fn view(&self) -> LogRecordView {
         LogRecordView {
-            ts: time::rfc3339(self.ts),
+            ts: time::rfc3339(self.ts.system_time()),
             instance_uuid: self.instance_uuid.to_string(),
             stream: self.stream,
-            message: self.message.clone(),
+            message: self.message.to_string(),
             seq: self.seq,
             invalid_utf8: self.invalid_utf8,
             split: self.end == LineEnd::Split,
@@ -276,15 +315,15 @@ impl LogRecord {
                 _ => None,
             },
             gap: matches!(self.end, LineEnd::Gap(_)),
-            gap_reason: match self.end {
+            gap_reason: match &self.end {
                 LineEnd::Gap(gap) => Some(gap.reason.as_str().to_owned()),
                 _ => None,
             },
-            dropped_bytes: match self.end {
+            dropped_bytes: match &self.end {
                 LineEnd::Gap(gap) => gap.dropped_bytes,
                 _ => None,
             },
-            gap_since: match self.end {
+            gap_since: match &self.end {
                 LineEnd::Gap(gap) => Some(time::rfc3339(gap.since)),
                 _ => None,
             },
@@ -313,7 +352,7 @@ impl LogRecord {
     /// [`Identity`] ([`identity_json`]), encoded once for many lines.
     pub(crate) fn write_ndjson_as(&self, out: &mut Vec<u8>, identity: Option<&[u8]>) {
         out.extend_from_slice(b"{\"ts\":\"");
-        write_rfc3339(self.ts, out);
+        write_rfc3339(self.ts.system_time(), out);
         out.extend_from_slice(b"\",\"instance_uuid\":");
         let _ = serde_json::to_writer(&mut *out, &*self.instance_uuid);
         out.extend_from_slice(b",\"stream\":\"");
@@ -325,12 +364,12 @@ impl LogRecord {
         if self.invalid_utf8 {
             out.extend_from_slice(b",\"invalid_utf8\":true");
         }
-        match self.end {
+        match &self.end {
             LineEnd::Split => out.extend_from_slice(b",\"split\":true"),
             LineEnd::Partial => out.extend_from_slice(b",\"partial\":true"),
             LineEnd::Cut(n) => {
                 out.extend_from_slice(b",\"cut_bytes\":");
-                push_digits(out, n, 1);
+                push_digits(out, *n, 1);
             }
             LineEnd::Gap(gap) => {
                 out.extend_from_slice(b",\"gap\":true,\"gap_reason\":\"");
@@ -354,9 +393,13 @@ impl LogRecord {
     }
 
     /// Bytes the record holds, for memory and queue accounting: the record, its `Arc`'s two
-    /// counters, its text's heap allocation, and the slot that points at it.
+    /// counters, its text's heap allocation, a gap's box, and the slot that points at it.
     pub(crate) fn size(&self) -> usize {
-        size_of::<Self>() + 2 * size_of::<usize>() + self.message.capacity() + size_of::<usize>()
+        size_of::<Self>()
+            + 2 * size_of::<usize>()
+            + self.message.len()
+            + self.end.heap_bytes()
+            + size_of::<usize>()
     }
 }
 
@@ -458,7 +501,7 @@ mod tests {
     #[test]
     fn ndjson_shape() {
         let record = LogRecord {
-            ts: UNIX_EPOCH + Duration::new(1_795_845_042, 260_170_791),
+            ts: (UNIX_EPOCH + Duration::new(1_795_845_042, 260_170_791)).into(),
             instance_uuid: "i-1".into(),
             stream: Stream::Console,
             message: "a\0b".into(),
@@ -473,6 +516,20 @@ mod tests {
         );
         let back: LogRecordView = serde_json::from_str(&record.to_ndjson()).unwrap();
         assert_eq!(back, record.view());
+    }
+
+    #[test]
+    fn record_is_compact() {
+        // The figures docs/console.md "Sizing" gives.
+        assert_eq!(size_of::<LogRecord>(), 72);
+        let line = LogRecord::test_line("i-1", Stream::Console, 1, &"x".repeat(100));
+        assert_eq!(line.size(), 196);
+        let gap = LogRecord {
+            message: Box::default(),
+            end: LineEnd::gap(GapReason::Unknown, None, UNIX_EPOCH),
+            ..(*line).clone()
+        };
+        assert_eq!(gap.size(), 96 + size_of::<Gap>());
     }
 
     #[test]
@@ -511,19 +568,15 @@ mod tests {
                 LineEnd::Split,
                 LineEnd::Partial,
                 LineEnd::Cut(7),
-                LineEnd::Gap(Gap {
-                    reason: GapReason::KernelRing,
-                    dropped_bytes: Some(4096),
-                    since: UNIX_EPOCH + Duration::new(secs / 2, nanos / 3),
-                }),
-                LineEnd::Gap(Gap {
-                    reason: GapReason::CollectorDown,
-                    dropped_bytes: None,
-                    since: UNIX_EPOCH,
-                }),
+                LineEnd::gap(
+                    GapReason::KernelRing,
+                    Some(4096),
+                    UNIX_EPOCH + Duration::new(secs / 2, nanos / 3),
+                ),
+                LineEnd::gap(GapReason::CollectorDown, None, UNIX_EPOCH),
             ] {
                 let record = LogRecord {
-                    ts: UNIX_EPOCH + Duration::new(secs, nanos),
+                    ts: (UNIX_EPOCH + Duration::new(secs, nanos)).into(),
                     instance_uuid: "a\"b/\u{1}".into(),
                     stream: Stream::Stderr,
                     message: "tab\t \"q\" \\ é \u{fffd}".into(),

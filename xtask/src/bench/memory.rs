@@ -1,8 +1,8 @@
 //! `cargo xtask bench memory`: what the collector holds with 0, 200 and 1000 instances.
 //!
-//! For each count, a fresh collector; that many stand-in VMMs (the test stand-in, copied as
-//! `firecracker`, one vCPU-less process each) write 16 KiB of console each (64 lines of 256
-//! bytes) and stay alive. Once every line is counted and the collector has settled, it reads the
+//! For each count, a fresh collector with a log folder of its own; that many stand-in VMMs (the
+//! test stand-in, copied as `firecracker`, one vCPU-less process each) write 16 KiB of console
+//! each (64 lines of 256 bytes) and stay alive. Once every line is counted and the collector has settled, it reads the
 //! collector's RSS (`/proc/PID/status`: `VmRSS`, split into anonymous and file/shared), the size
 //! of `/metrics` and its series count, and the median time of 5 scrapes. With
 //! `--compare-with COLLECTOR` (a binary built from main, say) the same for that binary, in the
@@ -88,10 +88,12 @@ pub(super) fn run(args: &Args) -> anyhow::Result<()> {
     }
     let mut rows = Vec::new();
     let result = (|| -> anyhow::Result<()> {
+        let mut run = 0;
         for &n in &args.instances {
             for (name, binary) in &binaries {
                 eprintln!("bench: {name}, {n} instances");
-                let f = measure(binary, &standin, &work, n, args.console_bytes)?;
+                run += 1;
+                let f = measure(binary, &standin, &work, run, n, args.console_bytes)?;
                 rows.push(format!(
                     "| {name} | {n} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.0} KiB, {} series | {:.1} ms |",
                     f.rss_kib as f64 / 1024.0,
@@ -119,6 +121,7 @@ fn measure(
     binary: &Path,
     standin: &Path,
     work: &Path,
+    run: usize,
     instances: usize,
     console_bytes: u64,
 ) -> anyhow::Result<Figures> {
@@ -126,7 +129,9 @@ fn measure(
         .local_addr()?
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let tag = format!("mem{instances}-{}", std::process::id());
+    // Each measurement's own log folder and instance ids: a folder a run before wrote to would
+    // be read back (the streams resumed, the instances that departed remembered).
+    let tag = format!("mem{instances}-{}-{run}", std::process::id());
     let dir = work.join(format!("{tag}-logs"));
     let stderr = std::fs::File::create(work.join(format!("{tag}.stderr")))?;
     // The stand-ins' folder is the bench's own: trusted, or the collector refuses them.

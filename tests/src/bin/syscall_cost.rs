@@ -134,7 +134,14 @@ struct Collector {
 }
 
 impl Collector {
-    fn stop(mut self) {
+    fn stop(self) {
+        drop(self);
+    }
+}
+
+/// Stopped however the bench ends (an error or a panic too): no collector outlives it.
+impl Drop for Collector {
+    fn drop(&mut self) {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();

@@ -179,31 +179,25 @@ fn load_program(prog_type: u32, attach_type: u32, btf_id: u32) -> anyhow::Result
 }
 
 fn attach_raw(program: &OwnedFd, name: &str) -> anyhow::Result<OwnedFd> {
-    use std::os::fd::AsRawFd;
     let name_c = CString::new(name)?;
-    // raw_tracepoint: name (pointer), prog_fd.
-    let mut attr = [0u8; 128];
-    attr[0..8].copy_from_slice(&(name_c.as_ptr() as u64).to_ne_bytes());
-    attr[8..12].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
-    // SAFETY: as in `load`; the name outlives the call.
-    let ret = unsafe {
-        syscall(
-            SYS_BPF,
-            BPF_RAW_TRACEPOINT_OPEN,
-            attr.as_ptr().cast::<c_void>(),
-            attr.len() as u32,
-        )
-    };
-    owned(ret, &format!("raw tracepoint {name}"))
+    raw_tracepoint_open(program, Some(&name_c)).with_context(|| format!("raw tracepoint {name}"))
 }
 
-/// Attaches a tracing program where its load bound it (`BPF_RAW_TRACEPOINT_OPEN` without a
-/// name).
+/// Attaches a tracing program where its load bound it.
 fn attach_traced(program: &OwnedFd, function: &str) -> anyhow::Result<OwnedFd> {
+    raw_tracepoint_open(program, None).with_context(|| format!("attach fexit on {function}"))
+}
+
+/// `BPF_RAW_TRACEPOINT_OPEN`: on the raw tracepoint `name`, or without one for a tracing
+/// program (which its load bound to its target).
+fn raw_tracepoint_open(program: &OwnedFd, name: Option<&CString>) -> anyhow::Result<OwnedFd> {
     use std::os::fd::AsRawFd;
+    // raw_tracepoint: name (pointer, or 0), prog_fd.
     let mut attr = [0u8; 128];
+    let name_ptr = name.map_or(0, |n| n.as_ptr() as u64);
+    attr[0..8].copy_from_slice(&name_ptr.to_ne_bytes());
     attr[8..12].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
-    // SAFETY: as in `load_program`.
+    // SAFETY: as in `load_program`; the name outlives the call.
     let ret = unsafe {
         syscall(
             SYS_BPF,
@@ -212,7 +206,7 @@ fn attach_traced(program: &OwnedFd, function: &str) -> anyhow::Result<OwnedFd> {
             attr.len() as u32,
         )
     };
-    owned(ret, &format!("attach fexit on {function}"))
+    owned(ret, "BPF_RAW_TRACEPOINT_OPEN")
 }
 
 /// The id of function `name` (a `BTF_KIND_FUNC`) in the raw BTF `btf` (types numbered from 1,

@@ -234,19 +234,21 @@ pub(crate) fn load(config: &KernelConfig, plan: &KernelPlan) -> Result<Kernel, L
     let offsets = btf_offsets::kernel_offsets(Path::new(VMLINUX_BTF))?;
     let btf = Btf::from_sys_fs()?;
     let syscalls = syscalls::numbers();
-    // The tracepoints' layout is set at load even when `fexit` is tried first: the object is
-    // loaded once, and the tracepoints are the fallback.
-    let console_hooks = match config.console_hooks {
-        ConsoleHooksMode::Auto | ConsoleHooksMode::SyscallTracepoints => tracefs::console_hooks(),
-        // Never used: `fexit` mode has no fallback.
-        ConsoleHooksMode::Fexit => ConsoleHooks::Raw("kernel.console_hooks = \"fexit\"".to_owned()),
-        ConsoleHooksMode::RawSyscalls => {
-            ConsoleHooks::Raw("kernel.console_hooks = \"raw_syscalls\"".to_owned())
-        }
+    let console_plan = match config.console_hooks {
+        ConsoleHooksMode::Auto => ConsolePlan::Fexit {
+            fallback: Some(tracefs::console_hooks()),
+        },
+        ConsoleHooksMode::Fexit => ConsolePlan::Fexit { fallback: None },
+        ConsoleHooksMode::SyscallTracepoints => ConsolePlan::Hooks(tracefs::console_hooks()),
+        ConsoleHooksMode::RawSyscalls => ConsolePlan::Hooks(ConsoleHooks::Raw(
+            "kernel.console_hooks = \"raw_syscalls\"".to_owned(),
+        )),
     };
-    let tp_offsets = match &console_hooks {
-        ConsoleHooks::PerSyscall { offsets, .. } => *offsets,
-        ConsoleHooks::Raw(_) => SyscallTpOffsets::default(),
+    // Set at load even when `fexit` comes first: the object is loaded once, and the
+    // tracepoints are the fallback.
+    let tp_offsets = match console_plan.hooks() {
+        Some(ConsoleHooks::PerSyscall { offsets, .. }) => *offsets,
+        _ => SyscallTpOffsets::default(),
     };
 
     let mut ebpf = EbpfLoader::new()
@@ -297,12 +299,7 @@ pub(crate) fn load(config: &KernelConfig, plan: &KernelPlan) -> Result<Kernel, L
         .iter()
         .map(|spec| attach(&mut ebpf, &btf, spec))
         .collect();
-    probes.extend(attach_console(
-        &mut ebpf,
-        &btf,
-        config.console_hooks,
-        console_hooks,
-    ));
+    probes.extend(attach_console(&mut ebpf, &btf, console_plan));
     Ok(Kernel {
         tracked: TrackedProcesses::new(
             take_map(&mut ebpf, map::TRACKED_PROCESSES)?,
@@ -428,26 +425,41 @@ fn attach(ebpf: &mut Ebpf, btf: &Btf, spec: &ProbeSpec) -> ProbeState {
     probe_state(spec.program, spec.tracepoint, spec.feature, result)
 }
 
-/// Console capture's programs, by `mode`: `fexit` on the followed syscalls' handlers where the
+/// Which console hooks to attach, in the order to try them (from `kernel.console_hooks`).
+enum ConsolePlan {
+    /// `fexit` on the followed syscalls' handlers; if the kernel refuses it, `fallback` (none
+    /// when `fexit` is forced).
+    Fexit { fallback: Option<ConsoleHooks> },
+    /// These hooks, without trying `fexit`.
+    Hooks(ConsoleHooks),
+}
+
+impl ConsolePlan {
+    /// The tracepoint hooks the plan may attach.
+    fn hooks(&self) -> Option<&ConsoleHooks> {
+        match self {
+            Self::Fexit { fallback } => fallback.as_ref(),
+            Self::Hooks(hooks) => Some(hooks),
+        }
+    }
+}
+
+/// Console capture's programs, by `plan`: `fexit` on the followed syscalls' handlers where the
 /// kernel allows all of them (no task then pays the syscall-tracing slow path), else on every
 /// per-syscall tracepoint of the followed syscalls (one probe each: a missing tracepoint loses
 /// only its syscall), or on the raw syscall tracepoints.
-fn attach_console(
-    ebpf: &mut Ebpf,
-    btf: &Btf,
-    mode: ConsoleHooksMode,
-    hooks: ConsoleHooks,
-) -> Vec<ProbeState> {
-    if matches!(mode, ConsoleHooksMode::Auto | ConsoleHooksMode::Fexit) {
-        match attach_console_fexit(ebpf, btf) {
-            Ok(probes) => {
+fn attach_console(ebpf: &mut Ebpf, btf: &Btf, plan: ConsolePlan) -> Vec<ProbeState> {
+    let hooks = match plan {
+        ConsolePlan::Hooks(hooks) => hooks,
+        ConsolePlan::Fexit { fallback } => match (attach_console_fexit(ebpf, btf), fallback) {
+            (Ok(probes), _) => {
                 info!(
                     hooks = "fexit",
                     "console capture on fexit programs on the syscall handlers"
                 );
                 return probes;
             }
-            Err(refused) if mode == ConsoleHooksMode::Fexit => {
+            (Err(refused), None) => {
                 return vec![probe_state(
                     refused.program,
                     &refused.handler,
@@ -455,16 +467,19 @@ fn attach_console(
                     Err(refused.error),
                 )];
             }
-            Err(refused) => info!(
-                program = refused.program,
-                handler = %refused.handler,
-                error = %refused.error,
-                "fexit on the syscall handlers refused by this kernel: console capture falls \
-                 back to the syscall tracepoints (every task then takes the syscall-tracing \
-                 slow path)"
-            ),
-        }
-    }
+            (Err(refused), Some(fallback)) => {
+                info!(
+                    program = refused.program,
+                    handler = %refused.handler,
+                    error = %refused.error,
+                    "fexit on the syscall handlers refused by this kernel: console capture falls \
+                     back to the syscall tracepoints (every task then takes the syscall-tracing \
+                     slow path)"
+                );
+                fallback
+            }
+        },
+    };
     let events = match hooks {
         ConsoleHooks::Raw(reason) => {
             info!(
@@ -527,50 +542,26 @@ struct FexitRefused {
 /// the tracepoints, rather than missing a syscall).
 fn attach_console_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<ProbeState>, FexitRefused> {
     let mut attached: Vec<(&'static str, String)> = Vec::new();
-    let mut refusal = None;
     for syscall in syscalls::SYSCALLS.iter().filter(|s| s.number.is_some()) {
         let handler = syscall.handler();
-        let result = (|| -> Result<(), String> {
-            let program: &mut FExit = ebpf
-                .program_mut(syscall.fexit_program)
-                .ok_or("program missing from the object")?
-                .try_into()
-                .map_err(|e| format!("{e}"))?;
-            program
-                .load(&handler, btf)
-                .map_err(|e| format!("load: {e}"))?;
-            program.attach().map_err(|e| format!("attach: {e}"))?;
-            Ok(())
-        })();
-        match result {
-            Ok(()) => attached.push((syscall.fexit_program, handler)),
-            Err(error) => {
-                refusal = Some(FexitRefused {
-                    program: syscall.fexit_program,
-                    handler,
-                    error,
-                });
-                break;
+        if let Err(error) = attach_fexit(ebpf, btf, syscall.fexit_program, &handler) {
+            // All or none: the attached ones go, and whatever the refused one's load kept.
+            let loaded = attached.iter().map(|(program, _)| *program);
+            for program in loaded.chain([syscall.fexit_program]) {
+                if let Some(program) = ebpf
+                    .program_mut(program)
+                    .and_then(|p| <&mut FExit>::try_from(p).ok())
+                {
+                    let _ = program.unload();
+                }
             }
+            return Err(FexitRefused {
+                program: syscall.fexit_program,
+                handler,
+                error,
+            });
         }
-    }
-    if let Some(refused) = refusal {
-        for (name, _) in &attached {
-            if let Some(program) = ebpf
-                .program_mut(name)
-                .and_then(|p| <&mut FExit>::try_from(p).ok())
-            {
-                let _ = program.unload();
-            }
-        }
-        // A program refused at load is unloaded too (aya keeps nothing of it).
-        if let Some(program) = ebpf
-            .program_mut(refused.program)
-            .and_then(|p| <&mut FExit>::try_from(p).ok())
-        {
-            let _ = program.unload();
-        }
-        return Err(refused);
+        attached.push((syscall.fexit_program, handler));
     }
     Ok(attached
         .into_iter()
@@ -583,6 +574,20 @@ fn attach_console_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<ProbeState>, F
             )
         })
         .collect())
+}
+
+/// Loads the `fexit` program `name` on kernel function `function` and attaches it.
+fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf, name: &str, function: &str) -> Result<(), String> {
+    let program: &mut FExit = ebpf
+        .program_mut(name)
+        .ok_or("program missing from the object")?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    program
+        .load(function, btf)
+        .map_err(|e| format!("load: {e}"))?;
+    program.attach().map_err(|e| format!("attach: {e}"))?;
+    Ok(())
 }
 
 /// Logs what became of a probe.

@@ -1,15 +1,17 @@
 //! `syscall-cost`: what the collector's console hooks cost every task of the machine it runs
 //! on, by the way they are attached. Run inside the kernel-matrix guests by
 //! `cargo xtask bench kernel-hooks` (each kernel decides which hooks it allows); runs anywhere
-//! as root.
+//! as root, with the collector the test harness finds (`COLLECTOR_BIN`, which the guests' plan
+//! sets).
 //!
 //! Modes, interleaved round by round: `nothing` (no collector), `syscall_tracepoints` and
 //! `fexit` (a collector with `kernel.console_hooks` forced to that value, following nothing:
 //! what every task the collector does not follow pays), and `empty_fexit`: empty programs
 //! (`r0 = 0; exit`) on exactly the hooks the `fexit` collector attached, the floor any program
-//! there costs (after the first `fexit` measurement, which names them). Each round measures a pipe ping-pong
-//! between two threads (a round trip is 2 writes, 2 reads, 2 wake-ups, 2 context switches) and
-//! a `getppid` loop (a syscall no program follows). One line a measurement on stdout:
+//! there costs (after the first `fexit` measurement, which names them). Each round measures a
+//! pipe ping-pong between two threads (a round trip is 2 writes, 2 reads, 2 wake-ups, 2 context
+//! switches) and a `getppid` loop (a syscall no program follows). One line a measurement on
+//! stdout:
 //!
 //! - `bench MODE pipe_us VALUE`, `bench MODE getppid_ns VALUE`
 //! - `bench MODE hooks N` (console probes attached; for `empty_fexit`, all its programs),
@@ -17,13 +19,10 @@
 //!
 //! Nothing here judges the figures: the bench that runs it prints them side by side.
 
-use std::{
-    fs::File,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
+use collector_tests::Collector;
 use serde_json::Value;
 
 // The overhead bench's empty programs, shared with the host bench (std and anyhow only).
@@ -32,10 +31,7 @@ mod empty_programs;
 
 use empty_programs::{EmptyPrograms, Hook};
 
-const ADDR: &str = "127.0.0.1:9479";
-
 struct Options {
-    collector: String,
     rounds: u32,
     pipe_loops: u32,
     syscall_loops: u32,
@@ -66,7 +62,7 @@ fn main() -> anyhow::Result<()> {
                     empty = Some(EmptyPrograms::attach(&hooks)?);
                     None
                 }
-                _ => match start_collector(&options.collector, mode)? {
+                _ => match start_collector(mode) {
                     Ok((collector, probes)) => {
                         if mode == "fexit" && fexit_probes.is_empty() {
                             println!("bench empty_fexit hooks {}", probes.len());
@@ -85,9 +81,7 @@ fn main() -> anyhow::Result<()> {
             let getppid = getppid_ns(options.syscall_loops);
             println!("bench {mode} pipe_us {pipe:.3}");
             println!("bench {mode} getppid_ns {getppid:.1}");
-            if let Some(collector) = collector {
-                collector.stop();
-            }
+            drop(collector);
             drop(empty);
         }
     }
@@ -96,7 +90,6 @@ fn main() -> anyhow::Result<()> {
 
 fn parse_args() -> anyhow::Result<Options> {
     let mut options = Options {
-        collector: "collector".to_owned(),
         rounds: 3,
         pipe_loops: 20_000,
         syscall_loops: 1_000_000,
@@ -112,14 +105,10 @@ fn parse_args() -> anyhow::Result<Options> {
                 .with_context(|| format!("{flag} {value}"))
         };
         match flag.as_str() {
-            "--collector" => options.collector.clone_from(&value),
             "--rounds" => options.rounds = number()?,
             "--pipe-loops" => options.pipe_loops = number()?,
             "--syscall-loops" => options.syscall_loops = number()?,
-            _ => bail!(
-                "unknown flag {flag} (--collector PATH, --rounds N, --pipe-loops N, \
-                 --syscall-loops N)"
-            ),
+            _ => bail!("unknown flag {flag} (--rounds N, --pipe-loops N, --syscall-loops N)"),
         }
     }
     Ok(options)
@@ -129,66 +118,13 @@ fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-struct Collector {
-    child: Child,
-}
-
-impl Collector {
-    fn stop(self) {
-        drop(self);
-    }
-}
-
-/// Stopped however the bench ends (an error or a panic too): no collector outlives it.
-impl Drop for Collector {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
-/// A collector with `kernel.console_hooks = mode`, ready, and every probe it attached; `Err`
-/// (inner) when its console probes did not attach in that mode (the kernel refused them), with
-/// the reason.
-fn start_collector(
-    path: &str,
-    mode: &str,
-) -> anyhow::Result<Result<(Collector, Vec<String>), String>> {
-    let dir = std::env::temp_dir().join(format!("syscall-cost-{mode}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let config = dir.join("collector.toml");
-    std::fs::write(&config, format!("[kernel]\nconsole_hooks = \"{mode}\"\n"))?;
-    let child = Command::new(path)
-        .args(["run", "--listen", ADDR, "--config"])
-        .arg(&config)
-        .arg("--log-dir")
-        .arg(dir.join("logs"))
-        .stdout(Stdio::null())
-        .stderr(File::create(dir.join("collector.stderr"))?)
-        .spawn()
-        .with_context(|| format!("start {path}"))?;
-    let collector = Collector { child };
-    let agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .new_agent();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let ready = loop {
-        if Instant::now() > deadline {
-            collector.stop();
-            bail!("collector ({mode}) not ready within 300 s");
-        }
-        if let Ok(mut response) = agent.get(format!("http://{ADDR}/readyz")).call()
-            && response.status() == 200
-            && let Ok(body) = response.body_mut().read_to_string()
-        {
-            break serde_json::from_str::<Value>(&body)?;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+/// A collector with `kernel.console_hooks = mode`, ready (the harness's: it is killed when
+/// dropped, however the bench ends), and every probe it attached; `Err` when its console probes
+/// did not attach in that mode (the kernel refused them), with the reason.
+fn start_collector(mode: &str) -> Result<(Collector, Vec<String>), String> {
+    let collector =
+        Collector::start_with_config(&format!("[kernel]\nconsole_hooks = \"{mode}\"\n"));
+    let ready = collector.get_json("/readyz");
     let prefix = if mode == "fexit" {
         "console_fexit_"
     } else {
@@ -208,8 +144,7 @@ fn start_collector(
             .and_then(|p| p["error"].as_str())
             .unwrap_or("no console probe attached")
             .to_owned();
-        collector.stop();
-        return Ok(Err(why));
+        return Err(why);
     }
     println!("bench {mode} hooks {attached}");
     let probes = ready["probes"]
@@ -219,7 +154,7 @@ fn start_collector(
         .filter(|p| p["attached"] == true)
         .filter_map(|p| p["probe"].as_str().map(str::to_owned))
         .collect();
-    Ok(Ok((collector, probes)))
+    Ok((collector, probes))
 }
 
 /// µs per round trip of one byte between two threads over two pipes.

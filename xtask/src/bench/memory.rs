@@ -2,11 +2,12 @@
 //!
 //! For each count, a fresh collector with a log folder of its own; that many stand-in VMMs (the
 //! test stand-in, copied as `firecracker`, one vCPU-less process each) write 16 KiB of console
-//! each (64 lines of 256 bytes) and stay alive. Once every line is counted and the collector has settled, it reads the
-//! collector's RSS (`/proc/PID/status`: `VmRSS`, split into anonymous and file/shared), the size
-//! of `/metrics` and its series count, and the median time of 5 scrapes. With
-//! `--compare-with COLLECTOR` (a binary built from main, say) the same for that binary, in the
-//! same run. The machine is shared: RSS is stable, scrape times are medians.
+//! each (64 lines of 256 bytes) and stay alive. Once every line is counted and the collector
+//! has settled, it reads the collector's RSS (`/proc/PID/status`: `VmRSS`, split into
+//! anonymous and file/shared), the size of `/metrics` and its series count, and the median
+//! time of 5 scrapes. With `--compare-with COLLECTOR` (a binary built from main, say) the same
+//! for that binary, in the same run. The machine is shared: RSS is stable, scrape times are
+//! medians.
 
 use std::{
     path::{Path, PathBuf},

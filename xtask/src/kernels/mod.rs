@@ -289,16 +289,12 @@ fn plan_archive(spec: &KernelSpec, only: &[String]) -> anyhow::Result<Vec<u8>> {
 /// `/plan.json` for a kernel-hooks bench ([`crate::bench`]): `syscall-cost` with `args` as the
 /// one suite.
 pub(crate) fn bench_plan_archive(args: &[String]) -> anyhow::Result<Vec<u8>> {
-    let mut args = args.to_vec();
-    args.extend([
-        "--collector".to_owned(),
-        format!("{GUEST_TARGET}/collector"),
-    ]);
     plan_json(&[json!({
         "name": "syscall-cost",
         "binary": format!("{GUEST_TARGET}/syscall-cost"),
         "args": args,
-        "env": {},
+        // The harness finds it beside test executables in `deps/`, not beside a binary.
+        "env": {"COLLECTOR_BIN": format!("{GUEST_TARGET}/collector")},
         "timeout_seconds": 25 * 60,
     })])
 }

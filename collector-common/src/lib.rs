@@ -32,6 +32,7 @@ pub mod names {
         pub const CONSOLE_PENDING: &str = "CONSOLE_PENDING";
         pub const CONSOLE_SCRATCH: &str = "CONSOLE_SCRATCH";
         pub const CONSOLE_PROCS: &str = "CONSOLE_PROCS";
+        pub const CONSOLE_WAKE: &str = "CONSOLE_WAKE";
         /// Every map of the object.
         pub const ALL: &[&str] = &[
             EXEC_MATCHERS,
@@ -50,6 +51,7 @@ pub mod names {
             CONSOLE_PENDING,
             CONSOLE_SCRATCH,
             CONSOLE_PROCS,
+            CONSOLE_WAKE,
         ];
     }
 
@@ -726,6 +728,13 @@ pub struct ConsoleLimits {
     pub refill_ns: u64,
     /// Console-fd map entries one process may have.
     pub fd_quota: u64,
+    /// Unread bytes on the console ring at which a record wakes the reader. 0: the kernel's
+    /// own rule, a wake-up for each record the reader had caught up with.
+    pub wakeup_bytes: u64,
+    /// Below `wakeup_bytes`, a record that finds the ring read to the end wakes the reader
+    /// only if no record did for this long (`kernel.console_poll_ms`); the reader polls the
+    /// ring for as long after each wake-up, so it finds the records that did not wake it.
+    pub wakeup_interval_ns: u64,
 }
 
 /// Bytes a write costs against its process's budget besides its own: the ring's share of a
@@ -771,6 +780,6 @@ const _: () = assert!(size_of::<SyscallTpOffsets>() == 6 * 4);
 const _: () = assert!(size_of::<ConsoleRecordHeader>() == 56);
 const _: () =
     assert!(size_of::<ConsoleProc>() == 4 * 8 + 4 * CONSOLE_SLOTS * 8 + 4 * CONSOLE_SLOTS);
-const _: () = assert!(size_of::<ConsoleLimits>() == 4 * 8);
+const _: () = assert!(size_of::<ConsoleLimits>() == 6 * 8);
 const _: () = assert!(CONSOLE_SIZE_CLASSES[CONSOLE_SIZE_CLASSES.len() - 1] == CONSOLE_MAX_WRITE);
 const _: () = assert!((console_loss::COUNT as usize) < CONSOLE_SLOTS);

@@ -36,6 +36,7 @@ use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
     Global,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_pid_tgid, bpf_probe_read_user as probe_read_user,
         generated::{
@@ -133,7 +134,14 @@ pub(crate) static CONSOLE_LIMITS: ConsoleLimits = ConsoleLimits {
     burst_bytes: 0,
     refill_ns: 0,
     fd_quota: 0,
+    wakeup_bytes: 0,
+    wakeup_interval_ns: 0,
 };
+
+/// Boot time (ns) of the latest record that woke the console reader ([`wakeup_flags`]). Written
+/// by every CPU without a lock: a lost update costs at most one wake-up more.
+#[map]
+static CONSOLE_WAKE: Array<u64> = Array::with_max_entries(1, 0);
 
 /// One record under construction per CPU (indexed by CPU number; userspace sizes it), for a
 /// `writev` (and the path compared at `open`, and a new process's console state). A `write` is copied straight into its ring
@@ -780,8 +788,54 @@ fn send_class<const N: usize>(
         header.len = if copied == 0 { len as u32 } else { 0 };
         (*record).header = *header;
     }
-    entry.submit(0);
+    // The reservation is in the ring's unread data already; `stamp` read the clock.
+    let unread = CONSOLE_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+    let flags = wakeup_flags(unread, ring_bytes::<Record<N>>(), header.boot_ns);
+    entry.submit(flags);
     true
+}
+
+/// Bytes a record of type `T` takes on the ring: its 8-byte header, rounded up to 8.
+#[inline(always)]
+const fn ring_bytes<T>() -> u64 {
+    (size_of::<T>() as u64 + 8).next_multiple_of(8)
+}
+
+/// How a record that brings the ring's unread data to `unread` bytes (`own` of them its own),
+/// committed at boot time `now`, is committed: whether it wakes the reader. A wake-up (an
+/// irq_work on this CPU, then the reader's wake-up) costs the writing thread more than the copy
+/// of its bytes, and the kernel's own rule wakes the reader for every record it had caught up
+/// with: at a modest rate, nearly every write. Here a record wakes it when
+///
+/// - it takes the unread data across [`ConsoleLimits::wakeup_bytes`] (a burst: read it now), or
+/// - it finds the ring read to the end and no record woke the reader for
+///   [`ConsoleLimits::wakeup_interval_ns`] (the first output after a quiet spell is read at once).
+///
+/// The reader polls the ring for that interval after each wake-up, so the records in between
+/// are read within it. Two CPUs' records that race across the mark may each see the other's
+/// bytes below it; the poll reads them too.
+#[inline(always)]
+fn wakeup_flags(unread: u64, own: u64, now: u64) -> u64 {
+    let mark = read_offset64(&CONSOLE_LIMITS.wakeup_bytes);
+    if mark == 0 {
+        return 0;
+    }
+    let before = unread.saturating_sub(own);
+    let crossing = unread >= mark && before < mark;
+    let Some(last) = CONSOLE_WAKE.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: the map's one slot; a racing write from another CPU is at worst one more wake-up.
+    let quiet = before == 0
+        && now.saturating_sub(unsafe { read_volatile(last) })
+            >= read_offset64(&CONSOLE_LIMITS.wakeup_interval_ns);
+    if crossing || quiet {
+        // SAFETY: as above.
+        unsafe { write_volatile(last, now) };
+        u64::from(BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(BPF_RB_NO_WAKEUP)
+    }
 }
 
 /// `value`, unknown to LLVM afterwards (an `asm!` move of its register onto itself): a bound
@@ -819,8 +873,12 @@ fn send_writev(
     unsafe {
         (*scratch).header = *header;
         let size = size_of::<ConsoleRecordHeader>() as u64 + captured;
+        let own = (size + 8).next_multiple_of(8);
+        // Not reserved yet: the unread data as it will be once this record is in.
+        let unread = CONSOLE_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) + own;
+        let flags = wakeup_flags(unread, own, header.boot_ns);
         let ring = core::ptr::from_ref(&CONSOLE_EVENTS).cast_mut().cast();
-        bpf_ringbuf_output(ring, scratch.cast(), size, 0) == 0
+        bpf_ringbuf_output(ring, scratch.cast(), size, flags) == 0
     }
 }
 

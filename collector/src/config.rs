@@ -213,6 +213,14 @@ pub(crate) struct KernelConfig {
     /// `fexit` (only those), `syscall_tracepoints` (the per-syscall tracepoints, else the raw
     /// ones) or `raw_syscalls` (always the raw ones). The last three are for testing each path.
     pub(crate) console_hooks: ConsoleHooksMode,
+    /// Unread bytes on the console ring at which a write wakes the console reader. A wake-up
+    /// costs the writing thread more than its capture (about 2 µs of its CPU on this host's
+    /// kernel): below the mark no write wakes the reader, which polls the ring every
+    /// `console_poll_ms` instead. 0: a wake-up for every write the reader had caught up with.
+    pub(crate) console_wakeup_bytes: u32,
+    /// How often the console reader looks at the ring without a wake-up: the longest a line
+    /// that did not take the ring to `console_wakeup_bytes` waits to be read.
+    pub(crate) console_poll_ms: u64,
     /// The kernel's BPF run-time statistics (`collector_ebpf_program_*`): `off` (the default:
     /// they cost every run of every BPF program on the host two clock reads), `on`, or
     /// `sampled` (on for `program_stats_sample_seconds` every `program_stats_every_seconds`).
@@ -255,6 +263,8 @@ impl Default for KernelConfig {
             console_fd_quota: collector_common::DEFAULT_CONSOLE_FD_QUOTA,
             console_pending_entries: 4096,
             console_hooks: ConsoleHooksMode::Auto,
+            console_wakeup_bytes: 256 * 1024,
+            console_poll_ms: 10,
             program_stats: ProgramStatsMode::Off,
             program_stats_sample_seconds: 10,
             program_stats_every_seconds: 300,
@@ -531,6 +541,8 @@ impl Config {
                 (u128::from(burst) * 1_000_000_000 / u128::from(rate)) as u64
             },
             fd_quota: u64::from(self.kernel.console_fd_quota),
+            wakeup_bytes: u64::from(self.kernel.console_wakeup_bytes),
+            wakeup_interval_ns: self.kernel.console_poll_ms * 1_000_000,
         }
     }
 
@@ -545,6 +557,20 @@ impl Config {
         if !ring.is_power_of_two() || ring < 128 * 1024 {
             return Err(format!(
                 "kernel.console_ring_bytes = {ring}: must be a power of two of at least 131072"
+            ));
+        }
+        let wakeup = self.kernel.console_wakeup_bytes;
+        if wakeup > ring / 2 {
+            return Err(format!(
+                "kernel.console_wakeup_bytes = {wakeup}: must be at most half of \
+                 kernel.console_ring_bytes ({ring}), so that the reader is woken well before \
+                 the ring is full"
+            ));
+        }
+        if !(1..=1000).contains(&self.kernel.console_poll_ms) {
+            return Err(format!(
+                "kernel.console_poll_ms = {}: must be between 1 and 1000",
+                self.kernel.console_poll_ms
             ));
         }
         if self.kernel.max_console_fds == 0 {
@@ -692,6 +718,25 @@ mod tests {
         let ring = KernelConfig::default().process_events_ring_bytes as usize;
         assert_eq!((exec, ring / exec), (824, 1272));
         assert!(1000 * (exec + exit) <= ring);
+    }
+
+    #[test]
+    fn the_console_wakeup_mark_and_poll_are_bounded() {
+        let limits = Config::parse("", "t.toml").unwrap().console_limits();
+        assert_eq!(limits.wakeup_bytes, 256 * 1024);
+        let parsed = |text: &str| Config::parse(text, "t.toml").map(|c| c.console_limits());
+        let zero = parsed("[kernel]\nconsole_wakeup_bytes = 0\n").unwrap();
+        assert_eq!(zero.wakeup_bytes, 0, "0 keeps the kernel's own rule");
+        let half = "[kernel]\nconsole_ring_bytes = 131072\nconsole_wakeup_bytes = 65537\n";
+        let err = parsed(half).unwrap_err().to_string();
+        assert!(
+            err.contains("console_wakeup_bytes = 65537: must be at most half"),
+            "{err}"
+        );
+        for poll in [0, 1001] {
+            let err = parsed(&format!("[kernel]\nconsole_poll_ms = {poll}\n")).unwrap_err();
+            assert!(err.to_string().contains("console_poll_ms"), "{err}");
+        }
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! load, the ring reader, and the descriptor set userspace keeps current (descriptors found in
 //! `/proc/PID/fd`, entries of exited processes removed).
 
-use std::collections::{HashMap as StdHashMap, HashSet};
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    time::Duration,
+};
 
 use aya::{
     Ebpf,
@@ -114,55 +117,97 @@ impl ConsoleKernel {
 
 /// Reader of the console ring. Records are handed out in place (no copy) while the reader
 /// holds them.
+///
+/// A wake-up costs the writer more than its capture, so the kernel wakes the reader only for
+/// a burst (`kernel.console_wakeup_bytes`) or for the first record after a quiet `poll`
+/// (`kernel.console_poll_ms`); the records in between wake nobody. So after each wake-up, and
+/// as long as it finds records, the reader looks at the ring every `poll` on its own; once it
+/// has found it empty for [`LINGER_POLLS`] polls in a row it waits for the kernel alone, which
+/// costs an idle host nothing.
 pub(crate) struct ConsoleReader {
     ring: AsyncFd<RingBuf<MapData>>,
+    poll: Duration,
+    /// Polls left before the reader waits for a wake-up alone.
+    polls_left: u32,
 }
 
-/// Records ready on the ring.
-pub(crate) struct Ready<'a> {
-    guard: AsyncFdReadyMutGuard<'a, RingBuf<MapData>>,
+/// Empty polls in a row after which the reader stops polling: the kernel's quiet interval is
+/// one poll, so a record that woke nobody is found by the first or second of them.
+const LINGER_POLLS: u32 = 3;
+
+/// Records ready on the ring: after a wake-up, or a poll.
+pub(crate) enum Ready<'a> {
+    Woken(AsyncFdReadyMutGuard<'a, RingBuf<MapData>>),
+    /// The ring, and the reader's polls left (see [`ConsoleReader`]).
+    Polled(&'a mut RingBuf<MapData>, &'a mut u32),
 }
 
 impl ConsoleReader {
-    pub(crate) fn new(ring: RingBuf<MapData>) -> std::io::Result<Self> {
+    pub(crate) fn new(ring: RingBuf<MapData>, poll: Duration) -> std::io::Result<Self> {
         // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, for as long as
         // it is inside the AsyncFd.
         let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE)? };
-        Ok(Self { ring })
+        Ok(Self {
+            ring,
+            poll,
+            polls_left: 0,
+        })
     }
 
     /// Passes the records on the ring now to `each`, at most `max`, without waiting
     /// (shutdown's last read: bounded, as a VMM may keep writing).
-    pub(crate) fn drain_now(&mut self, max: usize, mut each: impl FnMut(&[u8])) {
-        let ring = self.ring.get_mut();
-        for _ in 0..max {
-            let Some(record) = ring.next() else { break };
-            each(&record);
-        }
+    pub(crate) fn drain_now(&mut self, max: usize, each: impl FnMut(&[u8])) {
+        drain_ring(self.ring.get_mut(), max, each);
     }
 
-    /// Waits until the kernel has written.
+    /// Waits until the kernel has woken the reader, or for the next poll while it lingers.
     pub(crate) async fn ready(&mut self) -> std::io::Result<Ready<'_>> {
-        Ok(Ready {
-            guard: self.ring.readable_mut().await?,
-        })
+        // Decided before the borrow that the ready value keeps.
+        let woken = self.polls_left == 0
+            || tokio::time::timeout(self.poll, self.ring.readable_mut())
+                .await
+                .is_ok();
+        if woken {
+            self.polls_left = LINGER_POLLS;
+            // At once if woken: readiness stays set until a drain clears it.
+            return Ok(Ready::Woken(self.ring.readable_mut().await?));
+        }
+        Ok(Ready::Polled(self.ring.get_mut(), &mut self.polls_left))
     }
 }
 
 impl Ready<'_> {
     /// Passes up to `max` records to `each`, in order; returns how many.
-    pub(crate) fn drain(mut self, max: usize, mut each: impl FnMut(&[u8])) -> usize {
-        let ring = self.guard.get_inner_mut();
-        let mut n = 0;
-        while n < max {
-            let Some(record) = ring.next() else { break };
-            each(&record);
-            n += 1;
+    pub(crate) fn drain(self, max: usize, each: impl FnMut(&[u8])) -> usize {
+        match self {
+            Ready::Woken(mut guard) => {
+                let n = drain_ring(guard.get_inner_mut(), max, each);
+                if n < max {
+                    // Drained: wait for the next wake-up (or poll).
+                    guard.clear_ready();
+                }
+                n
+            }
+            Ready::Polled(ring, polls_left) => {
+                let n = drain_ring(ring, max, each);
+                // A poll that finds records keeps the reader polling; an empty one counts down.
+                *polls_left = if n > 0 {
+                    LINGER_POLLS
+                } else {
+                    polls_left.saturating_sub(1)
+                };
+                n
+            }
         }
-        if n < max {
-            // Drained: wait for the next wake-up.
-            self.guard.clear_ready();
-        }
-        n
     }
+}
+
+fn drain_ring(ring: &mut RingBuf<MapData>, max: usize, mut each: impl FnMut(&[u8])) -> usize {
+    let mut n = 0;
+    while n < max {
+        let Some(record) = ring.next() else { break };
+        each(&record);
+        n += 1;
+    }
+    n
 }

@@ -386,7 +386,10 @@ impl Stages {
             config: config.console.clone(),
             resume: restored.resume,
         };
-        let console_reader = ConsoleReader::new(kernel.console_events)?;
+        let console_reader = ConsoleReader::new(
+            kernel.console_events,
+            Duration::from_millis(config.kernel.console_poll_ms),
+        )?;
         let console = sources.spawn({
             let stop = intake.clone();
             let mut guard = pipelines.guard(Pipeline::Console);

@@ -23,9 +23,8 @@ impl ConsoleFdSweep {
     /// Every entry: its key and the start (`TrackedProcess::start_boot_ns`) of the process it
     /// was made for.
     pub(crate) fn entries(&self) -> Vec<(ConsoleFdKey, u64)> {
-        self.fds
-            .iter()
-            .filter_map(Result::ok)
+        super::batch::all(&self.fds)
+            .into_iter()
             .map(|(key, fd)| (key, fd.start_boot_ns))
             .collect()
     }

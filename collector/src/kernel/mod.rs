@@ -2,6 +2,7 @@
 //! and layouts of the running kernel (BTF, tracefs), handles on the maps userspace reads and
 //! writes, and the readers and decoders of the rings.
 
+pub(crate) mod batch;
 pub(crate) mod btf_offsets;
 pub(crate) mod console;
 pub(crate) mod console_decode;

@@ -3,6 +3,7 @@
 //! at scrape time.
 
 use std::{
+    collections::HashMap as StdHashMap,
     os::fd::{AsFd, AsRawFd},
     ptr::NonNull,
     sync::{
@@ -17,6 +18,7 @@ use collector_common::{
     sched_filter_slot, thread_class,
 };
 
+use super::batch;
 use crate::host::proc::thread_alive;
 
 /// `BPF_NOEXIST`: never overwrite what the kernel programs keep up to date.
@@ -201,6 +203,26 @@ impl SchedMaps {
         }
     }
 
+    /// The aggregates of each process of `tgids`, in order: the whole map read in a few
+    /// batches ([`super::batch`]), else (a kernel without batch lookups) one read per key.
+    pub(crate) fn processes(&self, tgids: &[u32]) -> Vec<ProcessSched> {
+        let Ok(all) = batch::entries(&self.stats) else {
+            return tgids.iter().map(|&tgid| self.process(tgid)).collect();
+        };
+        let all: StdHashMap<(u32, u32), SchedStats> = all
+            .into_iter()
+            .map(|(key, stats)| ((key.tgid, key.class), stats))
+            .collect();
+        let get = |tgid, class| all.get(&(tgid, class)).copied().unwrap_or_default();
+        tgids
+            .iter()
+            .map(|&tgid| ProcessSched {
+                vcpu: get(tgid, thread_class::VCPU),
+                vmm: get(tgid, thread_class::VMM),
+            })
+            .collect()
+    }
+
     /// The aggregates of process `tgid` (zero for a class with no event yet).
     pub(crate) fn process(&self, tgid: u32) -> ProcessSched {
         let get = |class| {
@@ -217,18 +239,18 @@ impl SchedMaps {
     /// The processes the thread and aggregate maps hold entries of (reconciliation removes
     /// those of processes the kernel no longer follows).
     pub(crate) fn tgids(&self) -> std::collections::HashSet<u32> {
-        let threads = self
-            .threads
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(_, t)| t.tgid);
-        let stats = self.stats.keys().filter_map(Result::ok).map(|k| k.tgid);
+        let threads = batch::all(&self.threads).into_iter().map(|(_, t)| t.tgid);
+        let stats = batch::all(&self.stats).into_iter().map(|(k, _)| k.tgid);
         threads.chain(stats).collect()
     }
 
-    /// Entries in the thread and aggregate maps (to see that nothing leaks).
+    /// Entries in the thread and aggregate maps (to see that nothing leaks): counted in
+    /// batches where the kernel can, else key by key.
     pub(crate) fn entries(&self) -> (usize, usize) {
-        (self.threads.keys().count(), self.stats.keys().count())
+        (
+            batch::all(&self.threads).len(),
+            batch::all(&self.stats).len(),
+        )
     }
 
     /// The thread filter's counts, summed: the thread map's entries, once no insert is under

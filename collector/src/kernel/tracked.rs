@@ -117,9 +117,8 @@ impl TrackedProcesses {
 
     /// Every entry: `(pid, start_boot_ns)`.
     pub(crate) fn entries(&self) -> Vec<(u32, u64)> {
-        self.map
-            .iter()
-            .filter_map(Result::ok)
+        super::batch::all(&self.map)
+            .into_iter()
             .map(|(pid, entry)| (pid, entry.start_boot_ns))
             .collect()
     }

@@ -48,13 +48,13 @@ pub(crate) fn write(
     resident: &ResidentMemory,
 ) {
     let instances: Vec<_> = snapshot.by_pid.values().collect();
-    let per_instance: Vec<(Vec<(&'static str, &str)>, ProcessSched)> = {
-        let maps = sched.lock().expect("sched lock");
-        instances
-            .iter()
-            .map(|i| (i.labels(LabelSet::Series), maps.process(i.pid)))
-            .collect()
-    };
+    let pids: Vec<u32> = instances.iter().map(|i| i.pid).collect();
+    let per_process = sched.lock().expect("sched lock").processes(&pids);
+    let per_instance: Vec<(Vec<(&'static str, &str)>, ProcessSched)> = instances
+        .iter()
+        .map(|i| i.labels(LabelSet::Series))
+        .zip(per_process)
+        .collect();
     write_sched(w, &per_instance);
     instance_gauge(
         w,

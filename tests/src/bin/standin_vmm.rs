@@ -47,6 +47,13 @@
 //!   when set (each line then carries its send time), then writes `lines seconds cpu_seconds`
 //!   to `STANDIN_BENCH_REPORT` (CPU: user + system time of the process, which includes the
 //!   kernel programs that run in its syscalls).
+//! - `STANDIN_WRITE_COST=N`: N writes of one 4 KiB buffer of 16 whole 256-byte lines to stdout,
+//!   in bursts of `STANDIN_WRITE_BURST` (default 32) every `STANDIN_WRITE_PAUSE_MS` (default
+//!   150: 0.83 MiB/s, inside the default console budget, so every write is captured), then
+//!   `writes cpu_ns` to `STANDIN_WRITE_COST_REPORT`: this thread's CPU time inside the bursts
+//!   only (`CLOCK_THREAD_CPUTIME_ID`: the writes and the kernel programs they run, not the
+//!   pauses and no formatting). `STANDIN_WRITE_SIZE` (default 4096) makes each write that
+//!   many bytes of the buffer instead.
 //! - `STANDIN_FLOOD_MS=N`: for N ms, writes 4 KiB writes of `\0\n` pairs (2048 lines each) to
 //!   stdout at full speed, then the bytes written to `STANDIN_FLOOD_REPORT`.
 //! - `STANDIN_QUIET_LINES=N`: writes `quiet line I` (I = 1..=N) to stdout, one every
@@ -359,6 +366,45 @@ fn blocked_writers(path: &str, writers: u32, hold: Duration) -> u32 {
     fill
 }
 
+/// `STANDIN_WRITE_COST`: the CPU time (ns) this thread spent in `writes` 4 KiB writes to
+/// stdout, made `burst` at a time with `pause` between bursts.
+fn write_cost(writes: u32, burst: u32, pause: Duration) -> u64 {
+    let mut block = Vec::with_capacity(4096);
+    for i in 0..16 {
+        let mut line = format!("write-cost line {i:02} ").into_bytes();
+        line.resize(255, b'w');
+        line.push(b'\n');
+        block.extend_from_slice(&line);
+    }
+    let size: usize = var("STANDIN_WRITE_SIZE").unwrap_or(4096).clamp(1, 4096);
+    let mut spent = 0u64;
+    let mut left = writes;
+    while left > 0 {
+        let n = left.min(burst.max(1));
+        let started = thread_cpu_ns();
+        for _ in 0..n {
+            // SAFETY: writing a live buffer to our stdout.
+            let wrote = unsafe { libc::write(1, block.as_ptr().cast(), size) };
+            assert_eq!(wrote, size as isize, "write to stdout");
+        }
+        spent += thread_cpu_ns() - started;
+        left -= n;
+        if left > 0 {
+            thread::sleep(pause);
+        }
+    }
+    spent
+}
+
+/// CPU time of the calling thread, ns.
+fn thread_cpu_ns() -> u64 {
+    // SAFETY: zeroed timespec is a valid out-parameter.
+    let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer; the clock exists on every Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
 /// User + system CPU time of this process so far.
 fn cpu_seconds() -> f64 {
     // SAFETY: zeroed rusage is a valid out-parameter.
@@ -431,6 +477,16 @@ fn console_output() {
         let fill = blocked_writers(&path, writers, hold);
         if let Ok(report) = env::var("STANDIN_BLOCKED_REPORT") {
             let _ = std::fs::write(report, format!("{fill} {writers}\n"));
+        }
+    }
+    if let Some(writes) = var::<u32>("STANDIN_WRITE_COST") {
+        let cpu_ns = write_cost(
+            writes,
+            var("STANDIN_WRITE_BURST").unwrap_or(32),
+            Duration::from_millis(var("STANDIN_WRITE_PAUSE_MS").unwrap_or(150)),
+        );
+        if let Ok(report) = env::var("STANDIN_WRITE_COST_REPORT") {
+            let _ = std::fs::write(report, format!("{writes} {cpu_ns}\n"));
         }
     }
     if let Some(total) = var::<u64>("STANDIN_BENCH_BYTES") {

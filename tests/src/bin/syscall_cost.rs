@@ -6,23 +6,31 @@
 //!
 //! Modes, interleaved round by round: `nothing` (no collector), `syscall_tracepoints` and
 //! `fexit` (a collector with `kernel.console_hooks` forced to that value, following nothing:
-//! what every task the collector does not follow pays), and `empty_fexit`: empty programs
+//! what every task the collector does not follow pays), each also as `<hooks>_wake_each`
+//! (`kernel.console_wakeup_bytes = 0`: a reader wake-up for each write it had caught up with,
+//! the collector's behaviour before the wake-up mark), and `empty_fexit`: empty programs
 //! (`r0 = 0; exit`) on exactly the hooks the `fexit` collector attached, the floor any program
 //! there costs (after the first `fexit` measurement, which names them). Each round measures a
 //! pipe ping-pong between two threads (a round trip is 2 writes, 2 reads, 2 wake-ups, 2 context
-//! switches) and a `getppid` loop (a syscall no program follows). One line a measurement on
-//! stdout:
+//! switches), a `getppid` loop (a syscall no program follows), and two stand-in VMMs that each
+//! make `--writes` 4 KiB writes of whole lines to stdout (`/dev/null`) at 0.83 MiB/s, inside the
+//! default console budget: `firecracker`, which a collector follows and captures, and
+//! `plain-writer`, which no collector follows. Each reports the CPU time of its writes alone.
+//! One line a measurement on stdout:
 //!
 //! - `bench MODE pipe_us VALUE`, `bench MODE getppid_ns VALUE`
+//! - `bench MODE write_us VALUE` (the followed writer, µs of CPU per 4 KiB write),
+//!   `bench MODE write_captured PERCENT` (of its bytes, in the collector's
+//!   `compute_instance_console_bytes_total`), `bench MODE untracked_write_us VALUE`
 //! - `bench MODE hooks N` (console probes attached; for `empty_fexit`, all its programs),
 //!   `bench MODE refused TEXT`
 //!
 //! Nothing here judges the figures: the bench that runs it prints them side by side.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use collector_tests::Collector;
+use anyhow::{Context, bail, ensure};
+use collector_tests::{Collector, Standin, new_uuid, wait_for};
 use serde_json::Value;
 
 // The overhead bench's empty programs, shared with the host bench (std and anyhow only).
@@ -35,11 +43,19 @@ struct Options {
     rounds: u32,
     pipe_loops: u32,
     syscall_loops: u32,
+    writes: u32,
 }
 
 fn main() -> anyhow::Result<()> {
     let options = parse_args()?;
-    let modes = ["nothing", "syscall_tracepoints", "fexit", "empty_fexit"];
+    let modes = [
+        "nothing",
+        "syscall_tracepoints",
+        "syscall_tracepoints_wake_each",
+        "fexit",
+        "fexit_wake_each",
+        "empty_fexit",
+    ];
     let mut refused: Vec<&str> = Vec::new();
     // The probes the `fexit` collector attached: where `empty_fexit` puts its programs.
     let mut fexit_probes: Vec<String> = Vec::new();
@@ -81,6 +97,18 @@ fn main() -> anyhow::Result<()> {
             let getppid = getppid_ns(options.syscall_loops);
             println!("bench {mode} pipe_us {pipe:.3}");
             println!("bench {mode} getppid_ns {getppid:.1}");
+            let followed = write_cost_us("firecracker", options.writes)?;
+            println!("bench {mode} write_us {:.3}", followed.us_per_write);
+            if let Some(collector) = &collector {
+                let captured = captured_percent(collector, &followed);
+                println!("bench {mode} write_captured {captured:.1}");
+            }
+            drop(followed);
+            let untracked = write_cost_us("plain-writer", options.writes)?;
+            println!(
+                "bench {mode} untracked_write_us {:.3}",
+                untracked.us_per_write
+            );
             drop(collector);
             drop(empty);
         }
@@ -93,6 +121,7 @@ fn parse_args() -> anyhow::Result<Options> {
         rounds: 3,
         pipe_loops: 20_000,
         syscall_loops: 1_000_000,
+        writes: 512,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -108,7 +137,10 @@ fn parse_args() -> anyhow::Result<Options> {
             "--rounds" => options.rounds = number()?,
             "--pipe-loops" => options.pipe_loops = number()?,
             "--syscall-loops" => options.syscall_loops = number()?,
-            _ => bail!("unknown flag {flag} (--rounds N, --pipe-loops N, --syscall-loops N)"),
+            "--writes" => options.writes = number()?,
+            _ => bail!(
+                "unknown flag {flag} (--rounds N, --pipe-loops N, --syscall-loops N, --writes N)"
+            ),
         }
     }
     Ok(options)
@@ -122,10 +154,16 @@ fn one_line(text: &str) -> String {
 /// dropped, however the bench ends), and every probe it attached; `Err` when its console probes
 /// did not attach in that mode (the kernel refused them), with the reason.
 fn start_collector(mode: &str) -> Result<(Collector, Vec<String>), String> {
+    // `_wake_each`: the kernel's own wake-up rule, a wake-up for each write the reader had
+    // caught up with (the collector before `kernel.console_wakeup_bytes`).
+    let (hooks, wakeup) = match mode.strip_suffix("_wake_each") {
+        Some(hooks) => (hooks, "console_wakeup_bytes = 0\n"),
+        None => (mode, ""),
+    };
     let collector =
-        Collector::start_with_config(&format!("[kernel]\nconsole_hooks = \"{mode}\"\n"));
+        Collector::start_with_config(&format!("[kernel]\nconsole_hooks = \"{hooks}\"\n{wakeup}"));
     let ready = collector.get_json("/readyz");
-    let prefix = if mode == "fexit" {
+    let prefix = if hooks == "fexit" {
         "console_fexit_"
     } else {
         "console_sys_"
@@ -155,6 +193,79 @@ fn start_collector(mode: &str) -> Result<(Collector, Vec<String>), String> {
         .filter_map(|p| p["probe"].as_str().map(str::to_owned))
         .collect();
     Ok((collector, probes))
+}
+
+/// A stand-in VMM that made its writes and stays alive (its instance with it) until dropped.
+struct Writer {
+    _standin: Standin,
+    uuid: String,
+    bytes: u64,
+    us_per_write: f64,
+}
+
+/// Runs the stand-in VMM as `exe` (`STANDIN_WRITE_COST`), and waits for its report: µs of its
+/// thread's CPU per 4 KiB write.
+fn write_cost_us(exe: &str, writes: u32) -> anyhow::Result<Writer> {
+    let uuid = new_uuid("write-cost");
+    let report = std::env::temp_dir().join(format!("{uuid}.report"));
+    let report_text = report.display().to_string();
+    let writes_text = writes.to_string();
+    let standin = Standin::spawn(
+        exe,
+        &["--no-api", "--uuid", &uuid],
+        &[
+            ("STANDIN_VCPUS", "0"),
+            ("STANDIN_WRITE_COST", &writes_text),
+            ("STANDIN_WRITE_COST_REPORT", &report_text),
+        ],
+    );
+    // 0.83 MiB/s: 512 writes take about 2.4 s.
+    // `wait_for` stretches it by the guests' time scale.
+    let timeout = Duration::from_secs(60) + Duration::from_millis(5 * u64::from(writes));
+    // Whole once it ends with its newline (the stand-in may be writing it).
+    let text = wait_for(timeout, || {
+        std::fs::read_to_string(&report)
+            .ok()
+            .filter(|t| t.ends_with('\n'))
+    })
+    .with_context(|| format!("{exe}: no write-cost report in {timeout:?}"))?;
+    let _ = std::fs::remove_file(&report);
+    let [done, cpu_ns] = text.split_whitespace().collect::<Vec<_>>()[..] else {
+        bail!("{exe}: write-cost report {text:?}");
+    };
+    let done: u32 = done.parse()?;
+    let cpu_ns: f64 = cpu_ns.parse()?;
+    ensure!(
+        done == writes && done > 0,
+        "{exe}: {done} of {writes} writes"
+    );
+    Ok(Writer {
+        _standin: standin,
+        uuid,
+        bytes: u64::from(writes) * 4096,
+        us_per_write: cpu_ns / 1e3 / f64::from(writes),
+    })
+}
+
+/// What share of the writer's bytes the collector captured: as soon as its count reaches them,
+/// else after 5 s (time-scaled).
+fn captured_percent(collector: &Collector, writer: &Writer) -> f64 {
+    let series = format!(
+        "compute_instance_console_bytes_total{{instance_uuid=\"{}\"",
+        writer.uuid
+    );
+    let captured = || -> u64 {
+        collector
+            .get_text("/metrics")
+            .lines()
+            .filter(|l| l.starts_with(&series))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    let _ = wait_for(Duration::from_secs(5), || {
+        (captured() >= writer.bytes).then_some(())
+    });
+    captured() as f64 * 100.0 / writer.bytes as f64
 }
 
 /// µs per round trip of one byte between two threads over two pipes.

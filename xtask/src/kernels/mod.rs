@@ -293,8 +293,11 @@ pub(crate) fn bench_plan_archive(args: &[String]) -> anyhow::Result<Vec<u8>> {
         "name": "syscall-cost",
         "binary": format!("{GUEST_TARGET}/syscall-cost"),
         "args": args,
-        // The harness finds it beside test executables in `deps/`, not beside a binary.
-        "env": {"COLLECTOR_BIN": format!("{GUEST_TARGET}/collector")},
+        // The harness finds them beside test executables in `deps/`, not beside a binary.
+        "env": {
+            "COLLECTOR_BIN": format!("{GUEST_TARGET}/collector"),
+            "STANDIN_VMM_BIN": format!("{GUEST_TARGET}/standin-vmm"),
+        },
         "timeout_seconds": 25 * 60,
     })])
 }

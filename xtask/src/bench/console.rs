@@ -52,6 +52,10 @@ pub(crate) struct Args {
     /// `console.burst_bytes` with `--rate-bytes-per-sec`.
     #[arg(long, default_value_t = 1 << 20)]
     burst_bytes: u64,
+    /// The collector binary to bench instead of this tree's release build (e.g. another
+    /// commit's, for an A/B comparison in one session).
+    #[arg(long)]
+    collector: Option<PathBuf>,
 }
 
 /// Processes killed when dropped.
@@ -110,7 +114,10 @@ pub(super) fn run(args: &Args) -> anyhow::Result<()> {
     let bench = Bench {
         args,
         work: work.clone(),
-        collector_bin: root.join("target/release/collector"),
+        collector_bin: args
+            .collector
+            .clone()
+            .unwrap_or_else(|| root.join("target/release/collector")),
         standin,
     };
     let result = bench.all();

@@ -50,7 +50,7 @@ const WRITE_MAX: usize = 256 << 10;
 const GATHER_MAX: usize = 8192;
 /// How long the writer lets a small batch wait for more (the files, not the API, see it
 /// later by this much).
-const GATHER_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
+const GATHER_WAIT: std::time::Duration = std::time::Duration::from_millis(4);
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SinkError {
@@ -185,7 +185,7 @@ impl LogFiles {
                         match message {
                             Message::Records(mut batch) => {
                                 next = gather(&rx, &mut batch);
-                                if next.is_none() && batch.len() < GATHER_MAX / 8 {
+                                if next.is_none() && batch.len() < GATHER_MAX / 2 {
                                     // A trickle: let more come before waking for each batch.
                                     std::thread::sleep(GATHER_WAIT);
                                     next = gather(&rx, &mut batch);

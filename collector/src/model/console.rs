@@ -351,45 +351,7 @@ impl LogRecord {
     /// [`Self::write_ndjson`] with an `identity` member: `identity` is the JSON of an
     /// [`Identity`] ([`identity_json`]), encoded once for many lines.
     pub(crate) fn write_ndjson_as(&self, out: &mut Vec<u8>, identity: Option<&[u8]>) {
-        out.extend_from_slice(b"{\"ts\":\"");
-        write_rfc3339(self.ts.system_time(), out);
-        out.extend_from_slice(b"\",\"instance_uuid\":");
-        let _ = serde_json::to_writer(&mut *out, &*self.instance_uuid);
-        out.extend_from_slice(b",\"stream\":\"");
-        out.extend_from_slice(self.stream.as_str().as_bytes());
-        out.extend_from_slice(b"\",\"message\":");
-        push_json_str(out, &self.message);
-        out.extend_from_slice(b",\"seq\":");
-        push_digits(out, self.seq, 1);
-        if self.invalid_utf8 {
-            out.extend_from_slice(b",\"invalid_utf8\":true");
-        }
-        match &self.end {
-            LineEnd::Split => out.extend_from_slice(b",\"split\":true"),
-            LineEnd::Partial => out.extend_from_slice(b",\"partial\":true"),
-            LineEnd::Cut(n) => {
-                out.extend_from_slice(b",\"cut_bytes\":");
-                push_digits(out, *n, 1);
-            }
-            LineEnd::Gap(gap) => {
-                out.extend_from_slice(b",\"gap\":true,\"gap_reason\":\"");
-                out.extend_from_slice(gap.reason.as_str().as_bytes());
-                out.push(b'"');
-                if let Some(n) = gap.dropped_bytes {
-                    out.extend_from_slice(b",\"dropped_bytes\":");
-                    push_digits(out, n, 1);
-                }
-                out.extend_from_slice(b",\"gap_since\":\"");
-                write_rfc3339(gap.since, out);
-                out.push(b'"');
-            }
-            LineEnd::Newline => {}
-        }
-        if let Some(identity) = identity {
-            out.extend_from_slice(b",\"identity\":");
-            out.extend_from_slice(identity);
-        }
-        out.extend_from_slice(b"}\n");
+        NdjsonEncoder::default().write(self, out, identity);
     }
 
     /// Bytes the record holds, for memory and queue accounting: the record, its `Arc`'s two
@@ -408,11 +370,106 @@ pub(crate) fn identity_json(identity: &Identity) -> Vec<u8> {
     serde_json::to_vec(identity).unwrap_or_else(|_| b"{}".to_vec())
 }
 
-/// RFC 3339 in UTC, as [`time::rfc3339`] writes it (fraction without trailing zeros), without
-/// its allocations.
-fn write_rfc3339(t: SystemTime, out: &mut Vec<u8>) {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
+/// Writes records' NDJSON lines ([`LogRecord::write_ndjson_as`]), keeping what successive
+/// lines share: the JSON of the last instance id, and the last timestamp's date and time to
+/// the second. A file's lines come in runs of one instance, many within one second: this runs
+/// for every line.
+#[derive(Debug, Default)]
+pub(crate) struct NdjsonEncoder {
+    uuid: Option<(Arc<str>, Vec<u8>)>,
+    /// Seconds since the epoch, and their `YYYY-MM-DDTHH:MM:SS`.
+    second: Option<(u64, [u8; 19])>,
+}
+
+impl NdjsonEncoder {
+    /// Appends the NDJSON line of `record`, with `identity` (the JSON of an [`Identity`]).
+    pub(crate) fn write(&mut self, record: &LogRecord, out: &mut Vec<u8>, identity: Option<&[u8]>) {
+        out.extend_from_slice(b"{\"ts\":\"");
+        self.write_rfc3339(record.ts.system_time(), out);
+        out.extend_from_slice(b"\",\"instance_uuid\":");
+        out.extend_from_slice(self.uuid_json(&record.instance_uuid));
+        out.extend_from_slice(b",\"stream\":\"");
+        out.extend_from_slice(record.stream.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"message\":");
+        push_json_str(out, &record.message);
+        out.extend_from_slice(b",\"seq\":");
+        push_digits(out, record.seq, 1);
+        if record.invalid_utf8 {
+            out.extend_from_slice(b",\"invalid_utf8\":true");
+        }
+        match &record.end {
+            LineEnd::Split => out.extend_from_slice(b",\"split\":true"),
+            LineEnd::Partial => out.extend_from_slice(b",\"partial\":true"),
+            LineEnd::Cut(n) => {
+                out.extend_from_slice(b",\"cut_bytes\":");
+                push_digits(out, *n, 1);
+            }
+            LineEnd::Gap(gap) => {
+                out.extend_from_slice(b",\"gap\":true,\"gap_reason\":\"");
+                out.extend_from_slice(gap.reason.as_str().as_bytes());
+                out.push(b'"');
+                if let Some(n) = gap.dropped_bytes {
+                    out.extend_from_slice(b",\"dropped_bytes\":");
+                    push_digits(out, n, 1);
+                }
+                out.extend_from_slice(b",\"gap_since\":\"");
+                self.write_rfc3339(gap.since, out);
+                out.push(b'"');
+            }
+            LineEnd::Newline => {}
+        }
+        if let Some(identity) = identity {
+            out.extend_from_slice(b",\"identity\":");
+            out.extend_from_slice(identity);
+        }
+        out.extend_from_slice(b"}\n");
+    }
+
+    /// The JSON string of `uuid`.
+    fn uuid_json(&mut self, uuid: &Arc<str>) -> &[u8] {
+        let cached = self
+            .uuid
+            .as_ref()
+            .is_some_and(|(last, _)| Arc::ptr_eq(last, uuid) || **last == **uuid);
+        if !cached {
+            let mut json = Vec::with_capacity(uuid.len() + 2);
+            let _ = serde_json::to_writer(&mut json, &**uuid);
+            self.uuid = Some((uuid.clone(), json));
+        }
+        self.uuid.as_ref().map_or(&[], |(_, json)| json.as_slice())
+    }
+
+    /// RFC 3339 in UTC, as [`time::rfc3339`] writes it (fraction without trailing zeros),
+    /// without its allocations.
+    fn write_rfc3339(&mut self, t: SystemTime, out: &mut Vec<u8>) {
+        let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let secs = d.as_secs();
+        match self.second {
+            Some((second, text)) if second == secs => out.extend_from_slice(&text),
+            _ => {
+                let start = out.len();
+                write_second(secs, out);
+                if let Ok(text) = <[u8; 19]>::try_from(&out[start..]) {
+                    self.second = Some((secs, text));
+                }
+            }
+        }
+        let mut nanos = u64::from(d.subsec_nanos());
+        if nanos != 0 {
+            let mut width = 9;
+            while nanos % 10 == 0 {
+                nanos /= 10;
+                width -= 1;
+            }
+            out.push(b'.');
+            push_digits(out, nanos, width);
+        }
+        out.push(b'Z');
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of `secs` since the epoch, UTC.
+fn write_second(secs: u64, out: &mut Vec<u8>) {
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;
@@ -434,17 +491,6 @@ fn write_rfc3339(t: SystemTime, out: &mut Vec<u8>) {
     push_digits(out, rem / 60 % 60, 2);
     out.push(b':');
     push_digits(out, rem % 60, 2);
-    let mut nanos = u64::from(d.subsec_nanos());
-    if nanos != 0 {
-        let mut width = 9;
-        while nanos % 10 == 0 {
-            nanos /= 10;
-            width -= 1;
-        }
-        out.push(b'.');
-        push_digits(out, nanos, width);
-    }
-    out.push(b'Z');
 }
 
 /// Appends `s` as a JSON string. Most console text needs no escape: that is checked eight
@@ -603,6 +649,30 @@ mod tests {
                     ..record.view()
                 };
                 assert_eq!(parsed, view);
+            }
+        }
+    }
+
+    #[test]
+    fn a_reused_encoder_writes_what_a_fresh_one_does() {
+        let mut encoder = NdjsonEncoder::default();
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b\"".into());
+        let mut seq = 0;
+        for (secs, nanos) in [(5, 0), (5, 10), (6, 1), (6, 1), (86_399, 7), (86_400, 0)] {
+            for uuid in [&a, &a, &b, &"a".into()] {
+                seq += 1;
+                let record = LogRecord {
+                    ts: (UNIX_EPOCH + Duration::new(secs, nanos)).into(),
+                    instance_uuid: uuid.clone(),
+                    stream: Stream::Stdout,
+                    message: "m".into(),
+                    seq,
+                    invalid_utf8: false,
+                    end: LineEnd::gap(GapReason::OverBudget, Some(1), UNIX_EPOCH),
+                };
+                let mut reused = Vec::new();
+                encoder.write(&record, &mut reused, None);
+                assert_eq!(String::from_utf8(reused).unwrap(), record.to_ndjson());
             }
         }
     }

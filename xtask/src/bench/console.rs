@@ -52,6 +52,10 @@ pub(crate) struct Args {
     /// `console.burst_bytes` with `--rate-bytes-per-sec`.
     #[arg(long, default_value_t = 1 << 20)]
     burst_bytes: u64,
+    /// The collector binary to bench instead of this tree's release build (e.g. another
+    /// commit's, for an A/B comparison in one session).
+    #[arg(long)]
+    collector: Option<PathBuf>,
 }
 
 /// Processes killed when dropped.
@@ -110,7 +114,10 @@ pub(super) fn run(args: &Args) -> anyhow::Result<()> {
     let bench = Bench {
         args,
         work: work.clone(),
-        collector_bin: root.join("target/release/collector"),
+        collector_bin: args
+            .collector
+            .clone()
+            .unwrap_or_else(|| root.join("target/release/collector")),
         standin,
     };
     let result = bench.all();
@@ -140,6 +147,7 @@ impl Bench<'_> {
             eprintln!("bench: paced at {mbps} MB/s");
             let tag = format!("pace{step}");
             let (collector, addr) = self.collector(&tag, 8 << 20)?;
+            let cpu_before = cpu_seconds(&collector);
             let per_writer_lines_s = *mbps as f64 * 1e6 / a.line_bytes as f64 / a.writers as f64;
             let run = self.writers(
                 &tag,
@@ -147,13 +155,14 @@ impl Bench<'_> {
                 Some(per_writer_lines_s as u64),
             )?;
             let (books, captured_s) = self.settle(&addr, &tag, lines_written, run.started)?;
+            let collector_cpu = cpu_seconds(&collector) - cpu_before;
             drop(run.procs);
             drop(collector);
             let lost_lines = books.lost_lines(a.line_bytes);
             // Loss-free only when the API and the files both hold every line.
             let loss_free = lost_lines == 0 && books.dropped_queue == 0 && books.dropped_sink == 0;
             rows.push(format!(
-                "| paced {mbps} MB/s ({:.0} klines/s) | {} x {} MiB | captured {:.0} MB/s, {:.0} klines/s; lost {lost_lines} lines; file queue dropped {:.1} MB; writers median {:.2} s CPU | {} |",
+                "| paced {mbps} MB/s ({:.0} klines/s) | {} x {} MiB | captured {:.0} MB/s, {:.0} klines/s; lost {lost_lines} lines; file queue dropped {:.1} MB; writers median {:.2} s CPU; collector {collector_cpu:.2} s CPU, {:.2} µs per line | {} |",
                 *mbps as f64 * 1e3 / a.line_bytes as f64,
                 a.writers,
                 a.mib_per_writer,
@@ -161,6 +170,7 @@ impl Bench<'_> {
                 books.lines as f64 / 1e3 / captured_s,
                 books.dropped_queue as f64 / 1e6,
                 median(&run.cpu),
+                collector_cpu * 1e6 / books.lines.max(1) as f64,
                 if loss_free { "loss-free" } else { "LOSSY" }
             ));
             if !loss_free {
@@ -421,6 +431,29 @@ impl Drop for WaitAll {
             let _ = child.wait();
         }
     }
+}
+
+/// User and system CPU seconds of the collector so far, all its threads (0 if unreadable).
+fn cpu_seconds(procs: &Procs) -> f64 {
+    // `/proc/PID/stat` counts in USER_HZ ticks, 100 a second on Linux.
+    const TICKS_PER_S: f64 = 100.0;
+    let Some(child) = procs.0.first() else {
+        return 0.0;
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap_or_default();
+    // Fields after the command (which may hold spaces), from the state on: utime is the 12th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / TICKS_PER_S
 }
 
 fn now_ns() -> u128 {

@@ -36,7 +36,7 @@ use crate::{
         names,
     },
     model::{
-        console::{ConsoleSubscriber, DropWhere, LineEnd, LogRecord},
+        console::{ConsoleSubscriber, DropWhere, LineEnd, LogRecord, NdjsonEncoder},
         console_stats::ConsoleStats,
         health::PipelineGuard,
     },
@@ -44,6 +44,13 @@ use crate::{
 
 /// Name of the current file in an instance's folder.
 pub(crate) const FILE_NAME: &str = "console.log";
+/// Bytes of NDJSON gathered before they are written (then the next line's too, at most).
+const WRITE_MAX: usize = 256 << 10;
+/// Lines the writer takes off the queue at once, about (the batches waiting, joined).
+const GATHER_MAX: usize = 8192;
+/// How long the writer lets a small batch wait for more (the files, not the API, see it
+/// later by this much).
+const GATHER_WAIT: std::time::Duration = std::time::Duration::from_millis(4);
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SinkError {
@@ -71,17 +78,18 @@ struct Queued {
 }
 
 impl Queued {
-    /// Takes a written batch's records off the books.
+    /// Takes a written batch's records off the books (each run of one instance at once).
     fn written(&mut self, batch: &[Arc<LogRecord>]) {
-        for record in batch {
-            let size = record.size();
-            self.lines -= 1;
+        for run in batch.chunk_by(|a, b| Arc::ptr_eq(&a.instance_uuid, &b.instance_uuid)) {
+            let uuid = &run[0].instance_uuid;
+            let size: usize = run.iter().map(|r| r.size()).sum();
+            self.lines -= run.len();
             self.bytes -= size;
-            if let Some(held) = self.per_instance.get_mut(&record.instance_uuid) {
+            if let Some(held) = self.per_instance.get_mut(uuid) {
                 held.0 -= size;
-                held.1 -= 1;
+                held.1 -= run.len();
                 if held.1 == 0 {
-                    self.per_instance.remove(&record.instance_uuid);
+                    self.per_instance.remove(uuid);
                 }
             }
         }
@@ -97,7 +105,14 @@ struct QueueBounds {
 
 impl QueueBounds {
     /// Whether a record of `size` bytes of instance `uuid` may join the queue.
+    #[cfg(test)]
     fn admits(self, queued: &Queued, uuid: &str, size: usize, is_gap: bool) -> bool {
+        let held = queued.per_instance.get(uuid).copied().unwrap_or((0, 0));
+        self.admits_held(queued, held, size, is_gap)
+    }
+
+    /// [`Self::admits`], given the bytes and lines its instance holds in the queue.
+    fn admits_held(self, queued: &Queued, held: (usize, usize), size: usize, is_gap: bool) -> bool {
         if queued.lines >= self.lines || queued.bytes + size > self.bytes {
             return false;
         }
@@ -105,7 +120,7 @@ impl QueueBounds {
         if is_gap || !contended {
             return true;
         }
-        let (held_bytes, held_lines) = queued.per_instance.get(uuid).copied().unwrap_or((0, 0));
+        let (held_bytes, held_lines) = held;
         held_bytes + size <= self.bytes / 8 && held_lines < (self.lines / 8).max(1)
     }
 }
@@ -146,6 +161,8 @@ impl LogFiles {
             max_total: config.disk_max_bytes,
             namer: Namer::new(identities, stats.clone()),
             stats: stats.clone(),
+            text: Vec::new(),
+            encoder: NdjsonEncoder::default(),
         };
         let thread_queued = queued.clone();
         let thread = std::thread::Builder::new()
@@ -163,16 +180,24 @@ impl LogFiles {
                         let Ok(message) = rx.recv() else { break };
                         Some(message)
                     };
-                    match message {
-                        Some(Message::Records(batch)) => {
-                            writer.write(&batch);
-                            thread_queued.lock().expect("queue lock").written(&batch);
+                    let mut next: Option<Message> = message;
+                    while let Some(message) = next.take() {
+                        match message {
+                            Message::Records(mut batch) => {
+                                next = gather(&rx, &mut batch);
+                                if next.is_none() && batch.len() < GATHER_MAX / 2 {
+                                    // A trickle: let more come before waking for each batch.
+                                    std::thread::sleep(GATHER_WAIT);
+                                    next = gather(&rx, &mut batch);
+                                }
+                                writer.write(&batch);
+                                thread_queued.lock().expect("queue lock").written(&batch);
+                            }
+                            Message::Ended(uuid) => {
+                                writer.open.remove(&uuid);
+                                writer.namer.ended(&uuid);
+                            }
                         }
-                        Some(Message::Ended(uuid)) => {
-                            writer.open.remove(&uuid);
-                            writer.namer.ended(&uuid);
-                        }
-                        None => {}
                     }
                     writer.release(false);
                 }
@@ -197,37 +222,42 @@ impl LogFiles {
     /// once the queue is half full. One instance's burst may use the queue while it is calm (a
     /// burst drained at shutdown, a VMM's boot log), and a flood still leaves its neighbours
     /// at least half of it.
-    pub(crate) fn send(&self, batch: Vec<Arc<LogRecord>>) {
+    pub(crate) fn send(&self, batch: &[Arc<LogRecord>]) {
         if batch.is_empty() {
             return;
         }
         let mut admitted = Vec::with_capacity(batch.len());
         let mut queued = self.queued.lock().expect("queue lock");
-        for record in batch {
-            let size = record.size();
-            // A gap record is the mark of a loss: only the queue's own bounds refuse it, never
-            // its instance's share (a flooding instance's marks are what its readers need).
-            let is_gap = matches!(record.end, LineEnd::Gap(_));
-            if !self
-                .bounds
-                .admits(&queued, &record.instance_uuid, size, is_gap)
-            {
-                self.stats.dropped(
-                    &record.instance_uuid,
-                    DropWhere::Queue,
-                    record.message.len() as u64,
-                );
-                continue;
+        // Records come in runs of one instance: its share is looked up, and its drops
+        // counted, once a run.
+        for run in batch.chunk_by(|a, b| Arc::ptr_eq(&a.instance_uuid, &b.instance_uuid)) {
+            let uuid = &run[0].instance_uuid;
+            let before = queued.per_instance.get(uuid).copied().unwrap_or((0, 0));
+            let mut held = before;
+            let (mut dropped, mut any_dropped) = (0, false);
+            for record in run {
+                let size = record.size();
+                // A gap record is the mark of a loss: only the queue's own bounds refuse it,
+                // never its instance's share (a flooding instance's marks are what its readers
+                // need).
+                let is_gap = matches!(record.end, LineEnd::Gap(_));
+                if !self.bounds.admits_held(&queued, held, size, is_gap) {
+                    dropped += record.message.len() as u64;
+                    any_dropped = true;
+                    continue;
+                }
+                queued.lines += 1;
+                queued.bytes += size;
+                held.0 += size;
+                held.1 += 1;
+                admitted.push(record.clone());
             }
-            queued.lines += 1;
-            queued.bytes += size;
-            let held = queued
-                .per_instance
-                .entry(record.instance_uuid.clone())
-                .or_default();
-            held.0 += size;
-            held.1 += 1;
-            admitted.push(record);
+            if held != before {
+                *queued.per_instance.entry(uuid.clone()).or_default() = held;
+            }
+            if any_dropped {
+                self.stats.dropped(uuid, DropWhere::Queue, dropped);
+            }
         }
         drop(queued);
         if admitted.is_empty() {
@@ -241,11 +271,24 @@ impl LogFiles {
     }
 }
 
+/// Joins the batches waiting in `rx` to `batch`, up to [`GATHER_MAX`] lines: larger writes,
+/// fewer of them. Returns the end of an instance met on the way (it follows these lines).
+fn gather(rx: &mpsc::Receiver<Message>, batch: &mut Vec<Arc<LogRecord>>) -> Option<Message> {
+    while batch.len() < GATHER_MAX {
+        match rx.try_recv() {
+            Ok(Message::Records(mut more)) => batch.append(&mut more),
+            Ok(ended @ Message::Ended(_)) => return Some(ended),
+            Err(_) => break,
+        }
+    }
+    None
+}
+
 impl ConsoleSubscriber for LogFiles {
     fn begin(&mut self, _uuid: &Arc<str>) {}
 
     fn records(&mut self, batch: &[Arc<LogRecord>]) {
-        self.send(batch.to_vec());
+        self.send(batch);
     }
 
     fn end(&mut self, uuid: &Arc<str>) {
@@ -274,34 +317,59 @@ struct Writer {
     /// Stamps identity, and holds lines back until it is known.
     namer: Namer,
     stats: ConsoleStats,
+    /// The NDJSON of the lines being written, kept from one run to the next.
+    text: Vec<u8>,
+    encoder: NdjsonEncoder,
 }
 
 impl Writer {
     fn write(&mut self, batch: &[Arc<LogRecord>]) {
-        for run in batch.chunk_by(|a, b| Arc::ptr_eq(&a.instance_uuid, &b.instance_uuid)) {
-            let uuid = &run[0].instance_uuid;
-            match self.namer.naming(uuid) {
-                Naming::Off => self.write_run(run, None),
-                Naming::Known(identity) => {
-                    let held = self.namer.take_held(uuid);
-                    if !held.is_empty() {
-                        self.write_run(&held, Some(&identity));
+        // The batch interleaves instances a kernel write at a time: each instance's runs go
+        // out together, in order (one write to its file, not one per run).
+        let mut runs: Vec<&[Arc<LogRecord>]> = batch
+            .chunk_by(|a, b| Arc::ptr_eq(&a.instance_uuid, &b.instance_uuid))
+            .collect();
+        runs.sort_by(|a, b| a[0].instance_uuid.cmp(&b[0].instance_uuid));
+        let mut pending: Vec<&[Arc<LogRecord>]> = Vec::new();
+        for instance in runs.chunk_by(|a, b| a[0].instance_uuid == b[0].instance_uuid) {
+            let uuid = &instance[0][0].instance_uuid;
+            // Runs that go out with the same identity (none, or this one), gathered.
+            let mut identity: Option<Arc<[u8]>> = None;
+            for &run in instance {
+                match self.namer.naming(uuid) {
+                    Naming::Off => pending.push(run),
+                    Naming::Known(known) => {
+                        if identity.as_ref().is_none_or(|i| !Arc::ptr_eq(i, &known)) {
+                            self.write_runs(&mut pending, identity.as_deref());
+                            identity = Some(known);
+                        }
+                        let held = self.namer.take_held(uuid);
+                        if !held.is_empty() {
+                            self.write_runs(&mut pending, identity.as_deref());
+                            self.write_runs(&mut vec![&held[..]], identity.as_deref());
+                        }
+                        pending.push(run);
                     }
-                    self.write_run(run, Some(&identity));
-                }
-                Naming::Hold => {
-                    for (uuid, records, _) in self.namer.hold(uuid, run) {
-                        if !records.is_empty() {
-                            debug_assert!(Arc::ptr_eq(&uuid, &records[0].instance_uuid));
-                            self.write_run(&records, None);
+                    Naming::Hold => {
+                        self.write_runs(&mut pending, identity.as_deref());
+                        for (uuid, records, _) in self.namer.hold(uuid, run) {
+                            if !records.is_empty() {
+                                debug_assert!(Arc::ptr_eq(&uuid, &records[0].instance_uuid));
+                                self.write_runs(&mut vec![&records[..]], None);
+                            }
                         }
                     }
-                }
-                Naming::Unnamed => {
-                    self.namer.count_unnamed(run.len());
-                    self.write_run(run, None);
+                    Naming::Unnamed => {
+                        if identity.is_some() {
+                            self.write_runs(&mut pending, identity.as_deref());
+                            identity = None;
+                        }
+                        self.namer.count_unnamed(run.len());
+                        pending.push(run);
+                    }
                 }
             }
+            self.write_runs(&mut pending, identity.as_deref());
         }
     }
 
@@ -310,36 +378,51 @@ impl Writer {
     fn release(&mut self, all: bool) {
         for (_, records, identity) in self.namer.due(all) {
             if !records.is_empty() {
-                self.write_run(&records, identity.as_deref());
+                self.write_runs(&mut vec![&records[..]], identity.as_deref());
             }
         }
     }
 
-    /// Lines of one instance: one write, split where a rotation falls; every line checked
-    /// against the disk cap.
-    fn write_run(&mut self, run: &[Arc<LogRecord>], identity: Option<&[u8]>) {
-        let uuid = &run[0].instance_uuid;
+    /// Lines of one instance, in runs (taken out of `runs`): one write (of at most
+    /// [`WRITE_MAX`] and a line), split where a rotation falls; every line checked against the
+    /// disk cap.
+    fn write_runs(&mut self, runs: &mut Vec<&[Arc<LogRecord>]>, identity: Option<&[u8]>) {
+        let Some(uuid) = runs
+            .first()
+            .and_then(|r| r.first())
+            .map(|r| r.instance_uuid.clone())
+        else {
+            runs.clear();
+            return;
+        };
+        let uuid = &uuid;
         if !self.open.contains_key(uuid) {
             let file = self.open_log(uuid);
             self.open.insert(uuid.clone(), file);
         }
-        let mut text = Vec::with_capacity(run.iter().map(|r| r.message.len() + 128).sum());
+        let mut text = std::mem::take(&mut self.text);
+        text.clear();
         let mut message_bytes = 0;
-        for record in run {
+        for record in runs.drain(..).flatten() {
+            if text.len() >= WRITE_MAX {
+                self.flush(uuid, &text, message_bytes);
+                text.clear();
+                message_bytes = 0;
+            }
             let Some(Some(file)) = self.open.get(uuid) else {
                 self.stats
                     .dropped(uuid, DropWhere::Sink, record.message.len() as u64);
                 continue;
             };
             let start = text.len();
-            record.write_ndjson_as(&mut text, identity);
+            self.encoder.write(record, &mut text, identity);
             let n = (text.len() - start) as u64;
             let pending = file.size() + start as u64;
             if pending + n > self.max_file && pending > 0 {
-                let line = text.split_off(start);
-                self.flush(uuid, &text, message_bytes);
+                self.flush(uuid, &text[..start], message_bytes);
                 self.rotate(uuid);
-                (text, message_bytes) = (line, 0);
+                text.drain(..start);
+                message_bytes = 0;
             }
             let mut room = true;
             while self.total + n > self.max_total {
@@ -358,6 +441,9 @@ impl Writer {
             }
         }
         self.flush(uuid, &text, message_bytes);
+        // Kept for the next run, within bounds (a long line may have grown it).
+        text.shrink_to(2 * WRITE_MAX);
+        self.text = text;
     }
 
     /// Appends `text` (holding `message_bytes` of console output) to the file of `uuid`.
@@ -513,7 +599,7 @@ mod tests {
             guard(),
         )
         .unwrap();
-        files.send(vec![
+        files.send(&[
             record("../../escape", 1, "x"),
             record("evil", 1, "y"),
             record("ok", 1, "z"),
@@ -542,7 +628,7 @@ mod tests {
         .unwrap();
         let text = "m".repeat(60);
         for seq in 1..=40 {
-            files.send(vec![record("a", seq, &text)]);
+            files.send(&[record("a", seq, &text)]);
         }
         let dir = tmp.path().join("a");
         wait_until(|| {
@@ -562,7 +648,7 @@ mod tests {
         }
         // A second instance pushes the total over 5 KiB: the oldest rotated files go first.
         for seq in 1..=30 {
-            files.send(vec![record("b", seq, &text)]);
+            files.send(&[record("b", seq, &text)]);
         }
         let b = tmp.path().join("b").join(FILE_NAME);
         wait_until(|| std::fs::read_to_string(&b).is_ok_and(|s| s.contains("\"seq\":30")));

@@ -57,6 +57,9 @@ const UNKNOWN_WAIT: Duration = Duration::from_secs(5);
 const UNKNOWN_MAX_BYTES: usize = 16 << 20;
 /// Records read from the ring before the rest of the work gets a turn.
 const READ_BATCH: usize = 4096;
+/// Least time between two reads of the ring: the most a line waits for it (the ring holds
+/// far more than that: 8 MiB is 40 ms at 200 MB/s).
+const READ_PAUSE: Duration = Duration::from_millis(1);
 /// Records read from the ring at shutdown, at most (more than a full ring holds).
 const SHUTDOWN_READ: usize = 1 << 20;
 
@@ -101,17 +104,17 @@ impl Proc {
         }
     }
 
-    /// Lines of stream `slot` that pass the budget, with a gap record where lines were given
-    /// up; adds the bytes given up to `shed_bytes`.
+    /// Moves the lines of stream `slot` that pass the budget to `out`, with a gap record where
+    /// lines were given up; adds the bytes given up to `shed_bytes`.
     fn admit(
         &mut self,
         slot: usize,
-        lines: Vec<Line>,
+        lines: &mut Vec<Line>,
+        out: &mut Vec<Line>,
         now: Instant,
         shed_bytes: &mut u64,
-    ) -> Vec<Line> {
-        let mut out = Vec::with_capacity(lines.len());
-        for line in lines {
+    ) {
+        for line in lines.drain(..) {
             let is_gap = matches!(line.end, LineEnd::Gap(_));
             if is_gap || self.budget.take(line.bytes.len(), now) {
                 if let Some(gap) = self.take_shed(slot) {
@@ -130,7 +133,6 @@ impl Proc {
             shed.bytes += bytes;
             shed.until_ns = line.boot_ns;
         }
-        out
     }
 
     /// The gap record of the lines given up on stream `slot`, if any.
@@ -190,7 +192,17 @@ struct State {
     /// Instances whose console ended, and when (their retention counts from there).
     ended: HashMap<Arc<str>, Instant>,
     out: Vec<Arc<LogRecord>>,
+    /// Scratch for one write's lines, before and after the budget (kept: this runs for every
+    /// write).
+    lines: Vec<Line>,
+    admitted: Vec<Line>,
 }
+
+/// Capacity the scratch vectors keep between writes (a 64 KiB write of empty lines is 64 Ki
+/// lines).
+const SCRATCH_KEEP: usize = 1024;
+/// Records the dispatch vector keeps between batches.
+const OUT_KEEP: usize = 16 << 10;
 
 /// Why the console source stopped.
 #[derive(Debug, thiserror::Error)]
@@ -214,13 +226,17 @@ impl ConsoleSource {
             seqs: HashMap::new(),
             ended: HashMap::new(),
             out: Vec::new(),
+            lines: Vec::new(),
+            admitted: Vec::new(),
         };
         let mut failure = None;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut last_slow = Instant::now();
+        let mut last_read = Instant::now();
         self.sync_snapshot(&mut state);
         loop {
+            let mut read = false;
             tokio::select! {
                 ready = reader.ready() => {
                     let ready = match ready {
@@ -234,6 +250,7 @@ impl ConsoleSource {
                     // Each write is handled in place, in the ring, without a copy.
                     let clock = BootClock::now();
                     let mut bad: Vec<&'static str> = Vec::new();
+                    read = true;
                     ready.drain(READ_BATCH, |bytes| match console_decode::chunk(bytes) {
                         Ok(chunk) => self.on_chunk(&mut state, chunk, &clock),
                         Err(error) => {
@@ -270,6 +287,14 @@ impl ConsoleSource {
                 }
             }
             self.dispatch(&mut state);
+            if read {
+                // Writes coming faster than one a pause apart are read a pause's worth at a
+                // time: one wake-up for many writes rather than one each.
+                if let Some(rest) = READ_PAUSE.checked_sub(last_read.elapsed()) {
+                    tokio::time::sleep(rest).await;
+                }
+                last_read = Instant::now();
+            }
         }
         let pids: Vec<u32> = state.procs.keys().copied().collect();
         for pid in pids {
@@ -318,7 +343,7 @@ impl ConsoleSource {
         });
         let now = Instant::now();
         proc.last_write[slot] = now;
-        let mut lines = Vec::new();
+        let mut lines = std::mem::take(&mut state.lines);
         // The kernel lost writes of this stream since its previous record: one gap, here.
         if chunk.lost.bytes > proc.marked[slot] {
             let dropped = chunk.lost.bytes - proc.marked[slot];
@@ -334,12 +359,24 @@ impl ConsoleSource {
         proc.last_ns[slot] = chunk.boot_ns;
         proc.streams[slot].push(chunk.boot_ns, chunk.data, chunk.cut, &mut lines);
         let mut shed = 0;
-        let lines = proc.admit(slot, lines, now, &mut shed);
+        let mut admitted = std::mem::take(&mut state.admitted);
+        proc.admit(slot, &mut lines, &mut admitted, now, &mut shed);
         let uuid = proc.uuid.clone();
         if shed > 0 {
             self.stats.dropped(&uuid, DropWhere::LineBudget, shed);
         }
-        emit(state, &uuid, chunk.stream, lines, clock, &self.stats);
+        emit(
+            state,
+            &uuid,
+            chunk.stream,
+            &mut admitted,
+            clock,
+            &self.stats,
+        );
+        lines.shrink_to(SCRATCH_KEEP);
+        admitted.shrink_to(SCRATCH_KEEP);
+        state.lines = lines;
+        state.admitted = admitted;
     }
 
     /// Brings the set of named processes in line with the registry.
@@ -450,7 +487,7 @@ impl ConsoleSource {
                     proc.marked[slot] = lost;
                 }
             }
-            emit(state, &proc.uuid, stream, lines, &clock, &self.stats);
+            emit(state, &proc.uuid, stream, &mut lines, &clock, &self.stats);
         }
         self.kernel.forget_fds(|tgid| tgid == pid);
         self.kernel.forget_procs(&HashSet::from([pid]));
@@ -483,8 +520,8 @@ impl ConsoleSource {
                 }
             }
         }
-        for (uuid, stream, lines) in flushed {
-            emit(state, &uuid, stream, lines, &clock, &self.stats);
+        for (uuid, stream, mut lines) in flushed {
+            emit(state, &uuid, stream, &mut lines, &clock, &self.stats);
         }
     }
 
@@ -576,10 +613,11 @@ impl ConsoleSource {
         if state.out.is_empty() {
             return;
         }
-        let out = std::mem::take(&mut state.out);
         for subscriber in &mut self.subscribers {
-            subscriber.records(&out);
+            subscriber.records(&state.out);
         }
+        state.out.clear();
+        state.out.shrink_to(OUT_KEEP);
     }
 }
 
@@ -611,12 +649,13 @@ fn resume_streams(
     state.seqs.insert(uuid.clone(), seqs);
 }
 
-/// Turns assembled lines into records with the stream's next sequence numbers.
+/// Turns assembled lines (taken out of `lines`) into records with the stream's next sequence
+/// numbers.
 fn emit(
     state: &mut State,
     uuid: &Arc<str>,
     stream: Stream,
-    lines: Vec<Line>,
+    lines: &mut Vec<Line>,
     clock: &BootClock,
     stats: &ConsoleStats,
 ) {
@@ -629,7 +668,7 @@ fn emit(
         .iter()
         .filter(|l| !matches!(l.end, LineEnd::Gap(_)))
         .count() as u64;
-    for mut line in lines {
+    for mut line in lines.drain(..) {
         seqs[stream.index()] += 1;
         if let LineEnd::Gap(gap) = &mut line.end
             && let Ok(since_ns) = gap.since.duration_since(std::time::UNIX_EPOCH)

@@ -732,8 +732,8 @@ pub struct ConsoleLimits {
     /// own rule, a wake-up for each record the reader had caught up with.
     pub wakeup_bytes: u64,
     /// Below `wakeup_bytes`, a record that finds the ring read to the end wakes the reader
-    /// only if no record did for this long (`kernel.console_poll_ms`); the reader polls the
-    /// ring for as long after each wake-up, so it finds the records that did not wake it.
+    /// only if no record did for this long; the reader polls the ring for longer than that
+    /// after each wake-up, so it finds the records that did not wake it.
     pub wakeup_interval_ns: u64,
 }
 

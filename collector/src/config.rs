@@ -13,6 +13,11 @@ use serde::{Deserialize, Serialize};
 pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:9478";
 /// Default permission bits of the API socket: its owner (root) only.
 pub(crate) const DEFAULT_API_SOCKET_MODE: u32 = 0o600;
+/// Polls of the console ring (`kernel.console_poll_ms`) without a wake-up after which a record
+/// that finds the ring read wakes the reader: at most one such wake-up every 0.5 s with the
+/// defaults, while the reader polls for twice as long after each.
+const CONSOLE_QUIET_POLLS: u64 = 50;
+
 /// Bounds of `console.burst_bytes`: a 64 KiB write and its record must fit; the kernel's
 /// refill arithmetic must not overflow.
 const BURST_MIN: u64 = 128 * 1024;
@@ -529,6 +534,12 @@ impl Config {
         Ok(config)
     }
 
+    /// How long after a console-reader wake-up the kernel wakes it again for a record that
+    /// finds the ring read (see `kernel::console::ConsoleReader`): [`CONSOLE_QUIET_POLLS`] polls.
+    pub(crate) fn console_quiet(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.kernel.console_poll_ms * CONSOLE_QUIET_POLLS)
+    }
+
     /// The per-process console limits the kernel programs are loaded with.
     pub(crate) fn console_limits(&self) -> collector_common::ConsoleLimits {
         let (rate, burst) = (self.console.rate_bytes_per_sec, self.console.burst_bytes);
@@ -542,7 +553,7 @@ impl Config {
             },
             fd_quota: u64::from(self.kernel.console_fd_quota),
             wakeup_bytes: u64::from(self.kernel.console_wakeup_bytes),
-            wakeup_interval_ns: self.kernel.console_poll_ms * 1_000_000,
+            wakeup_interval_ns: self.console_quiet().as_nanos() as u64,
         }
     }
 

@@ -118,38 +118,45 @@ impl ConsoleKernel {
 /// Reader of the console ring. Records are handed out in place (no copy) while the reader
 /// holds them.
 ///
-/// A wake-up costs the writer more than its capture, so the kernel wakes the reader only for
-/// a burst (`kernel.console_wakeup_bytes`) or for the first record after a quiet `poll`
-/// (`kernel.console_poll_ms`); the records in between wake nobody. So after each wake-up, and
-/// as long as it finds records, the reader looks at the ring every `poll` on its own; once it
-/// has found it empty for [`LINGER_POLLS`] polls in a row it waits for the kernel alone, which
-/// costs an idle host nothing.
+/// A wake-up costs the writer more than its capture (and a reader woken in the middle of a
+/// burst reads the ring while it is written), so the kernel wakes the reader only for a burst
+/// (`kernel.console_wakeup_bytes`) or for the first record after a `quiet` interval without a
+/// wake-up; the records in between wake nobody. So after each wake-up, and as long as it finds
+/// records, the reader looks at the ring every `poll` on its own, for twice the quiet interval;
+/// after that many empty polls in a row it waits for the kernel alone, which costs an idle
+/// host nothing.
 pub(crate) struct ConsoleReader {
     ring: AsyncFd<RingBuf<MapData>>,
     poll: Duration,
+    /// Empty polls in a row after which the reader stops polling.
+    linger_polls: u32,
     /// Polls left before the reader waits for a wake-up alone.
     polls_left: u32,
 }
 
-/// Empty polls in a row after which the reader stops polling: the kernel's quiet interval is
-/// one poll, so a record that woke nobody is found by the first or second of them.
-const LINGER_POLLS: u32 = 3;
-
 /// Records ready on the ring: after a wake-up, or a poll.
 pub(crate) enum Ready<'a> {
     Woken(AsyncFdReadyMutGuard<'a, RingBuf<MapData>>),
-    /// The ring, and the reader's polls left (see [`ConsoleReader`]).
-    Polled(&'a mut RingBuf<MapData>, &'a mut u32),
+    /// The ring, and the reader's polls after a find and polls left (see [`ConsoleReader`]).
+    Polled(&'a mut RingBuf<MapData>, u32, &'a mut u32),
 }
 
 impl ConsoleReader {
-    pub(crate) fn new(ring: RingBuf<MapData>, poll: Duration) -> std::io::Result<Self> {
+    pub(crate) fn new(
+        ring: RingBuf<MapData>,
+        poll: Duration,
+        quiet: Duration,
+    ) -> std::io::Result<Self> {
         // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, for as long as
         // it is inside the AsyncFd.
         let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE)? };
+        // Twice the quiet interval: a record that woke nobody came within it of a wake-up the
+        // reader saw, so one of these polls finds it.
+        let linger_polls = (2 * quiet.as_nanos() / poll.as_nanos().max(1)).clamp(2, 10_000) as u32;
         Ok(Self {
             ring,
             poll,
+            linger_polls,
             polls_left: 0,
         })
     }
@@ -168,11 +175,15 @@ impl ConsoleReader {
                 .await
                 .is_ok();
         if woken {
-            self.polls_left = LINGER_POLLS;
+            self.polls_left = self.linger_polls;
             // At once if woken: readiness stays set until a drain clears it.
             return Ok(Ready::Woken(self.ring.readable_mut().await?));
         }
-        Ok(Ready::Polled(self.ring.get_mut(), &mut self.polls_left))
+        Ok(Ready::Polled(
+            self.ring.get_mut(),
+            self.linger_polls,
+            &mut self.polls_left,
+        ))
     }
 }
 
@@ -188,11 +199,11 @@ impl Ready<'_> {
                 }
                 n
             }
-            Ready::Polled(ring, polls_left) => {
+            Ready::Polled(ring, linger_polls, polls_left) => {
                 let n = drain_ring(ring, max, each);
                 // A poll that finds records keeps the reader polling; an empty one counts down.
                 *polls_left = if n > 0 {
-                    LINGER_POLLS
+                    linger_polls
                 } else {
                     polls_left.saturating_sub(1)
                 };

@@ -389,6 +389,7 @@ impl Stages {
         let console_reader = ConsoleReader::new(
             kernel.console_events,
             Duration::from_millis(config.kernel.console_poll_ms),
+            config.console_quiet(),
         )?;
         let console = sources.spawn({
             let stop = intake.clone();

@@ -224,7 +224,9 @@ pub(crate) struct KernelConfig {
     /// `console_poll_ms` instead. 0: a wake-up for every write the reader had caught up with.
     pub(crate) console_wakeup_bytes: u32,
     /// How often the console reader looks at the ring without a wake-up: the longest a line
-    /// that did not take the ring to `console_wakeup_bytes` waits to be read.
+    /// that did not take the ring to `console_wakeup_bytes` waits to be read. It polls for
+    /// 100 polls after each wake-up or find; the kernel wakes it for a record that finds the
+    /// ring read only if none did for [`CONSOLE_QUIET_POLLS`] polls.
     pub(crate) console_poll_ms: u64,
     /// The kernel's BPF run-time statistics (`collector_ebpf_program_*`): `off` (the default:
     /// they cost every run of every BPF program on the host two clock reads), `on`, or

@@ -44,18 +44,13 @@ struct Options {
     pipe_loops: u32,
     syscall_loops: u32,
     writes: u32,
+    /// `--modes a,b,...`: the bench that runs this names them (xtask/src/bench/kernel_hooks.rs).
+    modes: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
     let options = parse_args()?;
-    let modes = [
-        "nothing",
-        "syscall_tracepoints",
-        "syscall_tracepoints_wake_each",
-        "fexit",
-        "fexit_wake_each",
-        "empty_fexit",
-    ];
+    let modes: Vec<&str> = options.modes.iter().map(String::as_str).collect();
     let mut refused: Vec<&str> = Vec::new();
     // The probes the `fexit` collector attached: where `empty_fexit` puts its programs.
     let mut fexit_probes: Vec<String> = Vec::new();
@@ -122,6 +117,7 @@ fn parse_args() -> anyhow::Result<Options> {
         pipe_loops: 20_000,
         syscall_loops: 1_000_000,
         writes: 512,
+        modes: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -138,11 +134,18 @@ fn parse_args() -> anyhow::Result<Options> {
             "--pipe-loops" => options.pipe_loops = number()?,
             "--syscall-loops" => options.syscall_loops = number()?,
             "--writes" => options.writes = number()?,
+            "--modes" => options.modes = value.split(',').map(str::to_owned).collect(),
             _ => bail!(
-                "unknown flag {flag} (--rounds N, --pipe-loops N, --syscall-loops N, --writes N)"
+                "unknown flag {flag} (--modes A,B,.. --rounds N, --pipe-loops N, \
+                 --syscall-loops N, --writes N)"
             ),
         }
     }
+    ensure!(
+        !options.modes.is_empty(),
+        "--modes is required: nothing, empty_fexit, or a console_hooks value, with or without \
+         _wake_each"
+    );
     Ok(options)
 }
 

@@ -96,16 +96,7 @@ pub(super) fn run(args: &Args) -> anyhow::Result<()> {
         4096 % args.line_bytes == 0 && args.line_bytes >= 64,
         "--line-bytes must divide 4096 and be at least 64"
     );
-    let linker_dir = crate::build::build(true)?;
-    toolchain::run(toolchain::cargo(&linker_dir).args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "collector-tests",
-        "--bin",
-        "standin-vmm",
-    ]))?;
+    super::build_release(&["standin-vmm"])?;
     let root = toolchain::workspace_root();
     let work = std::env::temp_dir().join(format!("collector-bench-console-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;

@@ -58,15 +58,17 @@ const MODES: [&str; 6] = [
 ];
 
 pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
-    let args: Vec<String> = [
-        ("--rounds", options.rounds),
-        ("--pipe-loops", options.pipe_loops),
-        ("--syscall-loops", options.syscall_loops),
-        ("--writes", options.writes),
-    ]
-    .iter()
-    .flat_map(|(flag, value)| [(*flag).to_owned(), value.to_string()])
-    .collect();
+    let mut args: Vec<String> = vec!["--modes".to_owned(), MODES.join(",")];
+    args.extend(
+        [
+            ("--rounds", options.rounds),
+            ("--pipe-loops", options.pipe_loops),
+            ("--syscall-loops", options.syscall_loops),
+            ("--writes", options.writes),
+        ]
+        .iter()
+        .flat_map(|(flag, value)| [(*flag).to_owned(), value.to_string()]),
+    );
     let mut runs = Vec::new();
     if options.host || options.host_only {
         runs.push(on_this_host(&args)?);
@@ -96,18 +98,7 @@ fn on_this_host(args: &[String]) -> anyhow::Result<KernelRun> {
         super::is_root(),
         "--host needs root (it loads BPF programs)"
     );
-    let linker_dir = crate::build::build(true)?;
-    crate::toolchain::run(crate::toolchain::cargo(&linker_dir).args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "collector-tests",
-        "--bin",
-        "standin-vmm",
-        "--bin",
-        "syscall-cost",
-    ]))?;
+    super::build_release(&["standin-vmm", "syscall-cost"])?;
     let release = crate::toolchain::workspace_root().join("target/release");
     eprintln!("xtask: syscall-cost on this host");
     let output = std::process::Command::new(release.join("syscall-cost"))

@@ -55,6 +55,18 @@ pub(crate) fn bench(bench: Bench) -> anyhow::Result<()> {
     }
 }
 
+/// Builds the release collector (its kernel programs with it) and the release binaries `bins`
+/// of collector-tests, into `target/release/`.
+fn build_release(bins: &[&str]) -> anyhow::Result<()> {
+    let linker_dir = crate::build::build(true)?;
+    let mut cargo = crate::toolchain::cargo(&linker_dir);
+    cargo.args(["build", "--release", "--locked", "-p", "collector-tests"]);
+    for bin in bins {
+        cargo.args(["--bin", bin]);
+    }
+    crate::toolchain::run(&mut cargo)
+}
+
 /// Installs the Debian `packages` whose `binaries` are missing from PATH.
 fn ensure_debian_packages(needs: &[(&str, &str)]) -> anyhow::Result<()> {
     let missing: Vec<&str> = needs

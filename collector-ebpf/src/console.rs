@@ -801,8 +801,8 @@ const fn ring_bytes<T>() -> u64 {
     (size_of::<T>() as u64 + 8).next_multiple_of(8)
 }
 
-/// How a record that brings the ring's unread data to `unread` bytes (`own` of them its own),
-/// committed at boot time `now`, is committed: whether it wakes the reader. A wake-up (an
+/// Whether a record that brings the ring's unread data to `unread` bytes (`own` of them its
+/// own), stamped at boot time `now`, wakes the reader when committed. A wake-up (an
 /// irq_work on this CPU, then the reader's wake-up) costs the writing thread more than the copy
 /// of its bytes, and the kernel's own rule wakes the reader for every record it had caught up
 /// with: at a modest rate, nearly every write. Here a record wakes it when
@@ -811,9 +811,9 @@ const fn ring_bytes<T>() -> u64 {
 /// - it finds the ring read to the end and no record woke the reader for
 ///   [`ConsoleLimits::wakeup_interval_ns`] (the first output after a quiet spell is read at once).
 ///
-/// The reader polls the ring for that interval after each wake-up, so the records in between
-/// are read within it. Two CPUs' records that race across the mark may each see the other's
-/// bytes below it; the poll reads them too.
+/// The reader polls the ring for twice that interval after each wake-up, so the records in
+/// between are read by one of its polls. Two CPUs' records that race across the mark may each
+/// see the other's bytes below it; the polls read them too.
 #[inline(always)]
 fn wakeup_flags(unread: u64, own: u64, now: u64) -> u64 {
     let mark = read_offset64(&CONSOLE_LIMITS.wakeup_bytes);

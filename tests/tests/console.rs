@@ -479,3 +479,31 @@ fn fexit_where_the_kernel_allows_it_and_the_tracepoints_where_it_does_not() {
         }
     );
 }
+
+/// The kernel wakes the console reader only for a burst or for the first record after a quiet
+/// spell, and the reader polls on its own only for a while after each wake-up (1 s): a line
+/// written after the reader stopped polling must still be read, with no later write to push
+/// it. The stand-in writes its first line at exec and its second and last 3 s later.
+#[test]
+fn a_line_after_a_quiet_spell_is_read_without_a_later_write() {
+    let collector = Collector::start(&[]);
+    let uuid = new_uuid("quiet");
+    let gap = Duration::from_secs(3);
+    let _vmm = Standin::spawn(
+        "firecracker",
+        &["--no-api", "--uuid", &uuid],
+        &[
+            ("STANDIN_QUIET_LINES", "2"),
+            ("STANDIN_QUIET_MS", &gap.as_millis().to_string()),
+        ],
+    );
+    wait_for(ARRIVES_WITHIN, || collector.instance(&uuid))
+        .unwrap_or_else(|| panic!("{uuid} not listed:\n{}", collector.stderr()));
+    let mut seen = Vec::new();
+    wait_for(ARRIVES_WITHIN + gap, || {
+        seen = messages(&collector.logs(&uuid, ""), "stdout");
+        (seen.len() >= 2).then_some(())
+    })
+    .unwrap_or_else(|| panic!("lines not read: {seen:?}\n{}", collector.stderr()));
+    assert_eq!(seen, ["quiet line 1", "quiet line 2"]);
+}

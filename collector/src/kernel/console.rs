@@ -169,15 +169,17 @@ impl ConsoleReader {
 
     /// Waits until the kernel has woken the reader, or for the next poll while it lingers.
     pub(crate) async fn ready(&mut self) -> std::io::Result<Ready<'_>> {
-        // Decided before the borrow that the ready value keeps.
+        // Decided before the borrow that the ready value keeps. Nothing changes until a wait
+        // completes: the caller may drop this future for another event at any point.
         let woken = self.polls_left == 0
             || tokio::time::timeout(self.poll, self.ring.readable_mut())
                 .await
                 .is_ok();
         if woken {
+            // At once if the timeout saw readiness: it stays set until a drain clears it.
+            let guard = self.ring.readable_mut().await?;
             self.polls_left = self.linger_polls;
-            // At once if woken: readiness stays set until a drain clears it.
-            return Ok(Ready::Woken(self.ring.readable_mut().await?));
+            return Ok(Ready::Woken(guard));
         }
         Ok(Ready::Polled(
             self.ring.get_mut(),

@@ -790,15 +790,19 @@ fn send_class<const N: usize>(
     }
     // The reservation is in the ring's unread data already; `stamp` read the clock.
     let unread = CONSOLE_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
-    let flags = wakeup_flags(unread, ring_bytes::<Record<N>>(), header.boot_ns);
+    let flags = wakeup_flags(
+        unread,
+        ring_bytes(size_of::<Record<N>>() as u64),
+        header.boot_ns,
+    );
     entry.submit(flags);
     true
 }
 
-/// Bytes a record of type `T` takes on the ring: its 8-byte header, rounded up to 8.
+/// Bytes a record of `size` bytes takes on the ring: its 8-byte header, rounded up to 8.
 #[inline(always)]
-const fn ring_bytes<T>() -> u64 {
-    (size_of::<T>() as u64 + 8).next_multiple_of(8)
+const fn ring_bytes(size: u64) -> u64 {
+    (size + 8).next_multiple_of(8)
 }
 
 /// Whether a record that brings the ring's unread data to `unread` bytes (`own` of them its
@@ -873,7 +877,7 @@ fn send_writev(
     unsafe {
         (*scratch).header = *header;
         let size = size_of::<ConsoleRecordHeader>() as u64 + captured;
-        let own = (size + 8).next_multiple_of(8);
+        let own = ring_bytes(size);
         // Not reserved yet: the unread data as it will be once this record is in.
         let unread = CONSOLE_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) + own;
         let flags = wakeup_flags(unread, own, header.boot_ns);

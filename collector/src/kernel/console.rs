@@ -128,17 +128,34 @@ impl ConsoleKernel {
 pub(crate) struct ConsoleReader {
     ring: AsyncFd<RingBuf<MapData>>,
     poll: Duration,
+    linger: Linger,
+}
+
+/// The reader's polling after a wake-up or a find.
+pub(crate) struct Linger {
     /// Empty polls in a row after which the reader stops polling.
-    linger_polls: u32,
+    polls: u32,
     /// Polls left before the reader waits for a wake-up alone.
-    polls_left: u32,
+    left: u32,
+}
+
+impl Linger {
+    /// After a poll that found `n` records: a find keeps the reader polling, an empty poll
+    /// counts down.
+    fn polled(&mut self, n: usize) {
+        self.left = if n > 0 {
+            self.polls
+        } else {
+            self.left.saturating_sub(1)
+        };
+    }
 }
 
 /// Records ready on the ring: after a wake-up, or a poll.
 pub(crate) enum Ready<'a> {
     Woken(AsyncFdReadyMutGuard<'a, RingBuf<MapData>>),
-    /// The ring, and the reader's polls after a find and polls left (see [`ConsoleReader`]).
-    Polled(&'a mut RingBuf<MapData>, u32, &'a mut u32),
+    /// The ring, and the reader's polling (see [`ConsoleReader`]).
+    Polled(&'a mut RingBuf<MapData>, &'a mut Linger),
 }
 
 impl ConsoleReader {
@@ -152,12 +169,11 @@ impl ConsoleReader {
         let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE)? };
         // Twice the quiet interval: a record that woke nobody came within it of a wake-up the
         // reader saw, so one of these polls finds it.
-        let linger_polls = (2 * quiet.as_nanos() / poll.as_nanos().max(1)).clamp(2, 10_000) as u32;
+        let polls = (2 * quiet.as_nanos() / poll.as_nanos().max(1)).clamp(2, 10_000) as u32;
         Ok(Self {
             ring,
             poll,
-            linger_polls,
-            polls_left: 0,
+            linger: Linger { polls, left: 0 },
         })
     }
 
@@ -171,21 +187,17 @@ impl ConsoleReader {
     pub(crate) async fn ready(&mut self) -> std::io::Result<Ready<'_>> {
         // Decided before the borrow that the ready value keeps. Nothing changes until a wait
         // completes: the caller may drop this future for another event at any point.
-        let woken = self.polls_left == 0
+        let woken = self.linger.left == 0
             || tokio::time::timeout(self.poll, self.ring.readable_mut())
                 .await
                 .is_ok();
         if woken {
             // At once if the timeout saw readiness: it stays set until a drain clears it.
             let guard = self.ring.readable_mut().await?;
-            self.polls_left = self.linger_polls;
+            self.linger.left = self.linger.polls;
             return Ok(Ready::Woken(guard));
         }
-        Ok(Ready::Polled(
-            self.ring.get_mut(),
-            self.linger_polls,
-            &mut self.polls_left,
-        ))
+        Ok(Ready::Polled(self.ring.get_mut(), &mut self.linger))
     }
 }
 
@@ -201,14 +213,9 @@ impl Ready<'_> {
                 }
                 n
             }
-            Ready::Polled(ring, linger_polls, polls_left) => {
+            Ready::Polled(ring, linger) => {
                 let n = drain_ring(ring, max, each);
-                // A poll that finds records keeps the reader polling; an empty one counts down.
-                *polls_left = if n > 0 {
-                    linger_polls
-                } else {
-                    polls_left.saturating_sub(1)
-                };
+                linger.polled(n);
                 n
             }
         }

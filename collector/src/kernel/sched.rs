@@ -203,36 +203,16 @@ impl SchedMaps {
         }
     }
 
-    /// The aggregates of each process of `tgids`, in order: the whole map read in a few
-    /// batches ([`super::batch`]), else (a kernel without batch lookups) one read per key.
-    pub(crate) fn processes(&self, tgids: &[u32]) -> Vec<ProcessSched> {
-        let Ok(all) = batch::entries(&self.stats) else {
-            return tgids.iter().map(|&tgid| self.process(tgid)).collect();
-        };
-        let all: StdHashMap<(u32, u32), SchedStats> = all
-            .into_iter()
-            .map(|(key, stats)| ((key.tgid, key.class), stats))
-            .collect();
-        let get = |tgid, class| all.get(&(tgid, class)).copied().unwrap_or_default();
-        tgids
-            .iter()
-            .map(|&tgid| ProcessSched {
-                vcpu: get(tgid, thread_class::VCPU),
-                vmm: get(tgid, thread_class::VMM),
-            })
-            .collect()
-    }
-
-    /// The aggregates of process `tgid` (zero for a class with no event yet).
-    pub(crate) fn process(&self, tgid: u32) -> ProcessSched {
-        let get = |class| {
-            self.stats
-                .get(&SchedKey { tgid, class }, 0)
-                .unwrap_or_default()
-        };
-        ProcessSched {
-            vcpu: get(thread_class::VCPU),
-            vmm: get(thread_class::VMM),
+    /// The maps as they are now, read at once (a scrape's view), in a few batches
+    /// ([`super::batch`]).
+    pub(crate) fn read(&self) -> SchedReading {
+        SchedReading {
+            stats: batch::all(&self.stats)
+                .into_iter()
+                .map(|(key, stats)| ((key.tgid, key.class), stats))
+                .collect(),
+            threads: batch::all(&self.threads).len(),
+            filter_total: self.filter.total(),
         }
     }
 
@@ -243,19 +223,31 @@ impl SchedMaps {
         let stats = batch::all(&self.stats).into_iter().map(|(k, _)| k.tgid);
         threads.chain(stats).collect()
     }
+}
 
-    /// Entries in the thread and aggregate maps (to see that nothing leaks): counted in
-    /// batches where the kernel can, else key by key.
-    pub(crate) fn entries(&self) -> (usize, usize) {
-        (
-            batch::all(&self.threads).len(),
-            batch::all(&self.stats).len(),
-        )
-    }
-
+/// The scheduling maps at one moment ([`SchedMaps::read`]): what a scrape serves.
+pub(crate) struct SchedReading {
+    /// The aggregates, by `(tgid, class)`.
+    stats: StdHashMap<(u32, u32), SchedStats>,
+    /// Entries in the thread map.
+    pub(crate) threads: usize,
     /// The thread filter's counts, summed: the thread map's entries, once no insert is under
     /// way (to see that the two agree).
-    pub(crate) fn filter_total(&self) -> u64 {
-        self.filter.total()
+    pub(crate) filter_total: u64,
+}
+
+impl SchedReading {
+    /// The aggregates of process `tgid` (zero for a class with no event yet).
+    pub(crate) fn process(&self, tgid: u32) -> ProcessSched {
+        let get = |class| self.stats.get(&(tgid, class)).copied().unwrap_or_default();
+        ProcessSched {
+            vcpu: get(thread_class::VCPU),
+            vmm: get(thread_class::VMM),
+        }
+    }
+
+    /// Entries in the aggregate map.
+    pub(crate) fn stats_entries(&self) -> usize {
+        self.stats.len()
     }
 }

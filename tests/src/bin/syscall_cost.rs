@@ -92,14 +92,14 @@ fn main() -> anyhow::Result<()> {
             let getppid = getppid_ns(options.syscall_loops);
             println!("bench {mode} pipe_us {pipe:.3}");
             println!("bench {mode} getppid_ns {getppid:.1}");
-            let followed = write_cost_us("firecracker", options.writes)?;
+            let followed = timed_writer("firecracker", options.writes)?;
             println!("bench {mode} write_us {:.3}", followed.us_per_write);
             if let Some(collector) = &collector {
                 let captured = captured_percent(collector, &followed);
                 println!("bench {mode} write_captured {captured:.1}");
             }
             drop(followed);
-            let untracked = write_cost_us("plain-writer", options.writes)?;
+            let untracked = timed_writer("plain-writer", options.writes)?;
             println!(
                 "bench {mode} untracked_write_us {:.3}",
                 untracked.us_per_write
@@ -208,7 +208,7 @@ struct Writer {
 
 /// Runs the stand-in VMM as `exe` (`STANDIN_WRITE_COST`), and waits for its report: µs of its
 /// thread's CPU per 4 KiB write.
-fn write_cost_us(exe: &str, writes: u32) -> anyhow::Result<Writer> {
+fn timed_writer(exe: &str, writes: u32) -> anyhow::Result<Writer> {
     let uuid = new_uuid("write-cost");
     let report = std::env::temp_dir().join(format!("{uuid}.report"));
     let report_text = report.display().to_string();

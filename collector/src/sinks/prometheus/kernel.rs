@@ -8,7 +8,7 @@ use crate::{
     kernel::{
         loader::{KernelDrops, Programs},
         program_stats::ProgramStatsSwitch,
-        sched::SharedSched,
+        sched::{SchedReading, SharedSched},
     },
     model::{
         metrics::{MetricKind, MetricWriter, Value},
@@ -113,7 +113,9 @@ pub(crate) struct KernelMetrics {
 }
 
 impl KernelMetrics {
-    pub(crate) fn write(&self, w: &mut dyn MetricWriter) {
+    /// Everything but the per-instance series; `sched` is the scrape's reading of
+    /// [`Self::sched`].
+    pub(crate) fn write(&self, w: &mut dyn MetricWriter, sched: &SchedReading) {
         w.family(
             "collector_probe_attached",
             "1 when the kernel probe is attached, 0 when its feature is off.",
@@ -140,19 +142,15 @@ impl KernelMetrics {
 
         self.write_programs(w);
 
-        let ((threads, stats), filter) = {
-            let sched = self.sched.lock().expect("sched lock");
-            (sched.entries(), sched.filter_total())
-        };
         w.family(
             "collector_ebpf_map_entries",
             "Entries in the kernel's per-thread and per-instance scheduling maps.",
             MetricKind::Gauge,
         );
         for (map, entries) in [
-            ("sched_threads", threads as u64),
-            ("sched_stats", stats as u64),
-            ("sched_thread_filter", filter),
+            ("sched_threads", sched.threads as u64),
+            ("sched_stats", sched.stats_entries() as u64),
+            ("sched_thread_filter", sched.filter_total),
         ] {
             w.sample(&[("map", map)], Value::Uint(entries));
         }

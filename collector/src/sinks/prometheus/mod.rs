@@ -31,11 +31,13 @@ impl Exposition {
     /// [`ResidentMemory`]): call it off the async workers.
     pub(crate) fn render(&self, format: Format) -> String {
         let snapshot = self.snapshot.borrow().clone();
+        // The scheduling maps read once, for the instances' series and the maps' sizes.
+        let sched = self.kernel.sched.lock().expect("sched lock").read();
         let mut w = encode::TextWriter::new(format);
         health::write(&mut w, &self.health);
-        self.kernel.write(&mut w);
+        self.kernel.write(&mut w, &sched);
         instances::write(&mut w, &snapshot, &self.health.instance_events);
-        usage::write(&mut w, &snapshot, &self.kernel.sched, &self.resident);
+        usage::write(&mut w, &snapshot, &sched, &self.resident);
         console::write(&mut w, &snapshot, &self.console);
         w.finish()
     }

@@ -8,7 +8,7 @@ use collector_common::{SCHED_LATENCY_BUCKETS, SchedStats};
 
 use super::{instances::instance_gauge, resident::ResidentMemory};
 use crate::{
-    kernel::sched::{ProcessSched, SharedSched},
+    kernel::sched::{ProcessSched, SchedReading},
     model::{
         instance::{LabelSet, Snapshot},
         metrics::{MetricKind, MetricWriter, Value},
@@ -44,16 +44,13 @@ fn served_buckets(kernel: &[u64; SCHED_LATENCY_BUCKETS], served: &[usize]) -> Ve
 pub(crate) fn write(
     w: &mut dyn MetricWriter,
     snapshot: &Snapshot,
-    sched: &SharedSched,
+    sched: &SchedReading,
     resident: &ResidentMemory,
 ) {
     let instances: Vec<_> = snapshot.by_pid.values().collect();
-    let pids: Vec<u32> = instances.iter().map(|i| i.pid).collect();
-    let per_process = sched.lock().expect("sched lock").processes(&pids);
     let per_instance: Vec<(Vec<(&'static str, &str)>, ProcessSched)> = instances
         .iter()
-        .map(|i| i.labels(LabelSet::Series))
-        .zip(per_process)
+        .map(|i| (i.labels(LabelSet::Series), sched.process(i.pid)))
         .collect();
     write_sched(w, &per_instance);
     instance_gauge(
